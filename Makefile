@@ -1,0 +1,26 @@
+# Two commands do all the set-up: `make demo` (the main job) and `make test` (the test suite).
+# Each creates or refreshes the local virtual environment .venv when pyproject.toml or constraints.txt change.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OUT ?= outputs
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,plot,tasks]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ssmkit.demo --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_lti.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

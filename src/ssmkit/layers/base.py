@@ -1,0 +1,157 @@
+"""The sequence-mixer contract that every layer of ssmkit follows.
+
+A *mixer* maps a sequence ``x`` of shape (batch, length, d_model) to a sequence of the same shape, and can
+be run two ways that give the same numbers:
+
+* in parallel over the whole sequence: ``y = mixer(x)`` or ``y, state = mixer(x, state, return_state=True)``;
+* as a recurrence, one token at a time: ``y_t, state = mixer.step(x_t, state)`` with ``x_t`` (batch, d_model).
+
+The state is a ``dict[str, Tensor]`` made by ``init_state(batch_size)``. Its keys are prefixed with the
+mixer's registry name (``"s4d.h"``), so a state made by one kind of mixer is refused by another, and it
+holds tensors only, so it can be indexed by batch row, moved, saved and traced like any tensor.
+
+A new mixer subclasses :class:`Mixer`, implements ``_forward``, ``_step`` and ``state_spec``, and is added
+to the registry with ``@register_mixer("name")``; the shared contract tests then run on it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .._checks import check_positive_int, check_shape, check_tensor
+
+State = Dict[str, torch.Tensor]
+
+
+class Mixer(nn.Module):
+    """Base class of all sequence mixers (see the module docstring for the contract)."""
+
+    #: registry name, set by :func:`ssmkit.layers.registry.register_mixer`
+    name: str = "mixer"
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+
+    # ----------------------------------------------------------------------------------------------
+    # What a subclass provides
+    # ----------------------------------------------------------------------------------------------
+    def state_spec(self, batch_size: int) -> Dict[str, Tuple[Tuple[Optional[int], ...], object]]:
+        """Map each state key (without the name prefix) to ``(shape, kind)``.
+
+        ``kind`` is ``False`` or ``"real"`` (the input's dtype), ``True`` or ``"complex"`` (the complex dtype of
+        the input's precision) or ``"index"`` (int64, e.g. a position counter). A ``None`` in ``shape`` is a
+        size that grows with the sequence (a KV cache); ``init_state`` makes it 0.
+        """
+        raise NotImplementedError
+
+    def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
+        """x (B, L, D), validated state or None -> y (B, L, D) and the final state (or None)."""
+        raise NotImplementedError
+
+    def _step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        """x_t (B, D), validated state -> y_t (B, D), new state."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------
+    # The public contract
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, state: Optional[State] = None, return_state: bool = False):
+        """Run the mixer over a whole sequence.
+
+        Args:
+            x: (batch, length, d_model) floating-point input, length >= 1.
+            state: optional state from ``init_state``, ``step`` or an earlier ``forward``; the sequence is
+                treated as the continuation of the one that produced it.
+            return_state: also return the state after the last token.
+
+        Returns:
+            y (batch, length, d_model), or ``(y, state)`` when ``return_state``.
+        """
+        self._check_input(x)
+        if state is not None:
+            self._check_state(state, x)
+        y, new_state = self._forward(x, state, return_state)
+        return (y, new_state) if return_state else y
+
+    def step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        """Advance the recurrence by one token: x_t (batch, d_model) -> (y_t (batch, d_model), new state)."""
+        check_tensor("x_t", x_t)
+        check_shape("x_t", x_t, (None, self.d_model), f"(batch, d_model={self.d_model})")
+        if state is None:
+            raise ValueError("state is required for step(); make one with init_state(batch_size)")
+        self._check_state(state, x_t)
+        return self._step(x_t, state)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        """A zero state for ``batch_size`` sequences. ``dtype`` is the real dtype of the inputs it will see
+        (complex state entries use the complex dtype of the same precision)."""
+        check_positive_int("batch_size", batch_size)
+        param = next(self.parameters(), None)
+        if device is None:
+            device = param.device if param is not None else torch.device("cpu")
+        if dtype is None:
+            dtype = param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
+        return {
+            f"{self.name}.{key}": torch.zeros(tuple(0 if s is None else s for s in shape), device=device,
+                                              dtype=_state_dtype(kind, dtype))
+            for key, (shape, kind) in self.state_spec(batch_size).items()
+        }
+
+    def state_key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    # ----------------------------------------------------------------------------------------------
+    # Validation
+    # ----------------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_tensor("x", x)
+        check_shape("x", x, (None, None, self.d_model), f"(batch, length, d_model={self.d_model})")
+        if x.shape[1] == 0:
+            raise ValueError(f"x must hold at least one time step; got an empty sequence, shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x must hold at least one batch row; got shape {tuple(x.shape)}")
+
+    def _check_state(self, state: State, x: torch.Tensor) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict of tensors from {type(self).__name__}.init_state(); "
+                            f"got {type(state).__name__}")
+        batch = x.shape[0]
+        spec = {self.state_key(k): v for k, v in self.state_spec(batch).items()}
+        if set(state) != set(spec):
+            raise ValueError(f"state has keys {sorted(state)} but {type(self).__name__} expects "
+                             f"{sorted(spec)} (is it the state of another mixer?)")
+        for key, (shape, kind) in spec.items():
+            value = state[key]
+            expected_dtype = _state_dtype(kind, x.dtype)
+            check_tensor(f"state[{key!r}]", value, floating=expected_dtype.is_floating_point or expected_dtype.is_complex,
+                         complex_ok=True)
+            if len(value.shape) != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
+                shown = tuple("any" if s is None else s for s in shape)
+                raise ValueError(f"state[{key!r}] must have shape {shown} for batch size {batch}; "
+                                 f"got {tuple(value.shape)}")
+            if value.dtype != expected_dtype:
+                raise TypeError(f"state[{key!r}] must have dtype {expected_dtype} to match x ({x.dtype}); "
+                                f"got {value.dtype}")
+            if value.device != x.device:
+                raise ValueError(f"state[{key!r}] is on {value.device} but x is on {x.device}")
+
+
+def _state_dtype(kind, real_dtype: torch.dtype) -> torch.dtype:
+    if kind in (False, "real"):
+        return real_dtype
+    if kind in (True, "complex"):
+        return _complex_of(real_dtype)
+    if kind == "index":
+        return torch.int64
+    raise ValueError(f"state kind must be 'real', 'complex' or 'index'; got {kind!r}")
+
+
+def _complex_of(dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_complex:
+        return dtype
+    return {torch.float64: torch.complex128, torch.float32: torch.complex64,
+            torch.float16: torch.complex32, torch.bfloat16: torch.complex64}.get(dtype, torch.complex64)

@@ -1,0 +1,197 @@
+"""The mixer contract, checked for every registered mixer in float64 and float32.
+
+(a) forward == the step-by-step recurrence      (b) forward over chunks passing the state == whole forward
+(c) causality                                    (d) batch rows are independent
+(e) gradients reach every parameter and the initial state
+(f) lengths 1, 63 and 1000                       plus bad input: clear errors naming the argument.
+
+A new mixer must add a small configuration to CONTRACT_CONFIGS; test_every_mixer_is_covered fails until it
+does, so no registered mixer escapes the suite.
+"""
+
+import pytest
+import torch
+
+import ssmkit
+from ssmkit.layers import MIXERS, build_mixer
+
+from ..helpers import assert_close_scaled
+
+D_MODEL = 8
+# Small but non-trivial configurations (several heads/groups/states), cheap enough to step 1000 times.
+CONTRACT_CONFIGS = {
+    "s4": dict(d_state=8),
+    "s4d": dict(d_state=8),
+    "s5": dict(d_state=8),
+    "mamba": dict(d_state=4, d_conv=4, expand=2),
+    "mamba2": dict(d_state=6, headdim=4, expand=2, ngroups=2, chunk_size=16),
+    "attention": dict(n_heads=2),
+    "linear_attention": dict(n_heads=2),
+}
+# forward-vs-step tolerance relative to the output scale: float64 is exact to rounding, float32 accumulates
+# rounding differently in the parallel (FFT, chunked) and sequential forms over 1000 steps.
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+DTYPES = [torch.float64, torch.float32]
+NAMES = sorted(MIXERS)
+
+
+def make(name, dtype, seed=0):
+    torch.manual_seed(seed)
+    mixer = build_mixer(name, D_MODEL, **CONTRACT_CONFIGS[name]).to(dtype)
+    # Perturb every parameter a little so no test passes by an accident of the initialisation (zeros, ones).
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return mixer
+
+
+def run_steps(mixer, x, state):
+    ys = []
+    for x_t in x.unbind(1):
+        y_t, state = mixer.step(x_t, state)
+        ys.append(y_t)
+    return torch.stack(ys, 1), state
+
+
+def assert_states_close(a, b, tol, what):
+    assert set(a) == set(b), f"{what}: state keys {sorted(a)} != {sorted(b)}"
+    for key in a:
+        if not (a[key].is_floating_point() or a[key].is_complex()):
+            assert torch.equal(a[key], b[key]), f"{what} {key}: {a[key]} != {b[key]}"
+            continue
+        assert_close_scaled(torch.view_as_real(a[key]) if a[key].is_complex() else a[key],
+                            torch.view_as_real(b[key]) if b[key].is_complex() else b[key], tol, f"{what} {key}")
+
+
+def prefix_state(mixer, batch, dtype):
+    """A realistic non-zero state: the state after a short random prefix."""
+    prefix = torch.randn(batch, 5, D_MODEL, dtype=dtype)
+    _, state = mixer(prefix, return_state=True)
+    return {k: v.detach() for k, v in state.items()}
+
+
+def test_every_mixer_is_covered():
+    assert set(MIXERS) <= set(CONTRACT_CONFIGS), f"add a contract config for {set(MIXERS) - set(CONTRACT_CONFIGS)}"
+    assert {"s4", "s4d", "s5"} <= set(MIXERS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("length", [1, 63, 1000])
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_equals_recurrence(name, length, dtype):
+    mixer = make(name, dtype)
+    x = torch.randn(2, length, D_MODEL, dtype=dtype)
+    state0 = prefix_state(mixer, 2, dtype)
+    with torch.no_grad():
+        y, state = mixer(x, state0, return_state=True)
+        y_steps, state_steps = run_steps(mixer, x, state0)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert_close_scaled(y, y_steps, TOL[dtype], f"{name} outputs")
+    assert_states_close(state, state_steps, TOL[dtype], f"{name} final state")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [[1] * 20, [7, 7, 6], [5, 1, 11, 3]], ids=["ones", "sevens", "uneven"])
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_forward_equals_whole(name, splits, dtype):
+    mixer = make(name, dtype)
+    x = torch.randn(3, sum(splits), D_MODEL, dtype=dtype)
+    state = prefix_state(mixer, 3, dtype)
+    with torch.no_grad():
+        y_whole, state_whole = mixer(x, state, return_state=True)
+        pieces = []
+        for chunk in x.split(splits, dim=1):
+            y, state = mixer(chunk, state, return_state=True)
+            pieces.append(y)
+    assert_close_scaled(torch.cat(pieces, 1), y_whole, TOL[dtype], f"{name} chunked outputs")
+    assert_states_close(state, state_whole, TOL[dtype], f"{name} chunked final state")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_causality(name, dtype):
+    mixer = make(name, dtype)
+    x = torch.randn(2, 40, D_MODEL, dtype=dtype)
+    t = 23
+    x2 = x.clone()
+    x2[:, t:] += torch.randn_like(x2[:, t:])
+    with torch.no_grad():
+        y, y2 = mixer(x), mixer(x2)
+    # FFT convolutions leak rounding noise backwards, so "unchanged" means unchanged to rounding.
+    assert_close_scaled(y2[:, :t], y[:, :t], TOL[dtype] / 10, f"{name} outputs before t")
+    assert (y2[:, t:] - y[:, t:]).abs().max() > 1e-3, f"{name}: outputs at and after t ignore the input there"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_rows_independent(name, dtype):
+    mixer = make(name, dtype)
+    x = torch.randn(3, 30, D_MODEL, dtype=dtype)
+    with torch.no_grad():
+        y = mixer(x)
+        rows = torch.cat([mixer(x[i : i + 1]) for i in range(3)])
+        x2 = x.clone()
+        x2[1] = torch.randn_like(x2[1])
+        y2 = mixer(x2)
+    assert_close_scaled(rows, y, TOL[dtype], f"{name} one row at a time")
+    assert torch.equal(y2[0], y[0]) or (y2[0] - y[0]).abs().max() <= TOL[dtype] * 0.1
+    assert (y2[1] - y[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_parameters_and_initial_state(name, dtype):
+    mixer = make(name, dtype)
+    x = torch.randn(2, 17, D_MODEL, dtype=dtype, requires_grad=True)
+    state0 = {k: v.clone().requires_grad_(v.is_floating_point() or v.is_complex())
+              for k, v in prefix_state(mixer, 2, dtype).items()}
+    y, state = mixer(x, state0, return_state=True)
+    loss = (y * torch.randn_like(y)).sum()
+    for value in state.values():  # a gradient also flows in through the final state
+        if not (value.is_floating_point() or value.is_complex()):
+            continue
+        loss = loss + (torch.view_as_real(value) if value.is_complex() else value).square().mean()
+    loss.backward()
+    for pname, p in mixer.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient reaches parameter {pname}"
+        assert p.grad.abs().max() > 0, f"{name}: zero gradient for parameter {pname}"
+        assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient for {pname}"
+    assert x.grad is not None and x.grad.abs().max() > 0
+    for key, value in state0.items():
+        if not value.requires_grad:  # integer entries (positions) carry no gradient
+            continue
+        assert value.grad is not None and value.grad.abs().max() > 0, f"{name}: no gradient reaches state {key}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_is_refused_with_clear_errors(name):
+    mixer = make(name, torch.float32)
+    good = torch.randn(2, 5, D_MODEL)
+    with pytest.raises(ValueError, match=r"x must be \(batch, length, d_model=8\); got \(5, 8\)"):
+        mixer(good[0])
+    with pytest.raises(ValueError, match=r"d_model=8\); got \(2, 5, 7\)"):
+        mixer(torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="empty sequence"):
+        mixer(torch.randn(2, 0, D_MODEL))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor; got dtype torch.int64"):
+        mixer(torch.ones(2, 5, D_MODEL, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        mixer([[0.0] * D_MODEL])
+    state = mixer.init_state(2)
+    with pytest.raises(ValueError, match="for batch size 3"):
+        mixer(torch.randn(3, 5, D_MODEL), state)
+    with pytest.raises(ValueError, match=r"x_t must be \(batch, d_model=8\)"):
+        mixer.step(good, state)
+    with pytest.raises(ValueError, match="state is required"):
+        mixer.step(good[:, 0], None)
+    other = next(n for n in NAMES if n != name)
+    foreign = build_mixer(other, D_MODEL, **CONTRACT_CONFIGS[other]).init_state(2)
+    with pytest.raises(ValueError, match="another mixer"):
+        mixer(good, foreign)
+    with pytest.raises(TypeError, match=r"to match x \(torch.float32\); got torch.(float64|complex128)"):
+        mixer(good, mixer.init_state(2, dtype=torch.float64))
+
+
+def test_registry_suggests_closest_name():
+    with pytest.raises(ValueError, match="did you mean 'mamba2'"):
+        ssmkit.get_mixer("mamba22")
