@@ -1,0 +1,281 @@
+"""Mamba: the selective state space block (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective
+State Spaces", arXiv 2312.00752, Sec. 3 and Fig. 3).
+
+One block, read top to bottom (x of (batch, L, d_model); inside, channel-first (batch, channels, L) as the
+scan reads it):
+
+    x, z     = in_proj(x).chunk(2)                     # (B, d_inner, L) each: the SSM branch and the gate
+    x        = silu(conv1d(x))                         # causal depthwise conv, width d_conv (Sec. 3.4)
+    dt, B, C = x_proj(x).split(dt_rank, N, N)          # the selection: Delta, B, C depend on the input
+    Delta    = softplus(dt_proj(dt))                   # (B, d_inner, L), dt_proj's bias inside the softplus
+    h_t      = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t   # selective scan (Algorithm 2, Eq. 2a-2b: ZOH on A,
+    y_t      = C_t h_t + D x_t                         #   Euler on B), per channel, N states each
+    out      = out_proj(y * silu(z))                   # (B, L, d_model)
+
+The parameters carry the names and shapes of mamba_ssm's ``Mamba`` and transformers' ``MambaMixer``, so
+their state dicts load unchanged, and are initialised as in the paper and its reference code: A = -(1..N) per
+channel (S4D-Real), kept as ``A_log``; ``dt_proj.bias`` = softplus^-1 of Delta ~ logUniform[dt_min, dt_max];
+D = 1.
+
+Glossary (code name: paper symbol):
+
+==================  ================================================================================
+``d_model``         D, the model width
+``d_inner``         E * D (``expand`` E = 2), the width of the SSM branch
+``d_state``         N, states per channel (16)
+``d_conv``          width of the causal convolution (4)
+``dt_rank``         R, the rank of the Delta projection (ceil(D / 16) for "auto")
+``A_log``           log(-A), (d_inner, N); A = -exp(A_log)
+``D``               D, the skip connection (d_inner,)
+``delta``           Delta before the softplus (x_proj then dt_proj without bias), (B, d_inner, L)
+==================  ================================================================================
+
+**State** ``{"mamba.conv": (batch, d_inner, d_conv - 1), "mamba.ssm": (batch, d_inner, d_state)}``. The conv
+state is the last ``d_conv - 1`` inputs of the convolution (oldest first; see :mod:`ssmkit.ops.conv1d`): all
+that decoding needs. mamba_ssm's and transformers' caches keep ``d_conv`` columns, the first of which is never
+read again; ``cache[..., 1:]`` converts theirs to ours.
+
+**Packed sequences.** ``forward`` also takes ``seq_idx`` (batch, L) or ``cu_seqlens`` (a batch of one); the
+convolution and the scan restart at every boundary, so the result equals running each sequence alone. The
+selective scan op has no per-step reset, so the scan runs the packed rows regrouped as one padded batch of
+sequences (padding steps have Delta = 0: they neither decay nor feed the state, so a padded sequence ends in
+its exact final state); that costs ``num_sequences * longest`` steps instead of ``batch * L``.
+A ``state`` passed in continues the first sequence of each row, and the state returned is that of the last
+one; the state holds no sequence ids, so when a piece of a packed stream starts with a new sequence, start
+those rows from a zero state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_choice, check_positive_int
+from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
+from ..ops.selective_scan import BACKENDS as SCAN_BACKENDS
+from ..ops.selective_scan import last_backend as scan_last_backend
+from ..ops.selective_scan import selective_scan, selective_state_update
+from .base import Mixer, State
+from .registry import register_mixer
+
+DT_INITS = ("random", "constant")
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    """x with softplus(x) = y, for y > 0, computed stably as y + log(-expm1(-y))."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def log_uniform_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """n time steps drawn log-uniformly in [dt_min, dt_max], then floored at ``floor`` (mamba_ssm's dt init)."""
+    log_dt = torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    return torch.exp(log_dt).clamp(min=floor)
+
+
+def check_dt_range(dt_min, dt_max, dt_init_floor) -> None:
+    for name, value in (("dt_min", dt_min), ("dt_max", dt_max)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number; got {value!r}")
+    if dt_min > dt_max:
+        raise ValueError(f"dt_min must be <= dt_max; got dt_min={dt_min}, dt_max={dt_max}")
+    if isinstance(dt_init_floor, bool) or not isinstance(dt_init_floor, (int, float)) or dt_init_floor < 0:
+        raise ValueError(f"dt_init_floor must be a number >= 0; got {dt_init_floor!r}")
+
+
+def inner_width(d_model: int, expand) -> int:
+    """d_inner = int(expand * d_model), as mamba_ssm computes it; expand may be a float."""
+    if isinstance(expand, bool) or not isinstance(expand, (int, float)) or not expand > 0:
+        raise ValueError(f"expand must be a positive number; got {expand!r}")
+    d_inner = int(expand * d_model)
+    if d_inner < 1:
+        raise ValueError(f"expand * d_model must be >= 1; got {expand} * {d_model}")
+    return d_inner
+
+
+@register_mixer("mamba")
+class Mamba(Mixer):
+    """Mamba block (selective SSM mixer); see the module docstring for the equations.
+
+    Args:
+        d_model: model width D.
+        d_state: N, states per channel.
+        d_conv: width of the causal depthwise convolution.
+        expand: d_inner = int(expand * d_model).
+        dt_rank: rank of the Delta projection, an int or "auto" (ceil(d_model / 16)).
+        dt_min, dt_max: range of the log-uniform initial Delta.
+        dt_init: "random" (dt_proj.weight ~ U(+-dt_rank^-0.5 * dt_scale)) or "constant" (that value).
+        dt_scale: scales the dt_proj.weight initialisation.
+        dt_init_floor: lower bound of the initial Delta.
+        conv_bias: bias in the convolution.
+        bias: biases in in_proj and out_proj.
+        backend: how the selective scan runs ("auto", "cpp", "torch", "reference", or None for
+            ``$SSMKIT_SCAN_BACKEND``); execution only, the numbers do not depend on it. After a forward,
+            ``last_backend`` names the one that ran.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: Union[int, float] = 2,
+                 dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
+                 conv_bias: bool = True, bias: bool = False, backend: Optional[str] = "auto"):
+        super().__init__(d_model)
+        self.d_state = check_positive_int("d_state", d_state)
+        self.d_conv = check_positive_int("d_conv", d_conv)
+        self.expand = expand
+        self.d_inner = inner_width(d_model, expand)
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        elif isinstance(dt_rank, str):
+            raise ValueError(f"dt_rank must be a positive int or 'auto'; got {dt_rank!r}")
+        self.dt_rank = check_positive_int("dt_rank", dt_rank)
+        check_dt_range(dt_min, dt_max, dt_init_floor)
+        check_choice("dt_init", dt_init, DT_INITS)
+        if backend is not None:
+            check_choice("backend", backend, SCAN_BACKENDS)
+        self.backend = backend
+        self.last_backend: Optional[str] = None
+
+        d_inner, N = self.d_inner, self.d_state
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, kernel_size=d_conv, groups=d_inner, padding=d_conv - 1,
+                                bias=conv_bias)  # only its parameters are used (by ops.conv1d)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, N))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        # optimisers in ssmkit.train (and mamba_ssm's recipes) skip weight decay on these
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self._init_ssm_parameters(dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
+
+    @torch.no_grad()
+    def _init_ssm_parameters(self, dt_min, dt_max, dt_init, dt_scale, dt_init_floor) -> None:
+        """Paper initialisation of A_log, D and dt_proj (the linear maps keep PyTorch's default)."""
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32).expand(self.d_inner, -1)
+        self.A_log.copy_(torch.log(A))
+        self.D.fill_(1.0)
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            self.dt_proj.weight.fill_(std)
+        else:
+            self.dt_proj.weight.uniform_(-std, std)
+        dt = log_uniform_dt(self.d_inner, dt_min, dt_max, dt_init_floor)
+        self.dt_proj.bias.copy_(inverse_softplus(dt))
+
+    # ----------------------------------------------------------------------------------------------
+    def state_spec(self, batch_size: int):
+        return {"conv": ((batch_size, self.d_inner, self.d_conv - 1), False),
+                "ssm": ((batch_size, self.d_inner, self.d_state), False)}
+
+    def forward(self, x: torch.Tensor, state: Optional[State] = None, return_state: bool = False, *,
+                seq_idx: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
+        """The contract's forward (see :class:`~ssmkit.layers.base.Mixer`), plus packed sequences.
+
+        Args:
+            x: (batch, L, d_model).
+            state: optional state to continue from; with packing it belongs to the first sequence of a row.
+            return_state: also return the state after the last token (that of the last sequence of a row).
+            seq_idx: optional (batch, L) integer sequence ids, non-decreasing along each row.
+            cu_seqlens: optional 1-D cumulative sequence lengths for a batch of one.
+
+        Returns:
+            y (batch, L, d_model), or ``(y, state)``.
+        """
+        self._check_input(x)
+        if state is not None:
+            self._check_state(state, x)
+        seq_idx = packed_seq_idx(x.shape[0], x.shape[1], seq_idx, cu_seqlens)
+        if seq_idx is not None and seq_idx.device != x.device:
+            raise ValueError(f"seq_idx is on {seq_idx.device} but x is on {x.device}")
+        y, new_state = self._forward(x, state, return_state, seq_idx=seq_idx)
+        return (y, new_state) if return_state else y
+
+    def _forward(self, x, state, return_state, seq_idx=None):
+        conv_state = state[self.state_key("conv")] if state is not None else None
+        ssm_state = state[self.state_key("ssm")] if state is not None else None
+
+        # Channel-first (B, channels, L) throughout, as mamba_ssm does: the scan reads (B, d_inner, L)
+        # contiguously, and W @ x^T products produce exactly that layout without transposing copies.
+        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))   # (B, 2 d_inner, L)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        u, z = xz.chunk(2, dim=1)                                    # (B, d_inner, L) each
+        u = causal_conv1d(u, self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx, "silu",
+                          return_final_state=return_state)
+        if return_state:
+            u, conv_final = u
+        x_dbl = torch.matmul(self.x_proj.weight, u)                  # (B, dt_rank + 2N, L)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (B, N, L)
+        delta = torch.matmul(self.dt_proj.weight, dt)                # (B, d_inner, L); bias added in the scan
+        A = -torch.exp(self.A_log)                                   # (d_inner, N)
+
+        if seq_idx is not None and bool((seq_idx[:, 1:] != seq_idx[:, :-1]).any()):
+            y, ssm_final = self._scan_packed(u, delta, A, B, C, z, ssm_state, seq_idx, return_state)
+        else:
+            out = selective_scan(u, delta, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
+                                 delta_softplus=True, return_last_state=return_state, initial_state=ssm_state,
+                                 backend=self.backend)
+            y, ssm_final = out if return_state else (out, None)
+        self.last_backend = scan_last_backend()
+        y = self.out_proj(y.transpose(1, 2))                         # (B, L, d_model)
+        if not return_state:
+            return y, None
+        return y, {self.state_key("conv"): conv_final, self.state_key("ssm"): ssm_final.to(x.dtype)}
+
+    def _scan_packed(self, u, delta, A, B, C, z, ssm_state, seq_idx, return_state):
+        """The selective scan restarted at every change of ``seq_idx``, by running the packed sequences as
+        rows of one padded batch. Padding steps get Delta = 0 (after the softplus), so exp(Delta A) = 1 and
+        Delta B u = 0: they leave the state exactly as it was and a sequence's last state survives to the end.
+        """
+        batch, d_inner, length = u.shape
+        ids = seq_idx.cpu()
+        starts_per_row = [[0] + ((ids[b, 1:] != ids[b, :-1]).nonzero()[:, 0] + 1).tolist() for b in range(batch)]
+        rows, starts, lengths, first, last = [], [], [], [], []
+        for b, row_starts in enumerate(starts_per_row):
+            ends = row_starts[1:] + [length]
+            for i, (s, e) in enumerate(zip(row_starts, ends)):
+                rows.append(b), starts.append(s), lengths.append(e - s)
+                first.append(i == 0), last.append(i == len(row_starts) - 1)
+        n_seq, longest = len(rows), max(lengths)
+        device = u.device
+        steps = torch.arange(longest, device=device)
+        valid = steps[None, :] < torch.tensor(lengths, device=device)[:, None]          # (n_seq, longest)
+        flat_pos = (torch.tensor(rows, device=device) * length + torch.tensor(starts, device=device))[:, None]
+        gather = torch.where(valid, flat_pos + steps[None, :], torch.zeros((), dtype=torch.long, device=device))
+
+        def regroup(t):  # (batch, C, L) -> (n_seq, C, longest), zeros at padding
+            flat = t.transpose(1, 2).reshape(batch * length, t.shape[1])
+            return (flat[gather] * valid[..., None].to(t.dtype)).transpose(1, 2)
+
+        # softplus here (not in the op) so that padding can be an exact Delta = 0
+        delta = F.softplus(delta + self.dt_proj.bias[:, None])
+        init = None
+        if ssm_state is not None:
+            first_t = torch.tensor(first, device=device)
+            init = ssm_state[torch.tensor(rows, device=device)] * first_t[:, None, None].to(ssm_state.dtype)
+        out = selective_scan(regroup(u), regroup(delta), A, regroup(B), regroup(C), D=self.D, z=regroup(z),
+                             delta_bias=None, delta_softplus=False, return_last_state=return_state,
+                             initial_state=init, backend=self.backend)
+        y_seq, last_states = out if return_state else (out, None)
+        y = y_seq.transpose(1, 2)[valid].reshape(batch, length, d_inner).transpose(1, 2)  # back to (B, d, L)
+        final = last_states[torch.tensor(last, device=device)] if return_state else None
+        return y, final
+
+    def _step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        u, z = self.in_proj(x_t).chunk(2, dim=-1)                    # (B, d_inner) each
+        u, conv_state = causal_conv1d_update(u, state[self.state_key("conv")], self.conv1d.weight,
+                                             self.conv1d.bias, activation="silu")
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)                    # (B, d_inner)
+        A = -torch.exp(self.A_log)
+        y, ssm_state = selective_state_update(state[self.state_key("ssm")], u, delta, A, B, C, D=self.D, z=z,
+                                              dt_bias=self.dt_proj.bias, dt_softplus=True)
+        return self.out_proj(y), {self.state_key("conv"): conv_state, self.state_key("ssm"): ssm_state}
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+                f"dt_rank={self.dt_rank}, backend={self.backend!r}")

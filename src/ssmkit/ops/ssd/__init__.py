@@ -1,0 +1,76 @@
+"""Mamba-2's SSD (state space duality) scan: ``ssd`` for whole sequences, ``ssd_state_update`` for one token.
+
+Signatures and semantics follow mamba_ssm's ``mamba_chunk_scan_combined`` and, for one token, its
+``selective_state_update`` in the Mamba-2 layout (Dao & Gu 2024, arXiv 2405.21060), so ported code changes
+only its import. The shapes, the glossary and the recurrence are in ``reference.py``.
+
+Backends of :func:`ssd` (``backend=``):
+    ``"torch"``      the chunked SSD algorithm in pure PyTorch (``chunked.py``, paper Sec. 6);
+    ``"reference"``  the sequential loop over time (``reference.py``), the specification;
+    ``"auto"``       the fastest backend available, today always ``"torch"``.
+:func:`last_backend` names the backend that ran last, so "auto" is never a silent choice.
+"""
+
+from __future__ import annotations
+
+from ..._checks import check_choice
+from .chunked import ssd_chunked, ssd_state_update_torch
+from .reference import DEFAULT_DT_LIMIT, ssd_ref, ssd_state_update_ref
+
+__all__ = ["ssd", "ssd_ref", "ssd_state_update", "ssd_state_update_ref", "last_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "reference")
+_last_backend = None
+
+
+def last_backend():
+    """The backend (``"torch"`` or ``"reference"``) that the latest :func:`ssd` call ran, or None."""
+    return _last_backend
+
+
+def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+        dt_limit=DEFAULT_DT_LIMIT, initial_states=None, seq_idx=None, return_final_states=False,
+        backend="auto"):
+    """Mamba-2 SSD over whole sequences (drop-in for mamba_ssm's ``mamba_chunk_scan_combined``).
+
+    Args:
+        x: (batch, L, heads, headdim), any L >= 1.
+        dt: (batch, L, heads); A: (heads,), negative reals.
+        B, C: (batch, L, groups, N), groups dividing heads; head h reads group h // (heads // groups).
+        chunk_size: chunk length of the chunked algorithm (a tuning knob; results do not depend on it).
+        D: (heads,) or (heads, headdim), optional skip; z: like x, optional gate y <- (y + D x) * silu(z).
+        dt_bias: (heads,); dt_softplus, dt_limit: dt <- clamp(softplus(dt + dt_bias), *dt_limit), the clamp
+            applied only when dt_limit is not the default (0, inf).
+        initial_states: (batch, heads, headdim, N), the state before the first token; with ``seq_idx`` it
+            applies to the first packed sequence of each row only.
+        seq_idx: (batch, L) integer ids of packed sequences, non-decreasing per row; the state restarts
+            from zero where the id changes.
+        return_final_states: also return the state after the last token.
+        backend: "auto", "torch" or "reference" (see the module docstring).
+
+    Returns:
+        y (batch, L, heads, headdim) in x's dtype, or ``(y, final_states)`` with final_states
+        (batch, heads, headdim, N) in float32 (float64 for float64 inputs).
+    """
+    global _last_backend
+    check_choice("backend", backend, BACKENDS)
+    chosen = "torch" if backend == "auto" else backend
+    fn = ssd_chunked if chosen == "torch" else ssd_ref
+    out = fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+             dt_limit=dt_limit, initial_states=initial_states, seq_idx=seq_idx,
+             return_final_states=return_final_states)
+    _last_backend = chosen
+    return out
+
+
+def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                     dt_limit=DEFAULT_DT_LIMIT):
+    """One token of the SSD recurrence (the recurrent mode used by ``step``).
+
+    Args: state (batch, heads, headdim, N); x, z (batch, heads, headdim); dt (batch, heads); A, dt_bias
+    (heads,); B, C (batch, groups, N); D (heads,) or (heads, headdim); dt_softplus, dt_limit as in :func:`ssd`.
+    Returns: ``(y (batch, heads, headdim) in x's dtype, new_state in state's dtype)``; ``state`` is not
+    modified.
+    """
+    return ssd_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                  dt_limit=dt_limit)
