@@ -1,0 +1,6 @@
+"""Models built from mixers: config, blocks, language models and classifiers, generation, checkpoints."""
+
+from .checkpoints import from_config, from_pretrained, save_pretrained
+from .config import ModelConfig
+from .generation import GenerationOutput
+from .model import ModelOutput, SSMModel

@@ -1,0 +1,138 @@
+"""Building blocks of a model: norms, MLPs (gated, mixture of experts) and the pre-norm residual block.
+
+Block (pre-norm residual, as in Mamba and transformers' MambaBlock):
+
+    h = x + mixer(norm(x))              # the residual stream is kept in float32 when residual_in_fp32
+    h = h + mlp(norm2(h))               # only when the layer has an MLP
+
+The mixer's state passes through unchanged in shape, so a block runs in parallel (``forward``) or one token
+at a time (``step``) exactly like its mixer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.registry import build_mixer
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as transformers' MambaRMSNorm)."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def make_norm(kind: str, d: int, eps: float) -> nn.Module:
+    return RMSNorm(d, eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Mixture of gated-MLP experts with top-k routing (Switch/Mixtral style).
+
+    Each token goes to its ``top_k`` experts, weighted by the router's softmax renormalised over them.
+    ``aux_loss`` after a forward is the load-balancing loss  E * sum_e f_e P_e  (Switch Transformer, eq. 4),
+    f_e the fraction of routed slots given to expert e and P_e its mean router probability; it is 1 when the
+    load is uniform. The model sums it over layers and returns it to the trainer.
+    """
+
+    def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(d_model, hidden) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])  # (T, D)
+        probs = torch.softmax(self.router(tokens).float(), dim=-1)  # (T, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (T, k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.nonzero(chosen == e, as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None])
+        load = F.one_hot(chosen, self.num_experts).float().sum((0, 1)) / chosen.numel()  # f_e
+        aux = self.num_experts * (load * probs.mean(0)).sum()
+        return out.reshape(shape), aux
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one mixer (and an optional MLP)."""
+
+    def __init__(self, config, layer_idx: int, mixer_name: str):
+        super().__init__()
+        d = config.d_model
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = make_norm(config.norm, d, config.norm_eps)
+        self.mixer = build_mixer(mixer_name, d, **config.kwargs_for(mixer_name))
+        # bidirectional (classifiers only): a second mixer reads the sequence backwards
+        self.mixer_bwd = build_mixer(mixer_name, d, **config.kwargs_for(mixer_name)) if config.bidirectional else None
+        self.mlp = None
+        if config.mlp != "none":
+            self.norm2 = make_norm(config.norm, d, config.norm_eps)
+            if config.mlp == "gated":
+                self.mlp = GatedMLP(d, config.mlp_hidden or 4 * d)
+            else:
+                self.mlp = MoE(d, config.mlp_hidden or 2 * d, config.num_experts, config.top_k)
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() if self.residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x
+
+    def _mlp(self, h: torch.Tensor):
+        if self.mlp is None:
+            return h, h.new_zeros(())
+        out = self.mlp(self.norm2(h.to(self.norm2.weight.dtype)))
+        if isinstance(out, tuple):
+            out, aux = out
+        else:
+            aux = h.new_zeros(())
+        return h + out, aux
+
+    def forward(self, x: torch.Tensor, state: Optional[dict] = None, return_state: bool = False, **mixer_kwargs):
+        """x (B, L, D) -> (h (B, L, D), new_state or None, aux_loss scalar)."""
+        normed = self.norm(x.to(self.norm.weight.dtype))
+        if self.mixer_bwd is not None:
+            if state is not None or return_state:
+                raise ValueError("a bidirectional block reads the future and has no recurrent state")
+            y = self.mixer(normed) + self.mixer_bwd(normed.flip(1)).flip(1)
+            new_state = None
+        elif return_state:
+            y, new_state = self.mixer(normed, state, return_state=True, **mixer_kwargs)
+        else:
+            y, new_state = self.mixer(normed, state, **mixer_kwargs), None
+        h, aux = self._mlp(self._residual(x) + y)
+        return h, new_state, aux
+
+    def step(self, x_t: torch.Tensor, state: dict):
+        """x_t (B, D) -> (h_t (B, D), new_state)."""
+        y, new_state = self.mixer.step(self.norm(x_t.to(self.norm.weight.dtype)), state)
+        h, _ = self._mlp(self._residual(x_t) + y)
+        return h, new_state

@@ -1,0 +1,147 @@
+"""The model configuration: one JSON-serialisable dataclass holding architecture only.
+
+Execution choices (backends, threads, dtype at run time) are arguments of the functions that run a model,
+never fields here, so a checkpoint describes a network and nothing about the machine that trained it.
+
+Mixer per layer: ``mixer`` is a registry name applied to every layer ("mamba"), a list of names (one per
+layer), or a pattern string of one letter per layer, e.g. Jamba's one attention layer in eight:
+``"MMMAMMMM"``. Letters:
+
+======  ==================  ======  ==================
+``M``   mamba               ``A``   attention
+``D``   mamba2 (SSD)        ``L``   linear_attention
+``S``   s4d                 ``4``   s4
+``5``   s5
+======  ==================  ======  ==================
+
+``mixer_kwargs`` maps a mixer name to its keyword arguments ({"mamba": {"d_state": 16}}); with a single mixer
+a flat dict is accepted too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from ..layers.registry import MIXERS
+
+PATTERN_LETTERS = {"M": "mamba", "D": "mamba2", "A": "attention", "L": "linear_attention",
+                   "S": "s4d", "4": "s4", "5": "s5"}
+MLP_KINDS = ("none", "gated", "moe")
+NORMS = ("rmsnorm", "layernorm")
+HEADS = ("lm", "classifier", "regression")
+POOLINGS = ("mean", "last")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of an ssmkit model (see the module docstring for ``mixer``)."""
+
+    d_model: int = 256
+    n_layers: int = 4
+    vocab_size: Optional[int] = None  # token inputs (language models, token classifiers)
+    input_dim: Optional[int] = None  # real-valued inputs (B, L, input_dim) instead of tokens
+    mixer: Union[str, List[str]] = "mamba"
+    mixer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    mlp: str = "none"  # "none" | "gated" (SwiGLU) | "moe" (mixture of gated experts)
+    mlp_hidden: Optional[int] = None  # default: 4 * d_model for "gated", 2 * d_model per expert for "moe"
+    num_experts: int = 8
+    top_k: int = 2
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    pad_vocab_size_multiple: int = 1
+    head: str = "lm"  # "lm" | "classifier" | "regression"
+    num_classes: Optional[int] = None
+    output_dim: Optional[int] = None
+    pooling: str = "mean"
+    bidirectional: bool = False  # classifier only: each layer also reads the sequence backwards
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------
+    def layer_mixers(self) -> List[str]:
+        """The registry name of the mixer of each layer."""
+        m = self.mixer
+        if isinstance(m, str) and m in MIXERS:
+            return [m] * self.n_layers
+        if isinstance(m, str):
+            unknown = sorted({c for c in m if c not in PATTERN_LETTERS})
+            if unknown or len(m) != self.n_layers:
+                close = difflib.get_close_matches(m, list(MIXERS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"mixer must be a registered name {sorted(MIXERS)}, a list of them, or a pattern of "
+                    f"n_layers={self.n_layers} letters from {PATTERN_LETTERS}; got {m!r}{hint}")
+            return [PATTERN_LETTERS[c] for c in m]
+        names = list(m)
+        if len(names) != self.n_layers:
+            raise ValueError(f"mixer lists {len(names)} layers but n_layers={self.n_layers}")
+        for name in names:
+            if name not in MIXERS:
+                close = difflib.get_close_matches(str(name), list(MIXERS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown mixer {name!r} in mixer list: known mixers are {sorted(MIXERS)}{hint}")
+        return names
+
+    def kwargs_for(self, mixer_name: str) -> Dict[str, Any]:
+        """Keyword arguments for one mixer kind (nested per name, or flat when one kind is used)."""
+        kw = self.mixer_kwargs or {}
+        if any(k in MIXERS for k in kw):
+            return dict(kw.get(mixer_name, {}))
+        return dict(kw) if len(set(self.layer_mixers())) == 1 else {}
+
+    @property
+    def padded_vocab_size(self) -> Optional[int]:
+        if self.vocab_size is None:
+            return None
+        m = self.pad_vocab_size_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def validate(self) -> None:
+        for name in ("d_model", "n_layers", "num_experts", "top_k", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if (self.vocab_size is None) == (self.input_dim is None):
+            raise ValueError(f"give exactly one of vocab_size (token inputs) or input_dim (real-valued inputs); "
+                             f"got vocab_size={self.vocab_size}, input_dim={self.input_dim}")
+        for name, value, choices in (("mlp", self.mlp, MLP_KINDS), ("norm", self.norm, NORMS),
+                                     ("head", self.head, HEADS), ("pooling", self.pooling, POOLINGS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.head == "lm" and self.vocab_size is None:
+            raise ValueError("head='lm' needs vocab_size")
+        if self.head == "classifier" and not self.num_classes:
+            raise ValueError("head='classifier' needs num_classes")
+        if self.head == "regression" and not self.output_dim:
+            raise ValueError("head='regression' needs output_dim")
+        if self.bidirectional and self.head != "classifier":
+            raise ValueError("bidirectional=True reads the future, so it is only allowed with head='classifier'")
+        self.layer_mixers()
+
+    # ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(names), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"unknown ModelConfig fields: {', '.join(hints)}")
+        return cls(**data)

@@ -1,0 +1,189 @@
+"""SSMModel: embedding -> N pre-norm residual blocks -> final norm -> head.
+
+Parameter names follow transformers' Mamba/Mamba2 models (``backbone.embeddings``, ``backbone.layers.{i}.norm``,
+``backbone.layers.{i}.mixer``, ``backbone.norm_f``, ``lm_head``) so that their checkpoints load by name.
+
+    model = ssmkit.from_config(ModelConfig(d_model=256, n_layers=8, vocab_size=256, mixer="MMMAMMMM"))
+    out = model(input_ids)                      # out.logits (B, L, V), out.aux_loss (MoE balance)
+    out = model(input_ids, return_state=True)   # ... and out.state: one dict of tensors per layer
+    logits, state = model.step(next_ids, out.state)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Block, make_norm
+from .config import ModelConfig
+from .generation import GenerationMixin
+
+ModelState = List[Dict[str, torch.Tensor]]
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns. ``logits``: (B, L, V) for LMs, (B, C) for classifiers, (B, L, out) for
+    regression; ``loss`` when labels were given; ``aux_loss``: MoE load balancing (0 without MoE);
+    ``state``: per-layer states when asked."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    state: Optional[ModelState] = None
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size is not None:
+            self.embeddings = nn.Embedding(config.padded_vocab_size, config.d_model)
+        else:
+            self.input_proj = nn.Linear(config.input_dim, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i, name) for i, name in enumerate(config.layer_mixers()))
+        self.norm_f = make_norm(config.norm, config.d_model, config.norm_eps)
+
+
+class SSMModel(GenerationMixin, nn.Module):
+    """A stack of mixer blocks with an LM, classification or regression head (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig; got {type(config).__name__}")
+        self.config = config
+        self.backbone = Backbone(config)
+        d = config.d_model
+        if config.head == "lm":
+            self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.backbone.embeddings.weight
+        elif config.head == "classifier":
+            self.classifier = nn.Linear(d, config.num_classes)
+        else:
+            self.regressor = nn.Linear(d, config.output_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        if self.config.vocab_size is not None:
+            nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
+        # GPT-2/Mamba style: scale output projections of residual branches by 1/sqrt(n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight")):
+                with torch.no_grad():
+                    p /= (2 * self.config.n_layers) ** 0.5
+
+    # ------------------------------------------------------------------------------------------------
+    def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.vocab_size is not None:
+            if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int64, torch.int32):
+                got = inputs.dtype if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+                raise TypeError(f"input_ids must be an integer tensor (batch, length); got {got}")
+            if inputs.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, length); got {tuple(inputs.shape)}")
+            if inputs.numel() == 0:
+                raise ValueError(f"input_ids must hold at least one token; got shape {tuple(inputs.shape)}")
+            lo, hi = int(inputs.min()), int(inputs.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size}); got values in [{lo}, {hi}]")
+            return self.backbone.embeddings(inputs)
+        if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+            raise TypeError("inputs must be a floating-point tensor (batch, length, input_dim)")
+        if inputs.dim() != 3 or inputs.shape[-1] != cfg.input_dim or inputs.shape[1] == 0:
+            raise ValueError(f"inputs must be (batch, length >= 1, input_dim={cfg.input_dim}); got {tuple(inputs.shape)}")
+        return self.backbone.input_proj(inputs.to(self.backbone.input_proj.weight.dtype))
+
+    def _head(self, h: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cfg = self.config
+        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        if cfg.head == "lm":
+            return self.lm_head(h)
+        if cfg.head == "regression":
+            return self.regressor(h)
+        if cfg.pooling == "mean":
+            if lengths is None:
+                pooled = h.mean(1)
+            else:
+                mask = torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]
+                pooled = (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+        else:
+            idx = (lengths - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1, device=h.device)
+            pooled = h[torch.arange(h.shape[0], device=h.device), idx]
+        return self.classifier(pooled)
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs: Optional[torch.Tensor] = None,
+                state: Optional[ModelState] = None, return_state: bool = False,
+                labels: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None,
+                **mixer_kwargs: Any) -> ModelOutput:
+        """Run the whole sequence in parallel.
+
+        Args:
+            input_ids: (B, L) token ids (token models), or ``inputs`` (B, L, input_dim) for real-valued models.
+            state: per-layer states to continue from (from ``init_state``, ``step`` or an earlier forward).
+            return_state: also return the per-layer states after the last token.
+            labels: LM: (B, L) next-token targets are ``labels`` shifted left by one (-100 ignored);
+                classifier: (B,) classes; regression: (B, L, output_dim) targets (MSE).
+            lengths: (B,) valid lengths for pooling of right-padded classifier inputs.
+            mixer_kwargs: passed to every mixer (e.g. ``seq_idx`` / ``cu_seqlens`` for packed Mamba batches).
+        """
+        x = self._embed(input_ids if input_ids is not None else inputs)
+        if state is not None:
+            self._check_model_state(state)
+        new_states: ModelState = []
+        aux = x.new_zeros((), dtype=torch.float32)
+        h = x
+        for i, layer in enumerate(self.backbone.layers):
+            h, layer_state, layer_aux = layer(h, None if state is None else state[i], return_state, **mixer_kwargs)
+            new_states.append(layer_state)
+            aux = aux + layer_aux.float()
+        logits = self._head(h, lengths)
+        loss = self._loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, state=new_states if return_state else None)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        head = self.config.head
+        if head == "lm":
+            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        if head == "classifier":
+            return F.cross_entropy(logits.float(), labels)
+        return F.mse_loss(logits.float(), labels.float())
+
+    # ------------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        """Zero states for every layer."""
+        if self.config.bidirectional:
+            raise ValueError("a bidirectional model reads the future and has no recurrent state")
+        return [layer.mixer.init_state(batch_size, device=device, dtype=dtype) for layer in self.backbone.layers]
+
+    def step(self, input_ids: torch.Tensor, state: ModelState):
+        """One token per row: input_ids (B,) (or inputs (B, input_dim)) -> (logits (B, V), new state)."""
+        if self.config.bidirectional:
+            raise ValueError("a bidirectional model reads the future and has no recurrent form")
+        self._check_model_state(state)
+        h = self._embed(input_ids[:, None] if self.config.vocab_size is not None else input_ids[:, None, :])[:, 0]
+        new_states: ModelState = []
+        for i, layer in enumerate(self.backbone.layers):
+            h, layer_state = layer.step(h, state[i])
+            new_states.append(layer_state)
+        return self._head(h[:, None])[:, 0] if self.config.head != "classifier" else self._head(h[:, None]), new_states
+
+    def _check_model_state(self, state) -> None:
+        n = len(self.backbone.layers)
+        if not isinstance(state, (list, tuple)) or len(state) != n:
+            got = f"{type(state).__name__} of length {len(state)}" if isinstance(state, (list, tuple)) else type(state).__name__
+            raise ValueError(f"state must be a list of {n} per-layer states (model.init_state); got {got}")
+
+    def save_pretrained(self, directory):
+        """Write config.json + model.safetensors atomically (see :mod:`ssmkit.models.checkpoints`)."""
+        from .checkpoints import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
