@@ -1,0 +1,33 @@
+"""Training and evaluation tasks, generated or read locally (no downloads), all under one contract.
+
+    from ssmkit.tasks import make_task
+    task = make_task("induction_heads", vocab_size=16, length=256)
+    batch = task.batch("train", index=0, batch_size=32)        # batch.inputs (32, 256), batch.targets (32, 256)
+    loss = task.loss(model(batch.inputs).logits, batch)        # targets already aligned: no shift
+    task.metrics(logits, batch)                                 # {"loss", "accuracy", "count"}
+
+The contract (kinds, shapes, target alignment, determinism and sharding) is in :mod:`ssmkit.tasks.base`.
+
+=====================  ==============  ============================================================
+name                   kind            source
+=====================  ==============  ============================================================
+``selective_copying``  lm              :class:`~.synthetic.SelectiveCopying`
+``induction_heads``    lm              :class:`~.synthetic.InductionHeads`
+``mqar``               lm              :class:`~.synthetic.MQAR`
+``copying_memory``     lm              :class:`~.synthetic.CopyingMemory`
+``adding``             regression      :class:`~.synthetic.AddingProblem`
+``listops``            classification  :class:`~.listops.ListOps` (LRA generator)
+``digits``             classification  :class:`~.digits.Digits` (scikit-learn's 8x8 digits)
+``bytes_lm``           lm              :class:`~.text.BytesLM` (default: standard-library sources)
+``text``               lm              :func:`~.user_data.text_task` (the user's files)
+``sequences``          class./regr.    :func:`~.user_data.load_sequences` (.npz/.npy/.csv)
+=====================  ==============  ============================================================
+"""
+
+from .base import (KINDS, SPLITS, TASKS, Batch, Task, last_valid, make_task, register_task,  # noqa: F401
+                   seeded_generator, stable_seed)
+from .digits import Digits  # noqa: F401
+from .listops import ListOps  # noqa: F401
+from .synthetic import MQAR, AddingProblem, CopyingMemory, InductionHeads, SelectiveCopying  # noqa: F401
+from .text import BytesLM  # noqa: F401
+from .user_data import SequenceData, load_sequences, text_task  # noqa: F401
