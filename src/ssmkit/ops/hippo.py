@@ -60,18 +60,23 @@ def hippo(measure: str, N: int, theta: float = 1.0, dtype=torch.float64):
         A = -torch.tril(torch.ones(N, N, dtype=torch.float64))
         B = torch.ones(N, dtype=torch.float64)
     else:  # fout
-        # Rotation of each (cos_k, sin_k) pair at angular speed 2 pi k, plus the rank-one correction that
-        # removes the sample leaving the window (u(t - theta) ~ sum_k x_k g_k(0)), all divided by theta.
+        # Rotation of each (cos_k, sin_k) pair at angular speed 2 pi k, and a correction for the sample that
+        # leaves the window. The window's Fourier series meets the jump at its ends at the midpoint, so
+        # sum_k x_k g_k(0) ~ (u(t - theta) + u(t)) / 2, i.e. u(t - theta) ~ 2 b.x - u(t), b_k = g_k(0):
+        # x' = (rotation - 2 b b^T) x + 2 b u, all divided by theta. With N even the last cosine has no sine
+        # partner and is left out of b (its rotation cannot be closed).
         A = torch.zeros(N, N, dtype=torch.float64)
         for i in range(1, N - 1, 2):
             k = (i + 1) // 2
             A[i, i + 1] = 2 * math.pi * k
             A[i + 1, i] = -2 * math.pi * k
-        B = torch.zeros(N, dtype=torch.float64)
-        B[0] = 1.0
-        B[1::2] = math.sqrt(2.0)
-        A = (A - B[:, None] * B[None, :]) / theta
-        B = B / theta
+        b = torch.zeros(N, dtype=torch.float64)
+        b[0] = 1.0
+        b[1::2] = math.sqrt(2.0)
+        if N % 2 == 0 and N > 1:
+            b[N - 1] = 0.0
+        A = (A - 2 * b[:, None] * b[None, :]) / theta
+        B = 2 * b / theta
     return A.to(dtype), B.to(dtype)
 
 
