@@ -1,0 +1,1 @@
+"""Small utilities shared by training, the command line and benchmarks (never imported by ops or layers)."""
