@@ -1,0 +1,242 @@
+"""The ``ssmkit`` command: train, eval, generate, compare, bench, convert, info.
+
+    ssmkit compare                                   # the main job: architectures side by side on one task
+    ssmkit train --config configs/induction.yaml train.steps=500 model.mixer=mamba2
+    ssmkit eval --checkpoint runs/induction/final --length 512
+    ssmkit generate --checkpoint runs/bytes/final --prompt "def " --max-new-tokens 200 --temperature 0.8
+    ssmkit convert runs/lm/final out/hf --to hf      # a directory transformers loads
+    ssmkit info                                      # versions, backends, threads
+    torchrun --nproc-per-node 2 -m ssmkit train --config configs/bytes.yaml
+
+Configs are YAML or JSON; ``key.sub=value`` arguments override them (type-checked; an unknown key is an
+error that names the closest known one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import List, Optional
+
+import torch
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON run config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-3 model.mixer=mamba2")
+
+
+def cmd_train(args) -> int:
+    from .train import TrainingDiverged, load_run_config, train
+
+    run = load_run_config(args.config, args.overrides)
+    try:
+        result = train(run, resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"ssmkit train: {err}", file=sys.stderr)
+        return 3
+    if result is not None and getattr(result, "final_metrics", None):
+        print(json.dumps(result.final_metrics, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, split=args.split, batches=args.batches, length=args.length)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .models import from_pretrained
+
+    torch.set_flush_denormal(True)
+    model = from_pretrained(args.checkpoint)
+    vocab = model.config.vocab_size
+    if args.ids is not None:
+        ids = [int(t) for t in args.ids.split(",") if t.strip()]
+        as_text = False
+    else:
+        if vocab != 256:
+            raise SystemExit(f"ssmkit generate: --prompt text needs a byte-level model (vocab 256); this model has "
+                             f"vocab_size={vocab}: pass token ids with --ids 1,2,3")
+        ids = list(args.prompt.encode("utf-8"))
+        as_text = True
+    if not ids:
+        raise SystemExit("ssmkit generate: the prompt is empty; give at least one token")
+    prompt = torch.tensor([ids])
+
+    def show(token: torch.Tensor) -> None:
+        value = int(token[0])
+        if as_text:
+            sys.stdout.write(bytes([value]).decode("utf-8", errors="replace"))
+        else:
+            sys.stdout.write(f"{value} ")
+        sys.stdout.flush()
+
+    if as_text:
+        sys.stdout.write(args.prompt)
+    model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0 and not args.greedy,
+                   temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
+                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, eos_token_id=args.eos,
+                   seed=args.seed, streamer=show)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    run_compare(task=args.task, models=args.models, length=args.length, budget=args.budget, out=args.out,
+                threads=args.threads, seed=args.seed, eval_lengths=args.eval_lengths, overrides=args.overrides)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    run_bench(mixers=args.mixers, d_model=args.d_model, length=args.length, batch=args.batch, threads=args.threads)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .models import from_pretrained
+    from .models.checkpoints import save_pretrained
+    from .models.interop.transformers_format import save_hf
+
+    model = from_pretrained(args.source)
+    path = save_hf(model, args.dest) if args.to == "hf" else save_pretrained(model, args.dest)
+    print(f"wrote {args.to} checkpoint to {path}")
+    return 0
+
+
+def info() -> dict:
+    import numpy
+
+    from . import __version__
+    from .layers import MIXERS
+
+    backends = {}
+    try:
+        from .ops import selective_scan
+
+        backends["selective_scan"] = selective_scan.available_backends()
+    except Exception as err:  # noqa: BLE001 - info reports, never fails
+        backends["selective_scan"] = f"unavailable: {err}"
+    try:
+        from .ops import ssd
+
+        backends["ssd"] = list(getattr(ssd, "BACKENDS", ["torch", "reference"]))
+    except Exception as err:  # noqa: BLE001
+        backends["ssd"] = f"unavailable: {err}"
+    try:
+        from .ops.triton import triton_available
+
+        backends["triton"] = triton_available()
+    except Exception as err:  # noqa: BLE001
+        backends["triton"] = f"unavailable: {err}"
+    return {
+        "ssmkit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "mixers": sorted(MIXERS),
+        "backends": backends,
+    }
+
+
+def cmd_info(args) -> int:
+    for key, value in info().items():
+        print(f"{key:10} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssmkit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a task from a config")
+    _add_run_args(p)
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="resume from the latest checkpoint in train.out_dir (or from the given checkpoint)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a training checkpoint on its task")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--length", type=int, default=None, help="evaluate at another sequence length")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample from a language-model checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt (byte-level models)")
+    src.add_argument("--ids", help="comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--eos", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="the main job: train several architectures on one task and compare them")
+    p.add_argument("--task", default=None, help="task name (default: induction_heads)")
+    p.add_argument("--models", nargs="+", default=None, help="model presets (transformer s4d mamba mamba2 hybrid)")
+    p.add_argument("--length", type=int, default=None, help="training sequence length")
+    p.add_argument("--budget", type=float, default=None, help="training seconds per model")
+    p.add_argument("--eval-lengths", type=int, nargs="+", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/compare")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every model's run config")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="time every mixer's parallel pass and recurrent step here")
+    p.add_argument("--mixers", nargs="+", default=None)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (ssmkit, transformers, state-spaces) to another format")
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument("--to", choices=["hf", "ssmkit"], required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="versions, available backends, threads")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command; user errors (bad config, missing files, refused resumes) print one line and return 2.
+
+    Set SSMKIT_DEBUG=1 to get the traceback instead.
+    """
+    import os
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+        if os.environ.get("SSMKIT_DEBUG"):
+            raise
+        print(f"ssmkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

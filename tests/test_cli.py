@@ -1,0 +1,75 @@
+"""The ssmkit command end to end: info, train, eval, generate, convert, compare, bench, and its errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ssmkit.cli import main
+
+TINY = ["task.name=induction_heads", "task.kwargs={vocab_size: 6, length: 12}", "model.d_model=16",
+        "model.mixer_kwargs={mamba: {d_state: 4}}", "train.steps=6", "train.batch_size=4", "train.eval_every=0",
+        "train.eval_batches=1", "train.checkpoint_every=3", "train.progress=false", "train.tensorboard=false",
+        "train.warmup_steps=1", "train.device=cpu"]
+
+
+def test_module_entry_point_runs_info():
+    out = subprocess.run([sys.executable, "-m", "ssmkit", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "mixers" in out.stdout and "mamba" in out.stdout and "selective_scan" in out.stdout
+
+
+def test_train_eval_generate_convert(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, f"train.out_dir={run_dir}"]) == 0
+    final = run_dir / "final"
+    assert (final / "model.safetensors").exists() and (run_dir / "metrics.jsonl").exists()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(final), "--batches", "1", "--length", "20"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["length"] == 20 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert main(["generate", "--checkpoint", str(final), "--ids", "1,2,3", "--max-new-tokens", "5", "--greedy"]) == 0
+    tokens = capsys.readouterr().out.split()
+    assert len(tokens) == 5 and all(0 <= int(t) < 6 for t in tokens)
+    assert main(["convert", str(final), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mamba"
+    # a second train into the same folder must not silently overwrite it; --resume continues it
+    assert main(["train", *TINY, f"train.out_dir={run_dir}"]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    assert main(["train", "train.lrr=3e-3", f"train.out_dir={tmp_path}"]) == 2
+    assert "did you mean 'train.lr'" in capsys.readouterr().err
+    assert main(["train", "train.steps=many", f"train.out_dir={tmp_path}"]) == 2
+    assert "train.steps must be an integer" in capsys.readouterr().err
+    assert main(["train", "task.name=bytes_lm", f"task.kwargs={{paths: [{tmp_path / 'missing'}]}}",
+                 f"train.out_dir={tmp_path / 'r'}", "train.steps=1"]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_generate_needs_a_byte_model_for_text(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, f"train.out_dir={run_dir}"]) == 0
+    with pytest.raises(SystemExit, match="byte-level model"):
+        main(["generate", "--checkpoint", str(run_dir / "final"), "--prompt", "hi"])
+
+
+def test_compare_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--models", "mamba", "transformer", "--budget", "1", "--length", "16",
+                 "--eval-lengths", "32", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["mamba", "transformer"]
+    assert all(set(r["accuracy"]) == {"16", "32"} for r in rows)
+    # the recurrent state of an SSM stays small; attention's KV cache grows with the context
+    assert rows[0]["state_mb"] < rows[1]["state_mb"]
+    assert (out / "report.md").exists() and (out / "compare.png").exists()
+    assert "| mamba |" in capsys.readouterr().out
+
+
+def test_bench_prints_every_requested_mixer(capsys):
+    assert main(["bench", "--mixers", "s4d", "mamba", "--d-model", "16", "--length", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "s4d" in out and "mamba" in out
