@@ -140,6 +140,21 @@ class Mixer(nn.Module):
                 raise ValueError(f"state[{key!r}] is on {value.device} but x is on {x.device}")
 
 
+def ssm_core_precision(x: torch.Tensor):
+    """Context for the recurrent core of a mixer (kernels, convolutions, scans): autocast off.
+
+    Under bfloat16 autocast the projections around the core run in bfloat16, but exponentials of decays and
+    long sums over time need float32 (as mamba_ssm computes its scan); callers cast the core's inputs with
+    ``.float()`` inside this context and the next projection casts back.
+    """
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def to_core_dtype(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (bfloat16, float16) -> float32 for the recurrent core; others unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _state_dtype(kind, real_dtype: torch.dtype) -> torch.dtype:
     if kind in (False, "real"):
         return real_dtype

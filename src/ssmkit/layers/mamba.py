@@ -59,7 +59,7 @@ from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
 from ..ops.selective_scan import BACKENDS as SCAN_BACKENDS
 from ..ops.selective_scan import last_backend as scan_last_backend
 from ..ops.selective_scan import selective_scan, selective_state_update
-from .base import Mixer, State
+from .base import Mixer, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
 
 DT_INITS = ("random", "constant")
@@ -203,23 +203,24 @@ class Mamba(Mixer):
         xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))   # (B, 2 d_inner, L)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
-        u, z = xz.chunk(2, dim=1)                                    # (B, d_inner, L) each
-        u = causal_conv1d(u, self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx, "silu",
-                          return_final_state=return_state)
-        if return_state:
-            u, conv_final = u
-        x_dbl = torch.matmul(self.x_proj.weight, u)                  # (B, dt_rank + 2N, L)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (B, N, L)
-        delta = torch.matmul(self.dt_proj.weight, dt)                # (B, d_inner, L); bias added in the scan
-        A = -torch.exp(self.A_log)                                   # (d_inner, N)
+        with ssm_core_precision(x):  # conv, projections to dt/B/C and the scan in float32 under autocast
+            u, z = to_core_dtype(xz).chunk(2, dim=1)                     # (B, d_inner, L) each
+            u = causal_conv1d(u, self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx, "silu",
+                              return_final_state=return_state)
+            if return_state:
+                u, conv_final = u
+            x_dbl = torch.matmul(self.x_proj.weight, u)                  # (B, dt_rank + 2N, L)
+            dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (B, N, L)
+            delta = torch.matmul(self.dt_proj.weight, dt)                # (B, d_inner, L); bias added in the scan
+            A = -torch.exp(self.A_log)                                   # (d_inner, N)
 
-        if seq_idx is not None and bool((seq_idx[:, 1:] != seq_idx[:, :-1]).any()):
-            y, ssm_final = self._scan_packed(u, delta, A, B, C, z, ssm_state, seq_idx, return_state)
-        else:
-            out = selective_scan(u, delta, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
-                                 delta_softplus=True, return_last_state=return_state, initial_state=ssm_state,
-                                 backend=self.backend)
-            y, ssm_final = out if return_state else (out, None)
+            if seq_idx is not None and bool((seq_idx[:, 1:] != seq_idx[:, :-1]).any()):
+                y, ssm_final = self._scan_packed(u, delta, A, B, C, z, ssm_state, seq_idx, return_state)
+            else:
+                out = selective_scan(u, delta, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
+                                     delta_softplus=True, return_last_state=return_state, initial_state=ssm_state,
+                                     backend=self.backend)
+                y, ssm_final = out if return_state else (out, None)
         self.last_backend = scan_last_backend()
         y = self.out_proj(y.transpose(1, 2))                         # (B, L, d_model)
         if not return_state:

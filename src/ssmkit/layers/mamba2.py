@@ -55,7 +55,7 @@ from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
 from ..ops.ssd import BACKENDS as SSD_BACKENDS
 from ..ops.ssd import last_backend as ssd_last_backend
 from ..ops.ssd import ssd, ssd_state_update
-from .base import Mixer, State
+from .base import Mixer, State, ssm_core_precision, to_core_dtype
 from .mamba import check_dt_range, inner_width, inverse_softplus, log_uniform_dt
 from .registry import register_mixer
 
@@ -211,23 +211,24 @@ class Mamba2(Mixer):
         ssm_state = state[self.state_key("ssm")] if state is not None else None
 
         zxbcdt = self.in_proj(x)                                             # (B, L, d_in_proj)
-        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, H], dim=-1)
-        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx,
-                            "silu", return_final_state=return_state)
-        if return_state:
-            xBC, conv_final = xBC
-        xs, B, C = xBC.transpose(1, 2).split([self.d_inner, G * N, G * N], dim=-1)  # (B, L, .)
-        A = -torch.exp(self.A_log)                                           # (H,)
-        gate = None if self.rmsnorm else z.reshape(batch, length, H, P)
-        out = ssd(xs.reshape(batch, length, H, P), dt, A, B.reshape(batch, length, G, N),
-                  C.reshape(batch, length, G, N), self.chunk_size, D=self._skip(), z=gate,
-                  dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, initial_states=ssm_state,
-                  seq_idx=seq_idx, return_final_states=return_state, backend=self.backend)
-        self.last_backend = ssd_last_backend()
-        y, ssm_final = out if return_state else (out, None)
-        y = y.reshape(batch, length, self.d_inner)
-        if self.rmsnorm:
-            y = self.norm(y, z)
+        with ssm_core_precision(x):  # conv, SSD and the gated norm in float32 under autocast
+            z, xBC, dt = to_core_dtype(zxbcdt).split([self.d_inner, self.conv_dim, H], dim=-1)
+            xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx,
+                                "silu", return_final_state=return_state)
+            if return_state:
+                xBC, conv_final = xBC
+            xs, B, C = xBC.transpose(1, 2).split([self.d_inner, G * N, G * N], dim=-1)  # (B, L, .)
+            A = -torch.exp(self.A_log)                                           # (H,)
+            gate = None if self.rmsnorm else z.reshape(batch, length, H, P)
+            out = ssd(xs.reshape(batch, length, H, P), dt, A, B.reshape(batch, length, G, N),
+                      C.reshape(batch, length, G, N), self.chunk_size, D=self._skip(), z=gate,
+                      dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, initial_states=ssm_state,
+                      seq_idx=seq_idx, return_final_states=return_state, backend=self.backend)
+            self.last_backend = ssd_last_backend()
+            y, ssm_final = out if return_state else (out, None)
+            y = y.reshape(batch, length, self.d_inner)
+            if self.rmsnorm:
+                y = self.norm(y, z)
         y = self.out_proj(y)
         if not return_state:
             return y, None

@@ -39,7 +39,7 @@ from ..ops.discretize import discretize_diag
 from ..ops.fftconv import fft_conv
 from ..ops.hippo import S4D_INITS, s4d_init
 from ..ops.lti_kernels import final_state, initial_state_response, kernel_vandermonde
-from .base import Mixer, State
+from .base import Mixer, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
 
 DISCRETIZATIONS = ("zoh", "bilinear")
@@ -148,15 +148,16 @@ class S4D(Mixer):
             self._refuse_recurrence("an initial state")
         if return_state:
             self._refuse_recurrence("return_state")
-        u = x.transpose(1, 2)  # (B, H, L)
-        L = u.shape[-1]
-        p = self.discrete_parameters()
-        K = kernel_vandermonde(p.dtA, p.Bbar, p.C, L)  # (H, L), or (2, H, L) bidirectional
-        s = fft_conv(u, K, D=self.D, bidirectional=self.bidirectional)  # (B, H, L)
-        h0 = state[self.state_key("h")] if state is not None else None
-        if h0 is not None:
-            s = s + initial_state_response(p.dtA, p.C, h0, L)
-        new_state = {self.state_key("h"): final_state(p.dtA, p.Bbar, u, h0)} if return_state else None
+        with ssm_core_precision(x):  # kernel and FFT convolution in float32 under autocast
+            u = to_core_dtype(x).transpose(1, 2)  # (B, H, L)
+            L = u.shape[-1]
+            p = self.discrete_parameters()
+            K = kernel_vandermonde(p.dtA, p.Bbar, p.C, L)  # (H, L), or (2, H, L) bidirectional
+            s = fft_conv(u, K, D=self.D, bidirectional=self.bidirectional)  # (B, H, L)
+            h0 = state[self.state_key("h")] if state is not None else None
+            if h0 is not None:
+                s = s + initial_state_response(p.dtA, p.C, h0, L)
+            new_state = {self.state_key("h"): final_state(p.dtA, p.Bbar, u, h0)} if return_state else None
         return self._output(s.transpose(1, 2)), new_state
 
     def step(self, x_t: torch.Tensor, state: State):

@@ -46,7 +46,7 @@ from .._checks import check_choice, check_positive_int
 from ..ops.discretize import discretize_diag
 from ..ops.hippo import conjugate_half, nplr_legs
 from ..ops.scan import linear_recurrence
-from .base import Mixer, State
+from .base import Mixer, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
 
 DISCRETIZATIONS = ("zoh", "bilinear")
@@ -218,15 +218,18 @@ class S5(Mixer):
         if self.bidirectional and (state is not None or return_state):
             raise ValueError("S5 with bidirectional=True reads the future, so it has no recurrent state: "
                              "state and return_state are not available (use bidirectional=False)")
-        Lambda_bar, B_bar = self.discretized()
-        Bu = self._project_input(x, B_bar)  # (B, L, n)
-        h0 = None if state is None else state[self.state_key("h")]
-        h = linear_recurrence(Lambda_bar, Bu, h0, dim=1, backend=self.scan_backend)  # (B, L, n)
-        y = self._read_out(h, self.C_re, self.C_im)  # (B, L, H)
-        if self.bidirectional:
-            h_rev = linear_recurrence(Lambda_bar, Bu, None, dim=1, reverse=True, backend=self.scan_backend)
-            y = y + self._read_out(h_rev, self.C_rev_re, self.C_rev_im)
-        y = self._activate(y + self.D * x)
+        with ssm_core_precision(x):  # the complex scan in float32 under autocast
+            u = to_core_dtype(x)
+            Lambda_bar, B_bar = self.discretized()
+            Bu = self._project_input(u, B_bar)  # (B, L, n)
+            h0 = None if state is None else state[self.state_key("h")]
+            h = linear_recurrence(Lambda_bar, Bu, h0, dim=1, backend=self.scan_backend)  # (B, L, n)
+            y = self._read_out(h, self.C_re, self.C_im)  # (B, L, H)
+            if self.bidirectional:
+                h_rev = linear_recurrence(Lambda_bar, Bu, None, dim=1, reverse=True, backend=self.scan_backend)
+                y = y + self._read_out(h_rev, self.C_rev_re, self.C_rev_im)
+            y = y + self.D * u
+        y = self._activate(y)
         return y, ({self.state_key("h"): h[:, -1]} if return_state else None)
 
     def _step(self, x_t: torch.Tensor, state: State):
