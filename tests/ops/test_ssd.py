@@ -248,7 +248,7 @@ def test_backends_are_explicit():
     assert last_backend() == "torch"
     torch.testing.assert_close(y_torch, y_ref, atol=1e-10, rtol=1e-9)
     with pytest.raises(ValueError, match="backend"):
-        ssd(**inputs, chunk_size=4, backend="triton")
+        ssd(**inputs, chunk_size=4, backend="cuda")
 
 
 def _bad(**changes):

@@ -265,9 +265,18 @@ class _CausalConv1dFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_state, None
 
 
+def _triton_ready() -> bool:
+    try:
+        from .triton import triton_available
+
+        return triton_available()
+    except ImportError:
+        return False
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   initial_state: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None,
-                  activation: Optional[str] = None, return_final_state: bool = False):
+                  activation: Optional[str] = None, return_final_state: bool = False, backend: str = "auto"):
     """Causal depthwise convolution over a whole sequence (see the module docstring for the formula).
 
     Args:
@@ -279,10 +288,18 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             crosses a change of id.
         activation: None or "silu", applied to the output.
         return_final_state: also return the state after the last step.
+        backend: "torch" (shifted multiply-adds, any device), "triton" (GPU kernel of
+            :mod:`ssmkit.ops.triton`), or "auto": "triton" for CUDA tensors when triton imports, else "torch".
 
     Returns:
         y (batch, dim, L), and the final state (batch, dim, width-1) when ``return_final_state``.
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ['auto', 'torch', 'triton']; got {backend!r}")
+    if backend == "triton" or (backend == "auto" and x.is_cuda and _triton_ready()):
+        from .triton import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, bias, initial_state, seq_idx, activation, return_final_state)
     weight, width = _check_sequence_args(x, weight, bias, initial_state, seq_idx, activation)
     keep = _lag_masks(seq_idx, width).to(x.dtype)[..., None] if (seq_idx is not None and width > 1) else None
     state_t = initial_state.transpose(1, 2) if initial_state is not None else None

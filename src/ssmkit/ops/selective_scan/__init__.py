@@ -10,8 +10,11 @@ Backends of :func:`selective_scan` (argument ``backend``):
 ``"torch"``     :mod:`.chunked`, pure PyTorch, chunked over time, any device and dtype
 ``"cpp"``       :mod:`.cpp`, a C++ scan compiled at first use (CPU, float32/float64); raises if the
                 extension cannot be built
-``"auto"``      ``"cpp"`` for CPU float32/float64 tensors when the extension builds, else ``"torch"``;
-                a failed build is reported once with ``warnings.warn``
+``"triton"``    :mod:`ssmkit.ops.triton`, GPU kernels (CUDA tensors; float32, bfloat16, float16);
+                raises if triton is not installed
+``"auto"``      ``"triton"`` for CUDA tensors when triton imports; ``"cpp"`` for CPU float32/float64
+                tensors when the extension builds; else ``"torch"``; a failed build is reported once
+                with ``warnings.warn``
 ==============  ===================================================================================
 
 Both fast backends are differentiable with respect to every tensor argument, keep only per-chunk states
@@ -28,6 +31,8 @@ also carries them as attributes (``selective_scan.last_backend()``), so both spe
 
 from __future__ import annotations
 
+import torch
+
 import os
 import warnings
 
@@ -41,7 +46,7 @@ __all__ = [
     "flush_denormals",
 ]
 
-BACKENDS = ("auto", "cpp", "torch", "reference")
+BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
 ENV_VAR = "SSMKIT_SCAN_BACKEND"
 
 _last_backend: str | None = None
@@ -61,14 +66,25 @@ def default_backend() -> str:
 def available_backends() -> list[str]:
     """Backends that can run here. Checking ``"cpp"`` builds the extension if it is not built yet."""
     names = ["torch", "reference"]
+    if _triton_importable():
+        names.insert(0, "triton")
     if _cpp.is_available():
         names.insert(0, "cpp")
     return names
 
 
 def last_backend() -> str | None:
-    """Name of the backend ("cpp", "torch" or "reference") that ran the latest selective_scan call."""
+    """Name of the backend ("cpp", "triton", "torch" or "reference") that ran the latest selective_scan call."""
     return _last_backend
+
+
+def _triton_importable() -> bool:
+    try:
+        from ..triton import triton_available
+
+        return triton_available()
+    except ImportError:
+        return False
 
 
 def _resolve(backend, u) -> str:
@@ -79,6 +95,8 @@ def _resolve(backend, u) -> str:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}; got {backend!r}")
     if backend != "auto":
         return backend
+    if u.is_cuda:
+        return "triton" if _triton_importable() else "torch"
     if not _cpp.supports(u):
         return "torch"  # the C++ kernel exists only for CPU float32/float64
     if _cpp.is_available():
@@ -105,7 +123,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: replace delta by softplus(delta + delta_bias).
         return_last_state: also return the state after the last step.
         initial_state: optional (batch, dim, N) state before the first step (zeros when omitted).
-        backend: "auto", "cpp", "torch", "reference" or None (see the module docstring).
+        backend: "auto", "cpp", "triton", "torch", "reference" or None (see the module docstring).
 
     Returns:
         y (batch, dim, L), or ``(y, last_state)`` with last_state (batch, dim, N). Gradients flow to every
@@ -113,7 +131,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     global _last_backend
     name = _resolve(backend, u)
-    if name == "cpp":
+    if name == "triton":
+        from ..triton import selective_scan_triton
+
+        out = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                    initial_state)
+    elif name == "cpp":
         out = _cpp.selective_scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                       initial_state)
     else:
@@ -124,7 +147,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return out
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           backend: str = "auto"):
     """One decoding step of the selective scan, as mamba_ssm's ``selective_state_update``.
 
     Args:
@@ -136,8 +160,17 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Returns:
         ``(y (batch, dim), new_state (batch, dim, N))``.
 
-    A single step is a handful of vectorised tensor operations, so this is the reference itself.
+    ``backend``: "torch" (a handful of vectorised tensor operations: the reference itself), "triton" (the
+    fused GPU kernel; inference only, it refuses to run with gradients enabled), or "auto": "triton" for
+    CUDA tensors when triton imports and gradients are off, else "torch".
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ['auto', 'torch', 'triton']; got {backend!r}")
+    if backend == "triton" or (backend == "auto" and x.is_cuda and not torch.is_grad_enabled()
+                               and _triton_importable()):
+        from ..triton import selective_state_update_triton
+
+        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 

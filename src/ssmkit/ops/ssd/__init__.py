@@ -7,11 +7,14 @@ only its import. The shapes, the glossary and the recurrence are in ``reference.
 Backends of :func:`ssd` (``backend=``):
     ``"torch"``      the chunked SSD algorithm in pure PyTorch (``chunked.py``, paper Sec. 6);
     ``"reference"``  the sequential loop over time (``reference.py``), the specification;
-    ``"auto"``       the fastest backend available, today always ``"torch"``.
+    ``"triton"``     :mod:`ssmkit.ops.triton` GPU kernels (CUDA tensors; raises if triton is missing).
+    ``"auto"``       ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``.
 :func:`last_backend` names the backend that ran last, so "auto" is never a silent choice.
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..._checks import check_choice
 from .chunked import ssd_chunked, ssd_state_update_torch
@@ -19,13 +22,22 @@ from .reference import DEFAULT_DT_LIMIT, ssd_ref, ssd_state_update_ref
 
 __all__ = ["ssd", "ssd_ref", "ssd_state_update", "ssd_state_update_ref", "last_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 _last_backend = None
 
 
 def last_backend():
     """The backend (``"torch"`` or ``"reference"``) that the latest :func:`ssd` call ran, or None."""
     return _last_backend
+
+
+def _triton_importable() -> bool:
+    try:
+        from ..triton import triton_available
+
+        return triton_available()
+    except ImportError:
+        return False
 
 
 def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -46,7 +58,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
         seq_idx: (batch, L) integer ids of packed sequences, non-decreasing per row; the state restarts
             from zero where the id changes.
         return_final_states: also return the state after the last token.
-        backend: "auto", "torch" or "reference" (see the module docstring).
+        backend: "auto", "triton", "torch" or "reference" (see the module docstring).
 
     Returns:
         y (batch, L, heads, headdim) in x's dtype, or ``(y, final_states)`` with final_states
@@ -54,8 +66,13 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
     """
     global _last_backend
     check_choice("backend", backend, BACKENDS)
-    chosen = "torch" if backend == "auto" else backend
-    fn = ssd_chunked if chosen == "torch" else ssd_ref
+    chosen = backend
+    if backend == "auto":
+        chosen = "triton" if isinstance(x, torch.Tensor) and x.is_cuda and _triton_importable() else "torch"
+    if chosen == "triton":
+        from ..triton import ssd_triton as fn
+    else:
+        fn = ssd_chunked if chosen == "torch" else ssd_ref
     out = fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
              dt_limit=dt_limit, initial_states=initial_states, seq_idx=seq_idx,
              return_final_states=return_final_states)
@@ -64,13 +81,21 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=DEFAULT_DT_LIMIT):
+                     dt_limit=DEFAULT_DT_LIMIT, backend="auto"):
     """One token of the SSD recurrence (the recurrent mode used by ``step``).
 
     Args: state (batch, heads, headdim, N); x, z (batch, heads, headdim); dt (batch, heads); A, dt_bias
     (heads,); B, C (batch, groups, N); D (heads,) or (heads, headdim); dt_softplus, dt_limit as in :func:`ssd`.
     Returns: ``(y (batch, heads, headdim) in x's dtype, new_state in state's dtype)``; ``state`` is not
-    modified.
+    modified. ``backend``: "torch", "triton" (fused GPU kernel, inference only) or "auto" ("triton" for CUDA
+    tensors when triton imports and gradients are off, else "torch").
     """
+    check_choice("backend", backend, ("auto", "torch", "triton"))
+    if backend == "triton" or (backend == "auto" and x.is_cuda and not torch.is_grad_enabled()
+                               and _triton_importable()):
+        from ..triton import ssd_state_update_triton
+
+        return ssd_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                       dt_limit=dt_limit)
     return ssd_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                   dt_limit=dt_limit)
