@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= outputs
 
-.PHONY: demo test bench clean
+.PHONY: demo hippo-demo test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/ssmkit compare --out $(OUT)/compare
+
+hippo-demo: $(STAMP)
 	$(PY) -m ssmkit.demo --out $(OUT)
 
 test: $(STAMP)
@@ -21,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lti.py
+	$(PY) benchmarks/bench_mamba.py
+	$(PY) benchmarks/bench_generate.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
