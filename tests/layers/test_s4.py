@@ -208,3 +208,24 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="d_model must be >= 1"):
         S4(0)
     assert math.isclose(S4(4, d_state=4, rate=0.25).rate, 0.25)
+
+
+def test_decoding_cache_follows_parameter_changes():
+    """Without autograd the step matrices are cached; any in-place change of a parameter must rebuild them."""
+    from ssmkit.layers.s4 import S4
+
+    torch.manual_seed(0)
+    layer = S4(4, d_state=8).double()
+    state = layer.init_state(1)
+    x_t = torch.randn(1, 4, dtype=torch.float64)
+    with torch.no_grad():
+        first, _ = layer.step(x_t, state)
+        again, _ = layer.step(x_t, state)
+        assert torch.equal(first, again)
+        layer.log_dt.add_(0.5)
+        changed, _ = layer.step(x_t, state)
+        layer.rate = 2.0
+        rated, _ = layer.step(x_t, state)
+    assert not torch.allclose(changed, first) and not torch.allclose(rated, changed)
+    fresh, _ = layer.step(x_t, state)  # with autograd: rebuilt, and the same numbers
+    torch.testing.assert_close(fresh, rated)

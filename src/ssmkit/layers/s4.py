@@ -136,8 +136,22 @@ class S4(Mixer):
         return DPLRParameters(Lambda, torch.view_as_complex(self.P), torch.view_as_complex(self.B), C, dt)
 
     def discrete_parameters(self) -> DiscreteDPLR:
-        """Dense real (dA (H, N, N), dB (H, N), C (H, N)) of the recurrent form."""
-        return discretize_dplr(*self.ssm_parameters())
+        """Dense real (dA (H, N, N), dB (H, N), C (H, N)) of the recurrent form.
+
+        Building dA costs a dense solve per channel, far more than one step, so without autograd (decoding)
+        the result is kept until a parameter changes: the key holds every parameter's in-place version
+        counter, storage and dtype, and the rate, so an optimiser step, ``load_state_dict`` or ``.to()``
+        invalidates it. With autograd it is always rebuilt, so gradients reach the parameters.
+        """
+        if torch.is_grad_enabled():
+            return discretize_dplr(*self.ssm_parameters())
+        params = (self.log_dt, self.Lambda_log_neg_re, self.Lambda_im, self.P, self.B, self.C)
+        key = (self._rate,) + tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        cached = self.__dict__.get("_discrete_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, discretize_dplr(*self.ssm_parameters()))
+            self.__dict__["_discrete_cache"] = cached
+        return cached[1]
 
     def kernel(self, L: int) -> torch.Tensor:
         """The convolution kernel (H, L), or (2, H, L) (look-back, look-ahead) when bidirectional."""
