@@ -188,6 +188,9 @@ def test_bad_input_is_refused_with_clear_errors(name):
     foreign = build_mixer(other, D_MODEL, **CONTRACT_CONFIGS[other]).init_state(2)
     with pytest.raises(ValueError, match="another mixer"):
         mixer(good, foreign)
+    if not mixer.supports_packing:
+        with pytest.raises(ValueError, match="does not take packed sequences"):
+            mixer(good, seq_idx=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(TypeError, match=r"to match x \(torch.float32\); got torch.(float64|complex128)"):
         mixer(good, mixer.init_state(2, dtype=torch.float64))
 

@@ -16,6 +16,7 @@ to the registry with ``@register_mixer("name")``; the shared contract tests then
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -59,14 +60,23 @@ class Mixer(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # The public contract
     # ----------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, state: Optional[State] = None, return_state: bool = False):
+    #: whether ``forward`` takes packed variable-length batches (``seq_idx`` / ``cu_seqlens``)
+    supports_packing: bool = False
+
+    def forward(self, x: torch.Tensor, state: Optional[State] = None, return_state: bool = False, *,
+                seq_idx: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
         """Run the mixer over a whole sequence.
 
         Args:
             x: (batch, length, d_model) floating-point input, length >= 1.
             state: optional state from ``init_state``, ``step`` or an earlier ``forward``; the sequence is
-                treated as the continuation of the one that produced it.
-            return_state: also return the state after the last token.
+                treated as the continuation of the one that produced it (with packing: of the first
+                sequence of each row).
+            return_state: also return the state after the last token (with packing: of the last sequence).
+            seq_idx: optional (batch, length) integer ids of packed sequences, non-decreasing along a row; the
+                state restarts from zero where the id changes (mixers with ``supports_packing`` only).
+            cu_seqlens: optional 1-D cumulative sequence lengths [0, l1, l1 + l2, ...] for a batch of one,
+                the other way to describe packing.
 
         Returns:
             y (batch, length, d_model), or ``(y, state)`` when ``return_state``.
@@ -74,7 +84,18 @@ class Mixer(nn.Module):
         self._check_input(x)
         if state is not None:
             self._check_state(state, x)
-        y, new_state = self._forward(x, state, return_state)
+        if seq_idx is None and cu_seqlens is None:
+            y, new_state = self._forward(x, state, return_state)
+        else:
+            if not self.supports_packing:
+                raise ValueError(f"{type(self).__name__} does not take packed sequences (seq_idx / cu_seqlens); "
+                                 "run the sequences as separate rows")
+            from ..ops.conv1d import packed_seq_idx
+
+            seq_idx = packed_seq_idx(x.shape[0], x.shape[1], seq_idx, cu_seqlens)
+            if seq_idx is not None and seq_idx.device != x.device:
+                raise ValueError(f"seq_idx is on {seq_idx.device} but x is on {x.device}")
+            y, new_state = self._forward(x, state, return_state, seq_idx=seq_idx)
         return (y, new_state) if return_state else y
 
     def step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
@@ -138,6 +159,24 @@ class Mixer(nn.Module):
                                 f"got {value.dtype}")
             if value.device != x.device:
                 raise ValueError(f"state[{key!r}] is on {value.device} but x is on {x.device}")
+
+
+class RateMixin:
+    """``rate``: a factor on the step size of a continuous-time SSM (S4, S4D, S5).
+
+    dt_eff = exp(log_dt) * rate, so a model trained at one sampling interval runs at another without
+    retraining (rate = 2 when each new step covers twice the time). A settable attribute, checked here once.
+    """
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+            raise ValueError(f"rate must be a finite number > 0; got {value!r}")
+        self._rate = float(value)
 
 
 def ssm_core_precision(x: torch.Tensor):

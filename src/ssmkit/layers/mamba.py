@@ -117,6 +117,8 @@ class Mamba(Mixer):
             ``last_backend`` names the one that ran.
     """
 
+    supports_packing = True
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: Union[int, float] = 2,
                  dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
@@ -170,29 +172,6 @@ class Mamba(Mixer):
     def state_spec(self, batch_size: int):
         return {"conv": ((batch_size, self.d_inner, self.d_conv - 1), False),
                 "ssm": ((batch_size, self.d_inner, self.d_state), False)}
-
-    def forward(self, x: torch.Tensor, state: Optional[State] = None, return_state: bool = False, *,
-                seq_idx: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
-        """The contract's forward (see :class:`~ssmkit.layers.base.Mixer`), plus packed sequences.
-
-        Args:
-            x: (batch, L, d_model).
-            state: optional state to continue from; with packing it belongs to the first sequence of a row.
-            return_state: also return the state after the last token (that of the last sequence of a row).
-            seq_idx: optional (batch, L) integer sequence ids, non-decreasing along each row.
-            cu_seqlens: optional 1-D cumulative sequence lengths for a batch of one.
-
-        Returns:
-            y (batch, L, d_model), or ``(y, state)``.
-        """
-        self._check_input(x)
-        if state is not None:
-            self._check_state(state, x)
-        seq_idx = packed_seq_idx(x.shape[0], x.shape[1], seq_idx, cu_seqlens)
-        if seq_idx is not None and seq_idx.device != x.device:
-            raise ValueError(f"seq_idx is on {seq_idx.device} but x is on {x.device}")
-        y, new_state = self._forward(x, state, return_state, seq_idx=seq_idx)
-        return (y, new_state) if return_state else y
 
     def _forward(self, x, state, return_state, seq_idx=None):
         conv_state = state[self.state_key("conv")] if state is not None else None

@@ -121,6 +121,8 @@ class Mamba2(Mixer):
         dt_init_floor: lower bound of the initial Delta (mamba_ssm's default 1e-4).
     """
 
+    supports_packing = True
+
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: Union[int, float] = 2,
                  headdim: int = 64, ngroups: int = 1, A_init_range: Sequence[float] = (1, 16),
                  D_has_hdim: bool = False, rmsnorm: bool = True, norm_before_gate: bool = False,
@@ -177,29 +179,6 @@ class Mamba2(Mixer):
     def state_spec(self, batch_size: int):
         return {"conv": ((batch_size, self.conv_dim, self.d_conv - 1), False),
                 "ssm": ((batch_size, self.nheads, self.headdim, self.d_state), False)}
-
-    def forward(self, x: torch.Tensor, state: Optional[State] = None, return_state: bool = False, *,
-                seq_idx: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
-        """The contract's forward (see :class:`~ssmkit.layers.base.Mixer`), plus packed sequences.
-
-        Args:
-            x: (batch, L, d_model).
-            state: optional state to continue from; with packing it belongs to the first sequence of a row.
-            return_state: also return the state after the last token (that of the last sequence of a row).
-            seq_idx: optional (batch, L) integer sequence ids, non-decreasing along each row.
-            cu_seqlens: optional 1-D cumulative sequence lengths for a batch of one.
-
-        Returns:
-            y (batch, L, d_model), or ``(y, state)``.
-        """
-        self._check_input(x)
-        if state is not None:
-            self._check_state(state, x)
-        seq_idx = packed_seq_idx(x.shape[0], x.shape[1], seq_idx, cu_seqlens)
-        if seq_idx is not None and seq_idx.device != x.device:
-            raise ValueError(f"seq_idx is on {seq_idx.device} but x is on {x.device}")
-        y, new_state = self._forward(x, state, return_state, seq_idx=seq_idx)
-        return (y, new_state) if return_state else y
 
     def _skip(self) -> torch.Tensor:
         return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D  # (H,) or (H, P)

@@ -47,7 +47,7 @@ from .._checks import check_positive_int
 from ..ops.dplr import DiscreteDPLR, discretize_dplr, dplr_state_input, final_state_dense, kernel_dplr
 from ..ops.fftconv import fft_conv
 from ..ops.hippo import conjugate_half, nplr_legs
-from .base import Mixer, State
+from .base import Mixer, RateMixin, State
 from .registry import register_mixer
 
 
@@ -62,7 +62,7 @@ class DPLRParameters(NamedTuple):
 
 
 @register_mixer("s4")
-class S4(Mixer):
+class S4(RateMixin, Mixer):
     """S4 layer: H DPLR SSMs (HiPPO-LegS init, bilinear rule), GELU, then a d_model -> 2 d_model linear map
     with GLU.
 
@@ -111,16 +111,6 @@ class S4(Mixer):
         self.output_linear = nn.Linear(d_model, 2 * d_model)
 
     # ----------------------------------------------------------------------------------------------
-    @property
-    def rate(self) -> float:
-        return self._rate
-
-    @rate.setter
-    def rate(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-            raise ValueError(f"rate must be a finite number > 0; got {value!r}")
-        self._rate = float(value)
-
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, rank={self.rank}, "
                 f"bidirectional={self.bidirectional}, rate={self.rate}")

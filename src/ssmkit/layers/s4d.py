@@ -39,7 +39,7 @@ from ..ops.discretize import discretize_diag
 from ..ops.fftconv import fft_conv
 from ..ops.hippo import S4D_INITS, s4d_init
 from ..ops.lti_kernels import final_state, initial_state_response, kernel_vandermonde
-from .base import Mixer, State, ssm_core_precision, to_core_dtype
+from .base import Mixer, RateMixin, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
 
 DISCRETIZATIONS = ("zoh", "bilinear")
@@ -56,7 +56,7 @@ class DiscreteS4D(NamedTuple):
 
 
 @register_mixer("s4d")
-class S4D(Mixer):
+class S4D(RateMixin, Mixer):
     """S4D layer: H diagonal SSMs, GELU, then a d_model -> 2 d_model linear map with GLU.
 
     Args:
@@ -102,16 +102,6 @@ class S4D(Mixer):
         self.output_linear = nn.Linear(d_model, 2 * d_model)
 
     # ----------------------------------------------------------------------------------------------
-    @property
-    def rate(self) -> float:
-        return self._rate
-
-    @rate.setter
-    def rate(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-            raise ValueError(f"rate must be a finite number > 0; got {value!r}")
-        self._rate = float(value)
-
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, init={self.init!r}, "
                 f"discretization={self.discretization!r}, bidirectional={self.bidirectional}, rate={self.rate}")

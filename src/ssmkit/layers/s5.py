@@ -46,7 +46,7 @@ from .._checks import check_choice, check_positive_int
 from ..ops.discretize import discretize_diag
 from ..ops.hippo import conjugate_half, nplr_legs
 from ..ops.scan import linear_recurrence
-from .base import Mixer, State, ssm_core_precision, to_core_dtype
+from .base import Mixer, RateMixin, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
 
 DISCRETIZATIONS = ("zoh", "bilinear")
@@ -84,7 +84,7 @@ def hippo_n_diagonal(d_state: int, blocks: int, conj_sym: bool) -> Tuple[torch.T
 
 
 @register_mixer("s5")
-class S5(Mixer):
+class S5(RateMixin, Mixer):
     """The S5 layer: a MIMO diagonal SSM (parallel scan) followed by S5's output activation.
 
     Args:
@@ -160,16 +160,6 @@ class S5(Mixer):
         return C.to(torch.complex128) @ V
 
     # ----------------------------------------------------------------------------------------------
-    @property
-    def rate(self) -> float:
-        return self._rate
-
-    @rate.setter
-    def rate(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-            raise ValueError(f"rate must be a finite number > 0; got {value!r}")
-        self._rate = float(value)
-
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, blocks={self.blocks}, "
                 f"n_modes={self.n_modes}, discretization={self.discretization!r}, conj_sym={self.conj_sym}, "

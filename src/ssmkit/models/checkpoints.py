@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -52,20 +52,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint_dir(directory: PathLike, config_dict: dict, tensors: Dict[str, torch.Tensor]) -> Path:
-    """Atomically replace ``directory`` by one holding config.json and model.safetensors."""
-    from safetensors.torch import save_file
-
+def write_directory_atomically(directory: PathLike, write_files: Callable[[Path], None]) -> Path:
+    """Run ``write_files(tmp)`` in a temporary sibling of ``directory``, flush every file to disk, then swap
+    it into place: readers see the old directory or the new one, never a half-written one."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-        for name in ("model.safetensors", "config.json"):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+        write_files(tmp)
+        for child in tmp.iterdir():
+            if child.is_file():
+                with open(child, "rb") as f:
+                    os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
@@ -80,6 +78,22 @@ def write_checkpoint_dir(directory: PathLike, config_dict: dict, tensors: Dict[s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def write_checkpoint_dir(directory: PathLike, config_dict: dict, tensors: Dict[str, torch.Tensor],
+                         extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Atomically replace ``directory`` by one holding config.json and model.safetensors (and whatever
+    ``extra(tmp_dir)`` writes beside them, e.g. a trainer's state)."""
+    from safetensors.torch import save_file
+
+    def write_files(tmp: Path) -> None:
+        weights = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        if extra is not None:
+            extra(tmp)
+
+    return write_directory_atomically(directory, write_files)
 
 
 def _unique_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_same_device, check_shape, check_tensor
+from .triton import triton_available
 
 __all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_ref", "check_seq_idx", "packed_seq_idx"]
 
@@ -265,15 +266,6 @@ class _CausalConv1dFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_state, None
 
 
-def _triton_ready() -> bool:
-    try:
-        from .triton import triton_available
-
-        return triton_available()
-    except ImportError:
-        return False
-
-
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   initial_state: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None,
                   activation: Optional[str] = None, return_final_state: bool = False, backend: str = "auto"):
@@ -296,7 +288,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ['auto', 'torch', 'triton']; got {backend!r}")
-    if backend == "triton" or (backend == "auto" and x.is_cuda and _triton_ready()):
+    if backend == "triton" or (backend == "auto" and x.is_cuda and triton_available()):
         from .triton import causal_conv1d_triton
 
         return causal_conv1d_triton(x, weight, bias, initial_state, seq_idx, activation, return_final_state)

@@ -30,14 +30,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..models.checkpoints import SSMKIT_MODEL_TYPE, _fsync_dir, load_weights_strict
+from ..models.checkpoints import SSMKIT_MODEL_TYPE, load_weights_strict, write_checkpoint_dir
 from .config import RunConfig, config_differences
 
 PathLike = Union[str, os.PathLike]
@@ -161,50 +160,20 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-def _write_atomically(final: Path, write_files) -> Path:
-    """Run ``write_files(tmp_dir)`` in a temporary sibling of ``final``, flush it, then swap it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write_files(tmp)
-        for child in tmp.iterdir():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            old.rmdir()
-            os.replace(final, old)  # the previous checkpoint stays whole until the new one is in place
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def write_checkpoint(directory: PathLike, *, model_config, weights: Dict[str, torch.Tensor],
                      trainer_state: Dict[str, Any], run_info: Dict[str, Any]) -> Path:
     """Atomically write one training checkpoint (layout in the module docstring)."""
-    from safetensors.torch import save_file
-
     from .. import __version__
 
     if model_config.head == "lm" and model_config.tie_embeddings:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}  # tied: stored once
     config = dict(model_config.to_dict(), model_type=SSMKIT_MODEL_TYPE, ssmkit_version=__version__)
 
-    def write_files(tmp: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    def write_trainer_files(tmp: Path) -> None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
         (tmp / RUN_INFO).write_text(json.dumps(run_info, indent=2, sort_keys=True, default=str) + "\n")
 
-    return _write_atomically(Path(directory), write_files)
+    return write_checkpoint_dir(directory, config, weights, extra=write_trainer_files)
 
 
 def make_run_info(run: RunConfig, *, step: int, task_config: Dict[str, Any], world_size: int,

@@ -31,11 +31,12 @@ also carries them as attributes (``selective_scan.last_backend()``), so both spe
 
 from __future__ import annotations
 
-import torch
-
 import os
 import warnings
 
+import torch
+
+from ..triton import triton_available
 from . import cpp as _cpp
 from .chunked import flush_denormals, selective_scan_chunked
 from .reference import selective_scan_ref, selective_state_update_ref
@@ -66,7 +67,7 @@ def default_backend() -> str:
 def available_backends() -> list[str]:
     """Backends that can run here. Checking ``"cpp"`` builds the extension if it is not built yet."""
     names = ["torch", "reference"]
-    if _triton_importable():
+    if triton_available():
         names.insert(0, "triton")
     if _cpp.is_available():
         names.insert(0, "cpp")
@@ -78,15 +79,6 @@ def last_backend() -> str | None:
     return _last_backend
 
 
-def _triton_importable() -> bool:
-    try:
-        from ..triton import triton_available
-
-        return triton_available()
-    except ImportError:
-        return False
-
-
 def _resolve(backend, u) -> str:
     global _warned_auto_fallback
     if backend is None:
@@ -96,7 +88,7 @@ def _resolve(backend, u) -> str:
     if backend != "auto":
         return backend
     if u.is_cuda:
-        return "triton" if _triton_importable() else "torch"
+        return "triton" if triton_available() else "torch"
     if not _cpp.supports(u):
         return "torch"  # the C++ kernel exists only for CPU float32/float64
     if _cpp.is_available():
@@ -167,7 +159,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ['auto', 'torch', 'triton']; got {backend!r}")
     if backend == "triton" or (backend == "auto" and x.is_cuda and not torch.is_grad_enabled()
-                               and _triton_importable()):
+                               and triton_available()):
         from ..triton import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..._checks import check_choice
+from ..triton import triton_available
 from .chunked import ssd_chunked, ssd_state_update_torch
 from .reference import DEFAULT_DT_LIMIT, ssd_ref, ssd_state_update_ref
 
@@ -29,15 +30,6 @@ _last_backend = None
 def last_backend():
     """The backend (``"torch"`` or ``"reference"``) that the latest :func:`ssd` call ran, or None."""
     return _last_backend
-
-
-def _triton_importable() -> bool:
-    try:
-        from ..triton import triton_available
-
-        return triton_available()
-    except ImportError:
-        return False
 
 
 def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -68,7 +60,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
     check_choice("backend", backend, BACKENDS)
     chosen = backend
     if backend == "auto":
-        chosen = "triton" if isinstance(x, torch.Tensor) and x.is_cuda and _triton_importable() else "torch"
+        chosen = "triton" if isinstance(x, torch.Tensor) and x.is_cuda and triton_available() else "torch"
     if chosen == "triton":
         from ..triton import ssd_triton as fn
     else:
@@ -92,7 +84,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     """
     check_choice("backend", backend, ("auto", "torch", "triton"))
     if backend == "triton" or (backend == "auto" and x.is_cuda and not torch.is_grad_enabled()
-                               and _triton_importable()):
+                               and triton_available()):
         from ..triton import ssd_state_update_triton
 
         return ssd_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
