@@ -33,11 +33,12 @@ from ssmkit.models import ModelConfig, SSMModel  # noqa: E402
 VOCAB = 50280
 
 
-def ssmkit_model(kind: str, n_layers: int, backend: str) -> SSMModel:
+def ssmkit_model(kind: str, n_layers: int, backend: str, chunk_size: int = 64) -> SSMModel:
     if kind == "mamba":
         kwargs = {"mamba": dict(d_state=16, backend=backend)}
     else:
-        kwargs = {"mamba2": dict(d_state=128, headdim=64, backend=backend)}
+        # chunk_size only changes how SSD is computed, not its result: 64 is the fastest on CPUs
+        kwargs = {"mamba2": dict(d_state=128, headdim=64, chunk_size=chunk_size)}
     config = ModelConfig(d_model=768, n_layers=n_layers, vocab_size=VOCAB, mixer=kind, mixer_kwargs=kwargs,
                          tie_embeddings=True)
     return SSMModel(config).eval()
@@ -129,7 +130,7 @@ def measure(model, ids, backward: bool, repeats: int):
 
 def section_models(kind, args, results):
     peers = ["ssmkit"] + [p for p in args.peers if not (kind == "mamba2" and p == "mambapy")]
-    ours = ssmkit_model(kind, args.layers, args.backend)
+    ours = ssmkit_model(kind, args.layers, args.backend, args.mamba2_chunk)
     models = {"ssmkit": ours}
     if "transformers" in peers:
         models["transformers"] = transformers_model(kind, ours)
@@ -162,7 +163,7 @@ def section_models(kind, args, results):
 
 def section_scaling(args, results):
     for kind in ("mamba", "mamba2"):
-        model = ssmkit_model(kind, args.layers, args.backend)
+        model = ssmkit_model(kind, args.layers, args.backend, args.mamba2_chunk)
         base = None
         for length in (1024, 4096, 16384):
             ids = torch.randint(0, VOCAB, (1, length))
@@ -221,6 +222,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--backend", default="auto", help="ssmkit scan backend (auto, cpp, torch)")
+    parser.add_argument("--mamba2-chunk", type=int, default=64,
+                        help="ssmkit Mamba2 SSD chunk size (execution only; transformers keeps its 256)")
     parser.add_argument("--max-transformers-bwd", type=int, default=1024,
                         help="skip transformers' fwd+bwd above this length (it needs minutes and >10 GB)")
     parser.add_argument("--out", default="outputs/bench_mamba.json")
