@@ -20,6 +20,7 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int, check_shape, check_tensor
@@ -177,6 +178,25 @@ class RateMixin:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
             raise ValueError(f"rate must be a finite number > 0; got {value!r}")
         self._rate = float(value)
+
+
+class ConvolutionalSSM(RateMixin, Mixer):
+    """What S4 and S4D share: per-channel SSMs computed as a long convolution (or a recurrence), followed by
+    GELU and a gated linear output (H -> 2H, GLU) as in the S4 layer. A bidirectional one reads the future,
+    so it has no recurrent form: ``step``, an initial state and ``return_state`` are refused."""
+
+    def _refuse_recurrence(self, what: str) -> None:
+        if self.bidirectional:
+            raise ValueError(f"bidirectional {type(self).__name__} has no recurrent form: {what} is not available "
+                             "(the look-ahead kernel needs the whole sequence)")
+
+    def _output(self, s: torch.Tensor) -> torch.Tensor:
+        """(..., H) SSM output -> (..., H): GELU, linear to 2H, GLU."""
+        return F.glu(self.output_linear(F.gelu(s)), dim=-1)
+
+    def step(self, x_t: torch.Tensor, state: State):
+        self._refuse_recurrence("step()")
+        return super().step(x_t, state)
 
 
 def ssm_core_precision(x: torch.Tensor):

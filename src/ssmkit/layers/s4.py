@@ -40,14 +40,13 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int
 from ..ops.dplr import DiscreteDPLR, discretize_dplr, dplr_state_input, final_state_dense, kernel_dplr
 from ..ops.fftconv import fft_conv
 from ..ops.hippo import conjugate_half, nplr_legs
-from .base import Mixer, RateMixin, State
+from .base import ConvolutionalSSM, State
 from .registry import register_mixer
 
 
@@ -62,7 +61,7 @@ class DPLRParameters(NamedTuple):
 
 
 @register_mixer("s4")
-class S4(RateMixin, Mixer):
+class S4(ConvolutionalSSM):
     """S4 layer: H DPLR SSMs (HiPPO-LegS init, bilinear rule), GELU, then a d_model -> 2 d_model linear map
     with GLU.
 
@@ -152,15 +151,6 @@ class S4(RateMixin, Mixer):
     def state_spec(self, batch_size: int):
         return {"h": ((batch_size, self.d_model, self.d_state), False)}
 
-    def _refuse_recurrence(self, what: str) -> None:
-        if self.bidirectional:
-            raise ValueError(f"bidirectional S4 has no recurrent form: {what} is not available "
-                             "(the look-ahead kernel needs the whole sequence)")
-
-    def _output(self, s: torch.Tensor) -> torch.Tensor:
-        """(..., H) SSM output -> (..., H): GELU, linear to 2H, GLU."""
-        return F.glu(self.output_linear(F.gelu(s)), dim=-1)
-
     def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
         if state is not None:
             self._refuse_recurrence("an initial state")
@@ -183,10 +173,6 @@ class S4(RateMixin, Mixer):
             d = discretize_dplr(*p)
             new_state = {self.state_key("h"): final_state_dense(d.dA, d.dB, u, h0)}
         return self._output(s.transpose(1, 2)), new_state
-
-    def step(self, x_t: torch.Tensor, state: State):
-        self._refuse_recurrence("step()")
-        return super().step(x_t, state)
 
     def _step(self, x_t: torch.Tensor, state: State):
         d = self.discrete_parameters()

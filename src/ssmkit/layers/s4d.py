@@ -31,7 +31,6 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_positive_int
@@ -39,7 +38,7 @@ from ..ops.discretize import discretize_diag
 from ..ops.fftconv import fft_conv
 from ..ops.hippo import S4D_INITS, s4d_init
 from ..ops.lti_kernels import final_state, initial_state_response, kernel_vandermonde
-from .base import Mixer, RateMixin, State, ssm_core_precision, to_core_dtype
+from .base import ConvolutionalSSM, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
 
 DISCRETIZATIONS = ("zoh", "bilinear")
@@ -56,7 +55,7 @@ class DiscreteS4D(NamedTuple):
 
 
 @register_mixer("s4d")
-class S4D(RateMixin, Mixer):
+class S4D(ConvolutionalSSM):
     """S4D layer: H diagonal SSMs, GELU, then a d_model -> 2 d_model linear map with GLU.
 
     Args:
@@ -124,15 +123,6 @@ class S4D(RateMixin, Mixer):
     def state_spec(self, batch_size: int):
         return {"h": ((batch_size, self.d_model, self.d_state // 2), True)}
 
-    def _refuse_recurrence(self, what: str) -> None:
-        if self.bidirectional:
-            raise ValueError(f"bidirectional S4D has no recurrent form: {what} is not available "
-                             "(the look-ahead kernel needs the whole sequence)")
-
-    def _output(self, s: torch.Tensor) -> torch.Tensor:
-        """(..., H) SSM output -> (..., H): GELU, linear to 2H, GLU."""
-        return F.glu(self.output_linear(F.gelu(s)), dim=-1)
-
     def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
         if state is not None:
             self._refuse_recurrence("an initial state")
@@ -149,10 +139,6 @@ class S4D(RateMixin, Mixer):
                 s = s + initial_state_response(p.dtA, p.C, h0, L)
             new_state = {self.state_key("h"): final_state(p.dtA, p.Bbar, u, h0)} if return_state else None
         return self._output(s.transpose(1, 2)), new_state
-
-    def step(self, x_t: torch.Tensor, state: State):
-        self._refuse_recurrence("step()")
-        return super().step(x_t, state)
 
     def _step(self, x_t: torch.Tensor, state: State):
         p = self.discrete_parameters()
