@@ -95,8 +95,9 @@ def main() -> None:
                          "task": task_kwargs, "mean_train_length": round(sum(lengths) / len(lengths), 1),
                          "data_generation_seconds": round(seconds, 1), "batch_size": args.batch_size, "lr": args.lr,
                          "chance_accuracy": 0.1, "majority_class_accuracy": majority, "results": results,
-                         "table": table, "published": PUBLISHED, "total_seconds": round(time.perf_counter() - started, 1),
-                         "runs_dir": str(RUNS_DIR / NAME)}, args.out)
+                         "table": table, "published": PUBLISHED,
+                         "total_seconds": round(time.perf_counter() - started, 1), "runs_dir": str(RUNS_DIR / NAME)},
+                  args.out)
 
 
 if __name__ == "__main__":

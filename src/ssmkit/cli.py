@@ -2,11 +2,11 @@
 
     ssmkit compare                                   # the main job: architectures side by side on one task
     ssmkit train --config configs/induction.yaml train.steps=500 model.mixer=mamba2
-    ssmkit eval --checkpoint runs/induction/final --length 512
-    ssmkit generate --checkpoint runs/bytes/final --prompt "def " --max-new-tokens 200 --temperature 0.8
-    ssmkit convert runs/lm/final out/hf --to hf      # a directory transformers loads
+    ssmkit eval --checkpoint outputs/induction/final --length 512
+    ssmkit generate --checkpoint outputs/bytes_mamba/final --prompt "def " --max-new-tokens 200 --temperature 0.8
+    ssmkit convert outputs/bytes_mamba/final outputs/hf --to hf      # a directory transformers loads
     ssmkit info                                      # versions, backends, threads
-    torchrun --nproc-per-node 2 -m ssmkit train --config configs/bytes.yaml
+    torchrun --nproc-per-node 2 -m ssmkit train --config configs/bytes_mamba.yaml
 
 Configs are YAML or JSON; ``key.sub=value`` arguments override them (type-checked; an unknown key is an
 error that names the closest known one).

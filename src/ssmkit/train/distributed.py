@@ -1,6 +1,6 @@
 """Data-parallel training on PyTorch's own engine: DistributedDataParallel, or FSDP as an option.
 
-    torchrun --nproc-per-node 2 -m ssmkit train --config configs/bytes.yaml
+    torchrun --nproc-per-node 2 -m ssmkit train --config configs/bytes_mamba.yaml
 
 torchrun sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` and the rendezvous address; :func:`setup` then
 joins the process group (gloo on CPU, NCCL on CUDA, one GPU per process by ``LOCAL_RANK``). Without
