@@ -65,6 +65,21 @@ def _check_seq_idx(seq_idx, batch: int, length: int) -> None:
         raise ValueError(f"seq_idx must be non-decreasing along L in every row; row {row} decreases")
 
 
+def _check_skip_gate_bias(x, D, z, dt_bias, heads: int, headdim: int) -> None:
+    """The optional D (skip), z (gate) and dt_bias, shared by the sequence and one-token checks."""
+    if D is not None:
+        check_tensor("D", D)
+        if tuple(D.shape) not in ((heads,), (heads, headdim)):
+            raise ValueError(f"D must be (heads={heads},) or (heads={heads}, headdim={headdim}); "
+                             f"got {tuple(D.shape)}")
+    if z is not None:
+        check_tensor("z", z)
+        check_shape("z", z, tuple(x.shape), f"x's shape {tuple(x.shape)}")
+    if dt_bias is not None:
+        check_tensor("dt_bias", dt_bias)
+        check_shape("dt_bias", dt_bias, (heads,), f"(heads={heads},)")
+
+
 def check_ssd_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
                      dt_limit=DEFAULT_DT_LIMIT, chunk_size=None):
     """Validate the arguments of :func:`ssd`; return ``(batch, L, heads, headdim, groups, N)``.
@@ -90,17 +105,7 @@ def check_ssd_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state
         raise ValueError(f"B's groups must divide heads={heads}; got groups={groups} (B {tuple(B.shape)})")
     check_tensor("C", C)
     check_shape("C", C, (batch, length, groups, N), f"(batch={batch}, L={length}, groups={groups}, N={N})")
-    if D is not None:
-        check_tensor("D", D)
-        if tuple(D.shape) not in ((heads,), (heads, headdim)):
-            raise ValueError(f"D must be (heads={heads},) or (heads={heads}, headdim={headdim}); "
-                             f"got {tuple(D.shape)}")
-    if z is not None:
-        check_tensor("z", z)
-        check_shape("z", z, tuple(x.shape), f"x's shape {tuple(x.shape)}")
-    if dt_bias is not None:
-        check_tensor("dt_bias", dt_bias)
-        check_shape("dt_bias", dt_bias, (heads,), f"(heads={heads},)")
+    _check_skip_gate_bias(x, D, z, dt_bias, heads, headdim)
     if initial_states is not None:
         check_tensor("initial_states", initial_states)
         check_shape("initial_states", initial_states, (batch, heads, headdim, N),
@@ -224,17 +229,7 @@ def check_state_update_inputs(state, x, dt, A, B, C, D=None, z=None, dt_bias=Non
         raise ValueError(f"B's groups must divide heads={heads}; got groups={groups} (B {tuple(B.shape)})")
     check_tensor("C", C)
     check_shape("C", C, (batch, groups, N), f"(batch={batch}, groups={groups}, N={N})")
-    if D is not None:
-        check_tensor("D", D)
-        if tuple(D.shape) not in ((heads,), (heads, headdim)):
-            raise ValueError(f"D must be (heads={heads},) or (heads={heads}, headdim={headdim}); "
-                             f"got {tuple(D.shape)}")
-    if z is not None:
-        check_tensor("z", z)
-        check_shape("z", z, tuple(x.shape), f"x's shape {tuple(x.shape)}")
-    if dt_bias is not None:
-        check_tensor("dt_bias", dt_bias)
-        check_shape("dt_bias", dt_bias, (heads,), f"(heads={heads},)")
+    _check_skip_gate_bias(x, D, z, dt_bias, heads, headdim)
     _check_same_dtype("x", x, {"dt": dt, "B": B, "C": C, "z": z})
     check_same_device({"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z,
                        "dt_bias": dt_bias})

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..conv1d import _check_sequence_args, _weight_2d
+from ..conv1d import _check_sequence_args, _final_state, _weight_2d
 from ..._checks import check_choice, check_same_device, check_shape, check_tensor
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
@@ -228,20 +228,6 @@ class _CausalConv1dFn(torch.autograd.Function):
         dw = dw_part.sum(0).to(w.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dw, db, dstate, None, None
-
-
-def _final_state(x, initial_state, seq_idx, width):
-    """The last width-1 inputs, zeroed where they belong to an earlier sequence than the last (torch ops)."""
-    if width == 1:
-        return x.new_zeros(x.shape[0], x.shape[1], 0)
-    if initial_state is None:
-        initial_state = x.new_zeros(x.shape[0], x.shape[1], width - 1)
-    tail = torch.cat([initial_state, x[..., -(width - 1):]], dim=-1)[..., -(width - 1):]
-    if seq_idx is not None:
-        length = x.shape[-1]
-        ids = torch.cat([seq_idx[:, :1].expand(-1, width - 1), seq_idx], dim=1)[:, length:]
-        tail = tail * (ids == seq_idx[:, -1:]).to(x.dtype)[:, None, :]
-    return tail
 
 
 def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None, activation=None,
