@@ -41,7 +41,7 @@ if str(REPO / "src") not in sys.path:  # run from a checkout without `pip instal
     sys.path.insert(0, str(REPO / "src"))
 
 from ssmkit.compare import D_MODEL, PRESETS  # noqa: E402
-from ssmkit.train import ModelSpec, RunConfig, TaskSpec, TrainConfig, TrainResult, model_config_for, train  # noqa: E402
+from ssmkit.train import ModelSpec, RunConfig, TaskSpec, TrainConfig, TrainResult, forward_batch, model_config_for, train  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,12 +99,6 @@ def preset(name: str, **overrides) -> ModelSpec:
     return replace(ModelSpec(d_model=D_MODEL, n_layers=2, **PRESETS[name]), **overrides)
 
 
-def _batch_forward(model, batch):
-    if batch.inputs.is_floating_point():
-        return model(inputs=batch.inputs, lengths=batch.lengths)
-    return model(batch.inputs, lengths=batch.lengths)
-
-
 def seconds_per_step(task, spec: ModelSpec, batch_size: int, repeats: int = 4, seed: int = 0) -> float:
     """Median wall time of one optimiser step (forward, loss, backward, AdamW) of a fresh model.
 
@@ -118,7 +112,7 @@ def seconds_per_step(task, spec: ModelSpec, batch_size: int, repeats: int = 4, s
     for i in range(repeats + 1):
         batch = task.batch("train", 10_000_000 + i, batch_size)
         start = time.perf_counter()
-        task.loss(_batch_forward(model, batch).logits, batch).backward()
+        task.loss(forward_batch(model, batch).logits, batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .models import from_config
-from .train import ModelSpec, RunConfig, TaskSpec, TrainConfig, evaluate, model_config_for, train
+from .train import ModelSpec, RunConfig, TaskSpec, TrainConfig, evaluate, forward_batch, model_config_for, train
 from .utils.configs import load_config
 
 D_MODEL = 64
@@ -62,8 +62,7 @@ def _seconds_per_step(model, task, batch_size: int, length: int) -> float:
     times = []
     for _ in range(4):
         start = time.perf_counter()
-        out = model(batch.inputs, lengths=batch.lengths) if not batch.inputs.is_floating_point() else \
-            model(inputs=batch.inputs, lengths=batch.lengths)
+        out = forward_batch(model, batch)
         task.loss(out.logits, batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -9,5 +9,5 @@ training under torchrun (DDP, or FSDP as an option).
 from .checkpointing import (CheckpointMismatch, latest_checkpoint, list_checkpoints,  # noqa: F401
                             load_run_config_from_checkpoint)
 from .config import ModelSpec, RunConfig, TaskSpec, TrainConfig, load_run_config, model_config_for  # noqa: F401
-from .loop import TrainingDiverged, TrainResult, evaluate, evaluate_checkpoint, train  # noqa: F401
+from .loop import TrainingDiverged, TrainResult, evaluate, evaluate_checkpoint, forward_batch, train  # noqa: F401
 from .optim import SSM_PARAMETER_NAMES, classify_parameters, lr_factor  # noqa: F401

@@ -82,7 +82,7 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------
 # Forward, loss and evaluation
 # --------------------------------------------------------------------------------------------------
-def _forward(model: torch.nn.Module, batch):
+def forward_batch(model: torch.nn.Module, batch):
     """Call an SSMModel (or its wrapper) on a task batch: token ids positionally, real inputs by keyword."""
     if batch.inputs.is_floating_point():
         return model(inputs=batch.inputs, lengths=batch.lengths)
@@ -90,9 +90,9 @@ def _forward(model: torch.nn.Module, batch):
 
 
 def _forward_checked(model: torch.nn.Module, batch, bf16: bool):
-    """:func:`_forward`, naming autocast as the likely cause when an op refuses bfloat16 inputs."""
+    """:func:`forward_batch`, naming autocast as the likely cause when an op refuses bfloat16 inputs."""
     try:
-        return _forward(model, batch)
+        return forward_batch(model, batch)
     except (TypeError, RuntimeError) as err:
         if not bf16:
             raise
@@ -132,7 +132,7 @@ def evaluate(model: torch.nn.Module, task, *, split: str = "val", batches: int =
         for index in range(batches):
             batch = task.batch(split, index, batch_size, length).to(device)
             with _autocast(device, bf16):
-                out = _forward(model, batch)
+                out = forward_batch(model, batch)
             metrics = task.metrics(out.logits.float(), batch)
             n = float(metrics.pop("count", batch.batch_size))
             for key, value in metrics.items():
