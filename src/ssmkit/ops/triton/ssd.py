@@ -556,7 +556,7 @@ class _SSDFn(torch.autograd.Function):
         dh0, dcs_last = _pass_states(dstates, cs, seq, L, Q, dfinal, cfg, reverse=True, states=states)
         n_chunks = Lp // Q
         f32 = dict(device=x.device, dtype=torch.float32)
-        dx = torch.empty_like(x)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # the kernel writes dx at contiguous offsets
         dB_h = torch.empty(batch, L, heads, N, **f32)
         dC_h = torch.empty(batch, L, heads, N, **f32)
         ddt = torch.zeros(batch, heads, Lp, **f32)
