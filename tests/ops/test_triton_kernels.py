@@ -1,7 +1,7 @@
 """Triton kernels (ssmkit.ops.triton) against the sequential references, on outputs, final states and every
 gradient, in float32 (relative error <= 1e-3) and bfloat16 (<= 2e-2), at awkward sizes.
 
-Without a GPU the kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set here before
+Without a GPU the kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
 triton is imported) at small sizes; with one (torch.cuda.is_available()) the same tests run compiled on the
 GPU at larger sizes. The relative error is ||fast - ref|| / ||ref||, the reference in float64 computed from
 the same (rounded) inputs and the same output gradients.
@@ -16,8 +16,6 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 from ssmkit.ops.conv1d import causal_conv1d_ref, causal_conv1d_update  # noqa: E402
@@ -334,14 +332,42 @@ def test_backend_argument_dispatches_to_triton_explicitly():
     from ssmkit.ops.ssd import ssd, ssd_ref
 
     g = torch.Generator().manual_seed(0)
-    u, delta = torch.randn(1, 4, 9, generator=g), torch.rand(1, 4, 9, generator=g)
-    A = -torch.rand(4, 3, generator=g) - 0.5
-    B, C = torch.randn(1, 3, 9, generator=g), torch.randn(1, 3, 9, generator=g)
+    on = dict(device=DEVICE)  # CUDA tensors on a GPU machine, CPU tensors under the interpreter elsewhere
+    u, delta = torch.randn(1, 4, 9, generator=g).to(**on), torch.rand(1, 4, 9, generator=g).to(**on)
+    A = (-torch.rand(4, 3, generator=g) - 0.5).to(**on)
+    B, C = torch.randn(1, 3, 9, generator=g).to(**on), torch.randn(1, 3, 9, generator=g).to(**on)
     y = selective_scan(u, delta, A, B, C, backend="triton")
     assert last_backend() == "triton"
     torch.testing.assert_close(y, selective_scan(u, delta, A, B, C, backend="reference"), atol=1e-4, rtol=1e-3)
-    x, dt = torch.randn(1, 9, 2, 4, generator=g), torch.rand(1, 9, 2, generator=g)
-    A2, B2, C2 = -torch.rand(2, generator=g) - 0.5, torch.randn(1, 9, 1, 3, generator=g), torch.randn(1, 9, 1, 3, generator=g)
+    x, dt = torch.randn(1, 9, 2, 4, generator=g).to(**on), torch.rand(1, 9, 2, generator=g).to(**on)
+    A2, B2, C2 = ((-torch.rand(2, generator=g) - 0.5).to(**on), torch.randn(1, 9, 1, 3, generator=g).to(**on),
+                  torch.randn(1, 9, 1, 3, generator=g).to(**on))
     y2 = ssd(x, dt, A2, B2, C2, 4, backend="triton")
     assert ssd_last_backend() == "triton"
     torch.testing.assert_close(y2, ssd_ref(x, dt, A2, B2, C2, 4), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's shims exist only on the CPU")
+def test_interpreter_runs_the_real_associative_scan_combine():
+    """The vectorised shim stands in for ``tl.associative_scan`` in the other interpreter tests; here the
+    scan kernels run Triton's own element-by-element path with our real ``linear_combine`` (tiny sizes)."""
+    from ssmkit.ops.triton import real_associative_scan
+
+    case = dict(batch=1, dim=2, groups=None, L=5, N=2, full=True, cfg=dict(T=16, BLOCK_N=2, BLOCK_D=2))
+    ins = _scan_inputs(case, torch.float32)
+    with real_associative_scan(), tk._kernels("selective_scan").override_config(**case["cfg"]):
+        out = tk.selective_scan_triton(**ins, delta_softplus=True, return_last_state=True)
+    ref = selective_scan_ref(**{k: v.detach().double() for k, v in ins.items()}, delta_softplus=True,
+                             return_last_state=True)
+    assert_all_close([("y", out[0]), ("last", out[1])], ref, TOL[torch.float32])
+
+
+def test_interpreter_shims_refuse_an_unknown_triton(monkeypatch):
+    """The shims patch private Triton classes: an unknown release gets one clear error, not silent damage."""
+    import triton
+
+    from ssmkit.ops.triton import _check_interpreter_version
+
+    monkeypatch.setattr(triton, "__version__", "9.9.0")
+    with pytest.raises(RuntimeError, match=r"known to work with triton 3\.6\.x; found triton 9\.9\.0"):
+        _check_interpreter_version()

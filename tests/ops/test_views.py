@@ -17,8 +17,6 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ssmkit.ops import selective_scan as scan_pkg  # noqa: E402,F401  (the package, for the backends)
 from ssmkit.ops.conv1d import causal_conv1d  # noqa: E402

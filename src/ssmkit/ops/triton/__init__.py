@@ -91,6 +91,43 @@ def _kernels(name: str):
 
 _interpreter_patched = False
 
+#: Triton releases whose interpreter internals the shims below were written against and tested with.
+#: The shims patch private classes, so under any other release the interpreter refuses to run (compiled
+#: kernels on a GPU are not affected: they never touch the shims).
+INTERPRETER_SHIM_VERSIONS = ("3.6",)
+
+#: Whether the interpreter runs our linear-recurrence ``tl.associative_scan`` vectorised (shim 2 below)
+#: rather than through Triton's own element-by-element combine. Tests switch it off to run the real
+#: combine function at a tiny size (:func:`real_associative_scan`).
+fast_interpreter_scan = True
+
+
+class real_associative_scan:
+    """Context manager: under the interpreter, run ``tl.associative_scan`` with the kernel's real combine
+    function (Triton's generic path) instead of the vectorised shim; restores the previous setting."""
+
+    def __enter__(self):
+        global fast_interpreter_scan
+        self._previous, fast_interpreter_scan = fast_interpreter_scan, False
+        return self
+
+    def __exit__(self, *exc):
+        global fast_interpreter_scan
+        fast_interpreter_scan = self._previous
+        return False
+
+
+def _check_interpreter_version() -> None:
+    import triton
+
+    version = getattr(triton, "__version__", "unknown")
+    if not any(version == v or version.startswith(v + ".") for v in INTERPRETER_SHIM_VERSIONS):
+        raise RuntimeError(
+            f"ssmkit's shims for Triton's CPU interpreter (TRITON_INTERPRET=1) are known to work with triton "
+            f"{', '.join(v + '.x' for v in INTERPRETER_SHIM_VERSIONS)}; found triton {version}. Install a "
+            f"known version (pip install 'triton=={INTERPRETER_SHIM_VERSIONS[-1]}.*') to run the kernels on "
+            "the CPU, or run them compiled on a GPU")
+
 
 def _patch_interpreter() -> None:
     """Two shims for Triton's CPU interpreter (used by the tests); compiled kernels are untouched.
@@ -101,21 +138,24 @@ def _patch_interpreter() -> None:
        (``tensor.__index__``) is wrapped to read the single element instead.
     2. Speed: the interpreter runs ``tl.associative_scan`` with a user combine function one element at a
        time in Python. For our linear-recurrence operator (marked ``_ssmkit_linear_recurrence``) the same
-       sequential recurrence is run vectorised over the other axes; any other operator keeps the generic path.
+       sequential recurrence is run vectorised over the other axes; any other operator keeps the generic path,
+       and so does ours inside :class:`real_associative_scan` (a test runs the real combine that way).
+
+    They patch private classes of ``triton.runtime.interpreter``: an unknown Triton release is refused with
+    a clear message (:data:`INTERPRETER_SHIM_VERSIONS`) rather than patched blindly.
     """
     global _interpreter_patched
     if _interpreter_patched:
         return
-    _interpreter_patched = True
-    try:
-        from triton.runtime import interpreter as _interp
-        scope_cls = _interp._LangPatchScope
-        original = scope_cls.set_attr
-        scan_cls = _interp.ScanOps
-        generic_scan = scan_cls.generic_scan
-    except (ImportError, AttributeError):  # another triton layout: nothing to patch
-        return
+    _check_interpreter_version()
+    from triton.runtime import interpreter as _interp
+    scope_cls = _interp._LangPatchScope
+    original = scope_cls.set_attr
+    scan_cls = _interp.ScanOps
+    generic_scan = scan_cls.generic_scan
     import numpy as np
+
+    _interpreter_patched = True
 
     def set_attr(self, obj, name, value):
         if name == "__index__":
@@ -125,7 +165,8 @@ def _patch_interpreter() -> None:
 
     def fast_scan(self, inputs):
         fn = getattr(self.combine_fn, "fn", None)
-        if not getattr(fn, "_ssmkit_linear_recurrence", False) or len(inputs) != 2:
+        if (not fast_interpreter_scan or not getattr(fn, "_ssmkit_linear_recurrence", False)
+                or len(inputs) != 2):
             return generic_scan(self, inputs)
         # inputs arrive already flipped for reverse scans; h_t = a_t h_{t-1} + b_t along self.axis
         a = np.moveaxis(inputs[0].handle.data, self.axis, -1)
