@@ -35,13 +35,16 @@ VOCAB = 50280
 
 def ssmkit_model(kind: str, n_layers: int, backend: str, chunk_size: int = 64) -> SSMModel:
     if kind == "mamba":
-        kwargs = {"mamba": dict(d_state=16, backend=backend)}
+        kwargs = {"mamba": dict(d_state=16)}
     else:
         # chunk_size only changes how SSD is computed, not its result: 64 is the fastest on CPUs
         kwargs = {"mamba2": dict(d_state=128, headdim=64, chunk_size=chunk_size)}
     config = ModelConfig(d_model=768, n_layers=n_layers, vocab_size=VOCAB, mixer=kind, mixer_kwargs=kwargs,
                          tie_embeddings=True)
-    return SSMModel(config).eval()
+    model = SSMModel(config).eval()
+    for layer in model.backbone.layers:  # execution, not architecture: set on the layers, never in the config
+        layer.mixer.backend = backend
+    return model
 
 
 def transformers_model(kind: str, ours: SSMModel):

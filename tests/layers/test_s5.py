@@ -51,7 +51,7 @@ def test_scan_backends_agree():
     x = torch.randn(2, 100, 6, dtype=torch.float64)
     outputs = {}
     for backend in ("associative", "chunked", "reference"):
-        mixer.scan_backend = backend
+        mixer.backend = backend
         outputs[backend] = mixer(x)
     torch.testing.assert_close(outputs["associative"], outputs["reference"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(outputs["chunked"], outputs["reference"], rtol=1e-12, atol=1e-12)

@@ -16,6 +16,7 @@ to the registry with ``@register_mixer("name")``; the shared contract tests then
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional, Tuple
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int, check_shape, check_tensor
+from ..ops.backends import record_backends, use_backend
 
 State = Dict[str, torch.Tensor]
 
@@ -64,6 +66,31 @@ class Mixer(nn.Module):
     #: whether ``forward`` takes packed variable-length batches (``seq_idx`` / ``cu_seqlens``)
     supports_packing: bool = False
 
+    #: Execution, not architecture: a backend name applied (as :func:`ssmkit.ops.use_backend`) to every op
+    #: this mixer calls that has a backend of that name; None or "auto" leaves the choice to an enclosing
+    #: ``use_backend`` context and then to each op's "auto" rule. Never saved in a model configuration.
+    backend: Optional[str] = None
+    #: the op whose backend :attr:`last_backend` reports (the mixer's recurrent core), if any
+    main_op: Optional[str] = None
+
+    @property
+    def last_backends(self) -> Dict[str, str]:
+        """``{op: backend}`` of the ops that the latest ``forward`` or ``step`` of this mixer ran."""
+        return self.__dict__.get("_last_backends", {})
+
+    @property
+    def last_backend(self) -> Optional[str]:
+        """The backend that the latest ``forward``/``step`` ran for :attr:`main_op`, or None."""
+        return self.last_backends.get(self.main_op) if self.main_op else None
+
+    @contextlib.contextmanager
+    def _execution(self):
+        """The backend scope of one call, recording what ran into :attr:`last_backends`."""
+        scope = use_backend(self.backend) if self.backend not in (None, "auto") else contextlib.nullcontext()
+        with scope, record_backends() as ran:
+            yield
+        self.__dict__["_last_backends"] = dict(ran)
+
     def forward(self, x: torch.Tensor, state: Optional[State] = None, return_state: bool = False, *,
                 seq_idx: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
         """Run the mixer over a whole sequence.
@@ -86,7 +113,8 @@ class Mixer(nn.Module):
         if state is not None:
             self._check_state(state, x)
         if seq_idx is None and cu_seqlens is None:
-            y, new_state = self._forward(x, state, return_state)
+            with self._execution():
+                y, new_state = self._forward(x, state, return_state)
         else:
             if not self.supports_packing:
                 raise ValueError(f"{type(self).__name__} does not take packed sequences (seq_idx / cu_seqlens); "
@@ -96,7 +124,8 @@ class Mixer(nn.Module):
             seq_idx = packed_seq_idx(x.shape[0], x.shape[1], seq_idx, cu_seqlens)
             if seq_idx is not None and seq_idx.device != x.device:
                 raise ValueError(f"seq_idx is on {seq_idx.device} but x is on {x.device}")
-            y, new_state = self._forward(x, state, return_state, seq_idx=seq_idx)
+            with self._execution():
+                y, new_state = self._forward(x, state, return_state, seq_idx=seq_idx)
         return (y, new_state) if return_state else y
 
     def step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
@@ -106,7 +135,8 @@ class Mixer(nn.Module):
         if state is None:
             raise ValueError("state is required for step(); make one with init_state(batch_size)")
         self._check_state(state, x_t)
-        return self._step(x_t, state)
+        with self._execution():
+            return self._step(x_t, state)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """A zero state for ``batch_size`` sequences. ``dtype`` is the real dtype of the inputs it will see

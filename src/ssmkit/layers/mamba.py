@@ -57,7 +57,6 @@ from torch import nn
 from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
 from ..ops.selective_scan import BACKENDS as SCAN_BACKENDS
-from ..ops.selective_scan import last_backend as scan_last_backend
 from ..ops.selective_scan import selective_scan, selective_state_update
 from .base import Mixer, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
@@ -112,12 +111,14 @@ class Mamba(Mixer):
         dt_init_floor: lower bound of the initial Delta.
         conv_bias: bias in the convolution.
         bias: biases in in_proj and out_proj.
-        backend: how the selective scan runs ("auto", "cpp", "torch", "reference", or None for
-            ``$SSMKIT_SCAN_BACKEND``); execution only, the numbers do not depend on it. After a forward,
-            ``last_backend`` names the one that ran.
+        backend: how the ops run ("auto", "cpp", "triton", "torch", "reference"): applied to every op of
+            the layer that has that backend (see :attr:`Mixer.backend`); execution only, the numbers do not
+            depend on it, and it is not part of a saved configuration. After a forward, ``last_backend``
+            names the selective-scan backend that ran, ``last_backends`` every op's.
     """
 
     supports_packing = True
+    main_op = "selective_scan"
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: Union[int, float] = 2,
                  dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
@@ -138,7 +139,6 @@ class Mamba(Mixer):
         if backend is not None:
             check_choice("backend", backend, SCAN_BACKENDS)
         self.backend = backend
-        self.last_backend: Optional[str] = None
 
         d_inner, N = self.d_inner, self.d_state
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
@@ -197,10 +197,8 @@ class Mamba(Mixer):
                 y, ssm_final = self._scan_packed(u, delta, A, B, C, z, ssm_state, seq_idx, return_state)
             else:
                 out = selective_scan(u, delta, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
-                                     delta_softplus=True, return_last_state=return_state, initial_state=ssm_state,
-                                     backend=self.backend)
+                                     delta_softplus=True, return_last_state=return_state, initial_state=ssm_state)
                 y, ssm_final = out if return_state else (out, None)
-        self.last_backend = scan_last_backend()
         y = self.out_proj(y.transpose(1, 2))                         # (B, L, d_model)
         if not return_state:
             return y, None
@@ -239,7 +237,7 @@ class Mamba(Mixer):
             init = ssm_state[torch.tensor(rows, device=device)] * first_t[:, None, None].to(ssm_state.dtype)
         out = selective_scan(regroup(u), regroup(delta), A, regroup(B), regroup(C), D=self.D, z=regroup(z),
                              delta_bias=None, delta_softplus=False, return_last_state=return_state,
-                             initial_state=init, backend=self.backend)
+                             initial_state=init)
         y_seq, last_states = out if return_state else (out, None)
         y = y_seq.transpose(1, 2)[valid].reshape(batch, length, d_inner).transpose(1, 2)  # back to (B, d, L)
         final = last_states[torch.tensor(last, device=device)] if return_state else None

@@ -53,7 +53,6 @@ from torch import nn
 from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
 from ..ops.ssd import BACKENDS as SSD_BACKENDS
-from ..ops.ssd import last_backend as ssd_last_backend
 from ..ops.ssd import ssd, ssd_state_update
 from .base import Mixer, State, ssm_core_precision, to_core_dtype
 from .mamba import check_dt_range, inner_width, inverse_softplus, log_uniform_dt
@@ -116,12 +115,15 @@ class Mamba2(Mixer):
         chunk_size: chunk length of the chunked SSD algorithm (execution only: results do not depend on it).
         conv_bias: bias in the convolution.
         bias: biases in in_proj and out_proj.
-        backend: how SSD runs ("auto", "torch", "reference"); execution only. After a forward,
-            ``last_backend`` names the one that ran.
+        backend: how the ops run ("auto", "triton", "torch", "reference"): applied to every op of the layer
+            that has that backend (see :attr:`Mixer.backend`); execution only, not part of a saved
+            configuration. After a forward, ``last_backend`` names the SSD backend that ran, ``last_backends``
+            every op's.
         dt_init_floor: lower bound of the initial Delta (mamba_ssm's default 1e-4).
     """
 
     supports_packing = True
+    main_op = "ssd"
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: Union[int, float] = 2,
                  headdim: int = 64, ngroups: int = 1, A_init_range: Sequence[float] = (1, 16),
@@ -149,7 +151,6 @@ class Mamba2(Mixer):
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         check_choice("backend", backend, SSD_BACKENDS)
         self.backend = backend
-        self.last_backend: Optional[str] = None
         self.D_has_hdim = bool(D_has_hdim)
         self.rmsnorm = bool(rmsnorm)
 
@@ -202,8 +203,7 @@ class Mamba2(Mixer):
             out = ssd(xs.reshape(batch, length, H, P), dt, A, B.reshape(batch, length, G, N),
                       C.reshape(batch, length, G, N), self.chunk_size, D=self._skip(), z=gate,
                       dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, initial_states=ssm_state,
-                      seq_idx=seq_idx, return_final_states=return_state, backend=self.backend)
-            self.last_backend = ssd_last_backend()
+                      seq_idx=seq_idx, return_final_states=return_state)
             y, ssm_final = out if return_state else (out, None)
             y = y.reshape(batch, length, self.d_inner)
             if self.rmsnorm:

@@ -99,11 +99,12 @@ class S5(RateMixin, Mixer):
         activation: one of :data:`ACTIVATIONS`, applied to the SSM output (default: S5's ``half_glu1``).
         clip_eigs: clamp Re(Lambda) <= -1e-4 when discretising (S5's option for unbounded lengths).
 
-    Execution (not architecture): ``scan_backend`` (attribute, one of
-    :data:`ssmkit.ops.scan.BACKENDS`) picks the scan used by ``forward``; all give the same numbers.
+    Execution (not architecture): ``backend`` (attribute, one of :data:`ssmkit.ops.scan.BACKENDS`, or None
+    for the :func:`ssmkit.ops.use_backend` context, else "associative") picks the scan used by ``forward``;
+    all give the same numbers.
     """
 
-    scan_backend: str = "associative"
+    main_op = "linear_recurrence"
 
     def __init__(self, d_model: int, d_state: int = 64, blocks: int = 1, dt_min: float = 1e-3,
                  dt_max: float = 1e-1, discretization: str = "zoh", conj_sym: bool = True,
@@ -213,10 +214,10 @@ class S5(RateMixin, Mixer):
             Lambda_bar, B_bar = self.discretized()
             Bu = self._project_input(u, B_bar)  # (B, L, n)
             h0 = None if state is None else state[self.state_key("h")]
-            h = linear_recurrence(Lambda_bar, Bu, h0, dim=1, backend=self.scan_backend)  # (B, L, n)
+            h = linear_recurrence(Lambda_bar, Bu, h0, dim=1)  # (B, L, n)
             y = self._read_out(h, self.C_re, self.C_im)  # (B, L, H)
             if self.bidirectional:
-                h_rev = linear_recurrence(Lambda_bar, Bu, None, dim=1, reverse=True, backend=self.scan_backend)
+                h_rev = linear_recurrence(Lambda_bar, Bu, None, dim=1, reverse=True)
                 y = y + self._read_out(h_rev, self.C_rev_re, self.C_rev_im)
             y = y + self.D * u
         y = self._activate(y)

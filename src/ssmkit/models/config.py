@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -34,6 +35,9 @@ MLP_KINDS = ("none", "gated", "moe")
 NORMS = ("rmsnorm", "layernorm")
 HEADS = ("lm", "classifier", "regression")
 POOLINGS = ("mean", "last")
+#: mixer keyword arguments that choose how a layer runs, not what it computes: never kept in a config
+#: (choose them with ``ssmkit.ops.use_backend`` or the layer's attribute at run time)
+EXECUTION_KWARGS = ("backend",)
 
 
 @dataclass
@@ -62,6 +66,7 @@ class ModelConfig:
     bidirectional: bool = False  # classifier only: each layer also reads the sequence backwards
 
     def __post_init__(self) -> None:
+        self.mixer_kwargs = _without_execution_kwargs(self.mixer_kwargs)
         self.validate()
 
     # ------------------------------------------------------------------------------------------------
@@ -145,3 +150,31 @@ class ModelConfig:
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ValueError(f"unknown ModelConfig fields: {', '.join(hints)}")
         return cls(**data)
+
+
+def _without_execution_kwargs(mixer_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``mixer_kwargs`` without execution settings (older checkpoints saved a ``backend``): they are dropped
+    with a note, so a checkpoint never pins the machine it was trained on."""
+    if not isinstance(mixer_kwargs, dict):
+        return mixer_kwargs
+    nested = any(k in MIXERS for k in mixer_kwargs)
+    groups = mixer_kwargs.items() if nested else [(None, mixer_kwargs)]
+    dropped, cleaned = [], {}
+    for name, kwargs in groups:
+        if isinstance(kwargs, dict):
+            kept = {k: v for k, v in kwargs.items() if k not in EXECUTION_KWARGS}
+            dropped += [f"{name}.{k}" if name else k for k in kwargs if k in EXECUTION_KWARGS]
+        else:
+            kept = kwargs
+        if name is None:
+            return _note_dropped(dropped, kept)
+        cleaned[name] = kept
+    return _note_dropped(dropped, cleaned)
+
+
+def _note_dropped(dropped: List[str], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    if dropped:
+        warnings.warn(f"ModelConfig: ignoring execution setting(s) {dropped} in mixer_kwargs: a model config holds "
+                      "architecture only; choose backends at run time with ssmkit.ops.use_backend(...)",
+                      UserWarning, stacklevel=4)
+    return kwargs

@@ -7,6 +7,7 @@ paths; tests compare the two on outputs, final states and gradients.
 their packages stay importable as ``from ssmkit.ops.ssd.reference import ssd_ref``.
 """
 
+from .backends import last_backend, record_backends, use_backend
 from .conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
 from .discretize import discretize_dense, discretize_diag
 from .dplr import kernel_dplr

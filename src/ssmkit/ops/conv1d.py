@@ -42,7 +42,11 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_same_device, check_shape, check_tensor
+from .backends import register_op, resolve
 from .triton import triton_available
+
+register_op("causal_conv1d", ("torch", "triton"))
+register_op("causal_conv1d_update", ("torch", "triton"))
 
 __all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_ref", "check_seq_idx", "packed_seq_idx"]
 
@@ -268,7 +272,8 @@ class _CausalConv1dFn(torch.autograd.Function):
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   initial_state: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None,
-                  activation: Optional[str] = None, return_final_state: bool = False, backend: str = "auto"):
+                  activation: Optional[str] = None, return_final_state: bool = False,
+                  backend: Optional[str] = None):
     """Causal depthwise convolution over a whole sequence (see the module docstring for the formula).
 
     Args:
@@ -281,14 +286,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         activation: None or "silu", applied to the output.
         return_final_state: also return the state after the last step.
         backend: "torch" (shifted multiply-adds, any device), "triton" (GPU kernel of
-            :mod:`ssmkit.ops.triton`), or "auto": "triton" for CUDA tensors when triton imports, else "torch".
+            :mod:`ssmkit.ops.triton`), or None / "auto": the :func:`ssmkit.ops.use_backend` context, else
+            "triton" for CUDA tensors when triton imports, else "torch".
 
     Returns:
         y (batch, dim, L), and the final state (batch, dim, width-1) when ``return_final_state``.
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be one of ['auto', 'torch', 'triton']; got {backend!r}")
-    if backend == "triton" or (backend == "auto" and x.is_cuda and triton_available()):
+    if resolve("causal_conv1d", backend, lambda: "triton" if x.is_cuda and triton_available() else "torch") == "triton":
         from .triton import causal_conv1d_triton
 
         return causal_conv1d_triton(x, weight, bias, initial_state, seq_idx, activation, return_final_state)
@@ -303,12 +307,19 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                         bias: Optional[torch.Tensor] = None,
-                         activation: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                         backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One time step: x (batch, dim), conv_state (batch, dim, width-1) -> (y (batch, dim), new state).
 
     Pure function (the state is not modified in place), so it works inside autograd and under tracing.
+    ``backend``: "torch", "triton" (fused GPU kernel, inference only) or None / "auto" (the
+    :func:`ssmkit.ops.use_backend` context, else "triton" for CUDA tensors without gradients, else "torch").
     """
+    if resolve("causal_conv1d_update", backend, lambda: "triton" if x.is_cuda and not torch.is_grad_enabled()
+               and triton_available() else "torch") == "triton":
+        from .triton import causal_conv1d_update_triton
+
+        return causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
     check_tensor("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must be (batch, dim) for one step; got {tuple(x.shape)}")

@@ -51,8 +51,10 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._checks import check_choice, check_positive_int, check_tensor
+from .backends import register_op, resolve
 
 BACKENDS = ("reference", "associative", "chunked")
+register_op("linear_recurrence", BACKENDS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,9 +368,12 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = 
 
 
 def linear_recurrence(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = None, dim: int = -1,
-                      reverse: bool = False, backend: str = "associative") -> torch.Tensor:
-    """``h_t = a_t * h_{t-1} + b_t`` (or reversed) with an explicitly chosen ``backend`` in :data:`BACKENDS`."""
-    check_choice("backend", backend, BACKENDS)
+                      reverse: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+    """``h_t = a_t * h_{t-1} + b_t`` (or reversed) with ``backend`` in :data:`BACKENDS`; None or "auto" means
+    the :func:`ssmkit.ops.use_backend` context, else "associative"."""
+    if backend is not None:  # this op has no "auto": a named backend or None (the context, else associative)
+        check_choice("backend", backend, BACKENDS)
+    backend = resolve("linear_recurrence", backend, lambda: "associative")
     if backend == "reference":
         return linear_recurrence_reference(a, b, h0, dim, reverse)
     if backend == "associative":

@@ -21,8 +21,8 @@ Both fast backends are differentiable with respect to every tensor argument, kee
 for the backward (recomputing the rest), and so never hold a (batch, dim, L, N) tensor. On the CPU the
 C++ backend is several times faster than the torch one (see the benchmark table in the docs).
 
-``backend=None`` means the environment variable ``SSMKIT_SCAN_BACKEND`` if set, else ``"auto"``.
-:func:`last_backend` names the backend that ran the most recent call, so "auto" is never silent.
+``backend=None`` (or "auto") defers to the innermost :func:`ssmkit.ops.use_backend` context, then to the
+``$SSMKIT_SCAN_BACKEND`` if set, then the "auto" rule; :func:`last_backend` names the backend that ran the most recent call, so "auto" is never silent.
 
 Note: where ``ssmkit.ops`` re-exports the function ``selective_scan``, it hides this subpackage's name
 there; import helpers from here (``from ssmkit.ops.selective_scan import last_backend``). The function
@@ -31,11 +31,12 @@ also carries them as attributes (``selective_scan.last_backend()``), so both spe
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
+from ..backends import last_backend as _last_backend
+from ..backends import register_op, resolve
 from ..triton import triton_available
 from . import cpp as _cpp
 from .chunked import flush_denormals, selective_scan_chunked
@@ -43,25 +44,16 @@ from .reference import selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "selective_scan", "selective_scan_ref", "selective_scan_chunked", "selective_state_update",
-    "selective_state_update_ref", "last_backend", "available_backends", "default_backend", "BACKENDS",
+    "selective_state_update_ref", "last_backend", "available_backends", "BACKENDS",
     "flush_denormals",
 ]
 
 BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
 ENV_VAR = "SSMKIT_SCAN_BACKEND"
+register_op("selective_scan", BACKENDS[1:], env_var=ENV_VAR)
+register_op("selective_state_update", ("torch", "triton"))
 
-_last_backend: str | None = None
 _warned_auto_fallback = False
-
-
-def default_backend() -> str:
-    """The backend used when ``backend=None``: ``$SSMKIT_SCAN_BACKEND`` if set, else ``"auto"``."""
-    value = os.environ.get(ENV_VAR, "").strip()
-    if not value:
-        return "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"environment variable {ENV_VAR} must be one of {sorted(BACKENDS)}; got {value!r}")
-    return value
 
 
 def available_backends() -> list[str]:
@@ -75,18 +67,13 @@ def available_backends() -> list[str]:
 
 
 def last_backend() -> str | None:
-    """Name of the backend ("cpp", "triton", "torch" or "reference") that ran the latest selective_scan call."""
-    return _last_backend
+    """Name of the backend ("cpp", "triton", "torch" or "reference") that ran the latest selective_scan call
+    in this thread (see :func:`ssmkit.ops.record_backends` to collect every call)."""
+    return _last_backend("selective_scan")
 
 
-def _resolve(backend, u) -> str:
+def _auto(u) -> str:
     global _warned_auto_fallback
-    if backend is None:
-        backend = default_backend()
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(BACKENDS)}; got {backend!r}")
-    if backend != "auto":
-        return backend
     if u.is_cuda:
         return "triton" if triton_available() else "torch"
     if not _cpp.supports(u):
@@ -97,7 +84,7 @@ def _resolve(backend, u) -> str:
         _warned_auto_fallback = True
         warnings.warn(f"ssmkit selective_scan: the C++ backend could not be built, so backend='auto' runs the "
                       f"pure-PyTorch backend ('torch'), which is slower. Reason: {_cpp.build_error()}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
     return "torch"
 
 
@@ -121,8 +108,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y (batch, dim, L), or ``(y, last_state)`` with last_state (batch, dim, N). Gradients flow to every
         tensor argument, including initial_state, and in from last_state.
     """
-    global _last_backend
-    name = _resolve(backend, u)
+    name = resolve("selective_scan", backend, lambda: _auto(u))
     if name == "triton":
         from ..triton import selective_scan_triton
 
@@ -135,12 +121,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         fn = selective_scan_chunked if name == "torch" else selective_scan_ref
         with flush_denormals():
             out = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
-    _last_backend = name
     return out
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                           backend: str = "auto"):
+                           backend: str | None = None):
     """One decoding step of the selective scan, as mamba_ssm's ``selective_state_update``.
 
     Args:
@@ -156,10 +141,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     fused GPU kernel; inference only, it refuses to run with gradients enabled), or "auto": "triton" for
     CUDA tensors when triton imports and gradients are off, else "torch".
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be one of ['auto', 'torch', 'triton']; got {backend!r}")
-    if backend == "triton" or (backend == "auto" and x.is_cuda and not torch.is_grad_enabled()
-                               and triton_available()):
+    name = resolve("selective_state_update", backend,
+                   lambda: "triton" if x.is_cuda and not torch.is_grad_enabled() and triton_available() else "torch")
+    if name == "triton":
         from ..triton import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
@@ -170,4 +154,3 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 # ``ssmkit.ops.selective_scan.last_backend()`` working there too.
 selective_scan.last_backend = last_backend
 selective_scan.available_backends = available_backends
-selective_scan.default_backend = default_backend

@@ -9,14 +9,16 @@ Backends of :func:`ssd` (``backend=``):
     ``"reference"``  the sequential loop over time (``reference.py``), the specification;
     ``"triton"``     :mod:`ssmkit.ops.triton` GPU kernels (CUDA tensors; raises if triton is missing).
     ``"auto"``       ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``.
-:func:`last_backend` names the backend that ran last, so "auto" is never a silent choice.
+``backend=None`` (or "auto") defers to the innermost :func:`ssmkit.ops.use_backend` context, then to the
+"auto" rule; :func:`last_backend` names the backend that ran last, so "auto" is never a silent choice.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..._checks import check_choice
+from ..backends import last_backend as _last_backend
+from ..backends import register_op, resolve
 from ..triton import triton_available
 from .chunked import ssd_chunked, ssd_state_update_torch
 from .reference import DEFAULT_DT_LIMIT, ssd_ref, ssd_state_update_ref
@@ -24,17 +26,18 @@ from .reference import DEFAULT_DT_LIMIT, ssd_ref, ssd_state_update_ref
 __all__ = ["ssd", "ssd_ref", "ssd_state_update", "ssd_state_update_ref", "last_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-_last_backend = None
+register_op("ssd", BACKENDS[1:])
+register_op("ssd_state_update", ("torch", "triton"))
 
 
 def last_backend():
-    """The backend (``"torch"`` or ``"reference"``) that the latest :func:`ssd` call ran, or None."""
-    return _last_backend
+    """The backend that the latest :func:`ssd` call ran in this thread, or None."""
+    return _last_backend("ssd")
 
 
 def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
         dt_limit=DEFAULT_DT_LIMIT, initial_states=None, seq_idx=None, return_final_states=False,
-        backend="auto"):
+        backend=None):
     """Mamba-2 SSD over whole sequences (drop-in for mamba_ssm's ``mamba_chunk_scan_combined``).
 
     Args:
@@ -56,11 +59,8 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
         y (batch, L, heads, headdim) in x's dtype, or ``(y, final_states)`` with final_states
         (batch, heads, headdim, N) in float32 (float64 for float64 inputs).
     """
-    global _last_backend
-    check_choice("backend", backend, BACKENDS)
-    chosen = backend
-    if backend == "auto":
-        chosen = "triton" if isinstance(x, torch.Tensor) and x.is_cuda and triton_available() else "torch"
+    chosen = resolve("ssd", backend, lambda: "triton" if isinstance(x, torch.Tensor) and x.is_cuda
+                     and triton_available() else "torch")
     if chosen == "triton":
         from ..triton import ssd_triton as fn
     else:
@@ -68,12 +68,11 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
     out = fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
              dt_limit=dt_limit, initial_states=initial_states, seq_idx=seq_idx,
              return_final_states=return_final_states)
-    _last_backend = chosen
     return out
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=DEFAULT_DT_LIMIT, backend="auto"):
+                     dt_limit=DEFAULT_DT_LIMIT, backend=None):
     """One token of the SSD recurrence (the recurrent mode used by ``step``).
 
     Args: state (batch, heads, headdim, N); x, z (batch, heads, headdim); dt (batch, heads); A, dt_bias
@@ -82,9 +81,9 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     modified. ``backend``: "torch", "triton" (fused GPU kernel, inference only) or "auto" ("triton" for CUDA
     tensors when triton imports and gradients are off, else "torch").
     """
-    check_choice("backend", backend, ("auto", "torch", "triton"))
-    if backend == "triton" or (backend == "auto" and x.is_cuda and not torch.is_grad_enabled()
-                               and triton_available()):
+    chosen = resolve("ssd_state_update", backend, lambda: "triton" if x.is_cuda and not torch.is_grad_enabled()
+                     and triton_available() else "torch")
+    if chosen == "triton":
         from ..triton import ssd_state_update_triton
 
         return ssd_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
