@@ -1,19 +1,28 @@
-"""The mixer contract, checked for every registered mixer in float64 and float32.
+"""The mixer contract, checked for every registered mixer in float64 and float32, with every backend.
 
 (a) forward == the step-by-step recurrence      (b) forward over chunks passing the state == whole forward
 (c) causality                                    (d) batch rows are independent
 (e) gradients reach every parameter and the initial state
 (f) lengths 1, 63 and 1000                       plus bad input: clear errors naming the argument.
 
+Each mixer with fast paths runs the suite once per backend of its layer (``Mixer.backend``): on the CPU the
+C++ and torch paths, and Triton under the interpreter at lengths up to 63 in float32 (the kernels take no
+float64); on a machine with CUDA the Triton rows run compiled, on CUDA tensors. The C++ rows fail rather
+than skip where SSMKIT_REQUIRE_CPP=1 (CI).
+
 A new mixer must add a small configuration to CONTRACT_CONFIGS; test_every_mixer_is_covered fails until it
 does, so no registered mixer escapes the suite.
 """
+
+import os
 
 import pytest
 import torch
 
 import ssmkit
 from ssmkit.layers import MIXERS, build_mixer
+from ssmkit.ops.selective_scan import cpp as scan_cpp
+from ssmkit.ops.triton import triton_available
 
 from ..helpers import assert_close_scaled
 
@@ -34,15 +43,54 @@ TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
 DTYPES = [torch.float64, torch.float32]
 NAMES = sorted(MIXERS)
 
+# The backends each layer with fast paths runs the contract with (None: the mixer's default, "auto").
+LAYER_BACKENDS = {"mamba": ("cpp", "torch", "triton"), "mamba2": ("torch", "triton"),
+                  "s5": ("associative", "chunked")}
+ON_GPU = torch.cuda.is_available()
+REQUIRE_CPP = os.environ.get("SSMKIT_REQUIRE_CPP") == "1"
 
-def make(name, dtype, seed=0):
+
+def _row(name, backend):
+    marks = []
+    if backend == "triton":
+        marks.append(pytest.mark.skipif(not triton_available(), reason="triton is not installed"))
+    if backend == "cpp":
+        marks.append(pytest.mark.skipif(not REQUIRE_CPP and not scan_cpp.is_available(),
+                                        reason="the C++ scan could not be built here"))
+    return pytest.param(name, backend, id=name if backend is None else f"{name}-{backend}", marks=marks)
+
+
+ROWS = [_row(name, backend) for name in NAMES for backend in LAYER_BACKENDS.get(name, (None,))]
+
+
+def device_of(backend):
+    return "cuda" if (backend == "triton" and ON_GPU) else "cpu"
+
+
+def skip_unsupported(backend, dtype=None, length=None):
+    """The Triton kernels take float32/bfloat16/float16 only; the interpreter is slow beyond short sequences."""
+    if backend != "triton":
+        return
+    if dtype == torch.float64:
+        pytest.skip("the Triton kernels take no float64 (float32 row covers them)")
+    if length is not None and length > 63 and not ON_GPU:
+        pytest.skip("Triton's CPU interpreter runs the contract up to length 63")
+
+
+def make(name, dtype, seed=0, backend=None):
     torch.manual_seed(seed)
     mixer = build_mixer(name, D_MODEL, **CONTRACT_CONFIGS[name]).to(dtype)
     # Perturb every parameter a little so no test passes by an accident of the initialisation (zeros, ones).
     with torch.no_grad():
         for p in mixer.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    return mixer
+    if backend is not None:
+        mixer.backend = backend
+    return mixer.to(device_of(backend))
+
+
+def randn(*shape, dtype, backend=None):
+    return torch.randn(*shape, dtype=dtype).to(device_of(backend))
 
 
 def run_steps(mixer, x, state):
@@ -63,9 +111,9 @@ def assert_states_close(a, b, tol, what):
                             torch.view_as_real(b[key]) if b[key].is_complex() else b[key], tol, f"{what} {key}")
 
 
-def prefix_state(mixer, batch, dtype):
+def prefix_state(mixer, batch, dtype, backend=None):
     """A realistic non-zero state: the state after a short random prefix."""
-    prefix = torch.randn(batch, 5, D_MODEL, dtype=dtype)
+    prefix = randn(batch, 5, D_MODEL, dtype=dtype, backend=backend)
     _, state = mixer(prefix, return_state=True)
     return {k: v.detach() for k, v in state.items()}
 
@@ -77,14 +125,17 @@ def test_every_mixer_is_covered():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("length", [1, 63, 1000])
-@pytest.mark.parametrize("name", NAMES)
-def test_forward_equals_recurrence(name, length, dtype):
-    mixer = make(name, dtype)
-    x = torch.randn(2, length, D_MODEL, dtype=dtype)
-    state0 = prefix_state(mixer, 2, dtype)
+@pytest.mark.parametrize("name, backend", ROWS)
+def test_forward_equals_recurrence(name, backend, length, dtype):
+    skip_unsupported(backend, dtype, length)
+    mixer = make(name, dtype, backend=backend)
+    x = randn(2, length, D_MODEL, dtype=dtype, backend=backend)
+    state0 = prefix_state(mixer, 2, dtype, backend)
     with torch.no_grad():
         y, state = mixer(x, state0, return_state=True)
+        ran = mixer.last_backend
         y_steps, state_steps = run_steps(mixer, x, state0)
+    assert backend is None or ran == backend, f"{name}: asked for backend {backend!r}, {ran!r} ran"
     assert y.shape == x.shape and y.dtype == dtype
     assert_close_scaled(y, y_steps, TOL[dtype], f"{name} outputs")
     assert_states_close(state, state_steps, TOL[dtype], f"{name} final state")
@@ -92,11 +143,15 @@ def test_forward_equals_recurrence(name, length, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [[1] * 20, [7, 7, 6], [5, 1, 11, 3]], ids=["ones", "sevens", "uneven"])
-@pytest.mark.parametrize("name", NAMES)
-def test_chunked_forward_equals_whole(name, splits, dtype):
-    mixer = make(name, dtype)
-    x = torch.randn(3, sum(splits), D_MODEL, dtype=dtype)
-    state = prefix_state(mixer, 3, dtype)
+@pytest.mark.parametrize("name, backend", ROWS)
+def test_chunked_forward_equals_whole(name, backend, splits, dtype):
+    skip_unsupported(backend, dtype)
+    if backend == "triton" and not ON_GPU and len(splits) > 4:
+        pytest.skip("20 one-token forwards cost ~1.6 s each in Triton's CPU interpreter; 'sevens' and 'uneven' "
+                    "cover state passing")
+    mixer = make(name, dtype, backend=backend)
+    x = randn(3, sum(splits), D_MODEL, dtype=dtype, backend=backend)
+    state = prefix_state(mixer, 3, dtype, backend)
     with torch.no_grad():
         y_whole, state_whole = mixer(x, state, return_state=True)
         pieces = []
@@ -108,10 +163,11 @@ def test_chunked_forward_equals_whole(name, splits, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_causality(name, dtype):
-    mixer = make(name, dtype)
-    x = torch.randn(2, 40, D_MODEL, dtype=dtype)
+@pytest.mark.parametrize("name, backend", ROWS)
+def test_causality(name, backend, dtype):
+    skip_unsupported(backend, dtype)
+    mixer = make(name, dtype, backend=backend)
+    x = randn(2, 40, D_MODEL, dtype=dtype, backend=backend)
     t = 23
     x2 = x.clone()
     x2[:, t:] += torch.randn_like(x2[:, t:])
@@ -123,10 +179,11 @@ def test_causality(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_batch_rows_independent(name, dtype):
-    mixer = make(name, dtype)
-    x = torch.randn(3, 30, D_MODEL, dtype=dtype)
+@pytest.mark.parametrize("name, backend", ROWS)
+def test_batch_rows_independent(name, backend, dtype):
+    skip_unsupported(backend, dtype)
+    mixer = make(name, dtype, backend=backend)
+    x = randn(3, 30, D_MODEL, dtype=dtype, backend=backend)
     with torch.no_grad():
         y = mixer(x)
         rows = torch.cat([mixer(x[i : i + 1]) for i in range(3)])
@@ -139,12 +196,13 @@ def test_batch_rows_independent(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_gradients_reach_parameters_and_initial_state(name, dtype):
-    mixer = make(name, dtype)
-    x = torch.randn(2, 17, D_MODEL, dtype=dtype, requires_grad=True)
+@pytest.mark.parametrize("name, backend", ROWS)
+def test_gradients_reach_parameters_and_initial_state(name, backend, dtype):
+    skip_unsupported(backend, dtype)
+    mixer = make(name, dtype, backend=backend)
+    x = randn(2, 17, D_MODEL, dtype=dtype, backend=backend).requires_grad_()
     state0 = {k: v.clone().requires_grad_(v.is_floating_point() or v.is_complex())
-              for k, v in prefix_state(mixer, 2, dtype).items()}
+              for k, v in prefix_state(mixer, 2, dtype, backend).items()}
     y, state = mixer(x, state0, return_state=True)
     loss = (y * torch.randn_like(y)).sum()
     for value in state.values():  # a gradient also flows in through the final state
