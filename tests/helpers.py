@@ -1,5 +1,8 @@
 """Assertions shared by the test modules."""
 
+import inspect
+
+import pytest
 import torch
 
 
@@ -11,3 +14,29 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float
     scale = max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} x scale {scale:.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Peers of other versions: skip (saying why) where an installed transformers lacks what a test compares
+# --------------------------------------------------------------------------------------------------
+def skip_unless_grouped_mamba2_norm(ngroups: int) -> None:
+    """Older transformers releases normalise Mamba-2's gated RMSNorm over all of d_inner instead of per group
+    of d_inner / n_groups channels as mamba_ssm does (and ssmkit, which follows mamba_ssm); with one group the
+    two agree."""
+    if ngroups == 1:
+        return
+    import transformers
+    from transformers.models.mamba2 import modeling_mamba2
+
+    if "group_size" not in inspect.signature(modeling_mamba2.MambaRMSNormGated.__init__).parameters:
+        pytest.skip(f"transformers {transformers.__version__} normalises Mamba-2's gated RMSNorm over all groups "
+                    "together; mamba_ssm and ssmkit normalise per group (n_groups > 1 differs)")
+
+
+def skip_unless_cache_has(cache, *methods: str) -> None:
+    """transformers' cache API changed between releases; compare states only where it has these methods."""
+    import transformers
+
+    missing = [m for m in methods if not hasattr(cache, m)]
+    if missing:
+        pytest.skip(f"transformers {transformers.__version__}: {type(cache).__name__} has no {missing}")

@@ -11,7 +11,7 @@ import torch
 from ssmkit.layers import build_mixer
 from ssmkit.layers.mamba2 import Mamba2, RMSNormGated
 
-from ..helpers import assert_close_scaled
+from ..helpers import assert_close_scaled, skip_unless_cache_has, skip_unless_grouped_mamba2_norm
 
 F64 = torch.float64
 D_MODEL = 10
@@ -54,6 +54,8 @@ def hf_pair(ngroups, d_conv=3, bias=False, conv_bias=True):
         pytest.skip("mamba_ssm / causal_conv1d installed: transformers would not take its torch path")
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
+    skip_unless_grouped_mamba2_norm(ngroups)
+
     # odd sizes: d_model 10 -> d_inner 30 = 6 heads of 5, N = 7; their chunk (8) differs from ours (16)
     config = transformers.Mamba2Config(hidden_size=10, state_size=7, conv_kernel=d_conv, expand=3, head_dim=5,
                                        num_heads=6, n_groups=ngroups, chunk_size=8, use_bias=bias,
@@ -92,6 +94,7 @@ def test_matches_transformers_decoding():
         y, state = ours(x[:, :9], return_state=True)
         y_steps, state = run_steps(ours, x[:, 9:], state)
     assert_close_scaled(torch.cat([y, y_steps], 1), torch.cat(expected, 1), 1e-5, "decoding vs transformers")
+    skip_unless_cache_has(cache, "get_conv_state", "get_recurrent_state")
     assert_close_scaled(state["mamba2.conv"], cache.get_conv_state(0)[..., 1:], 1e-6, "conv state")
     assert_close_scaled(state["mamba2.ssm"], cache.get_recurrent_state(0), 1e-5, "ssm state")
 

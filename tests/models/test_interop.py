@@ -12,6 +12,8 @@ import torch
 from ssmkit.models import ModelConfig, from_config, from_pretrained
 from ssmkit.models.interop.transformers_format import save_hf
 
+from ..helpers import skip_unless_grouped_mamba2_norm
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -23,6 +25,7 @@ def hf_mamba():
 
 
 def hf_mamba2():
+    skip_unless_grouped_mamba2_norm(2)
     cfg = transformers.Mamba2Config(vocab_size=41, hidden_size=24, state_size=6, num_hidden_layers=3, expand=2,
                                     conv_kernel=4, head_dim=8, num_heads=6, n_groups=2, chunk_size=8,
                                     tie_word_embeddings=False)
@@ -62,6 +65,7 @@ def test_transformers_checkpoint_loads(tmp_path, make, serialization):
     ("mamba2", dict(d_state=6, headdim=8, ngroups=2, chunk_size=8)),
 ])
 def test_ssmkit_model_converts_to_transformers(tmp_path, mixer, kwargs):
+    skip_unless_grouped_mamba2_norm(kwargs.get("ngroups", 1))
     torch.manual_seed(1)
     ours = from_config(ModelConfig(d_model=24, n_layers=2, vocab_size=29, mixer=mixer,
                                    mixer_kwargs={mixer: kwargs}, tie_embeddings=mixer == "mamba")).eval()
