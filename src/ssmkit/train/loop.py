@@ -149,13 +149,12 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, split: str = "test", ba
                         length: Optional[int] = None, batch_size: Optional[int] = None,
                         device: str = "cpu") -> Dict[str, float]:
     """Rebuild the task of a training checkpoint (``run.json``), load its weights and :func:`evaluate`."""
-    from ..models.checkpoints import from_pretrained
     from ..tasks import make_task
 
     info = ckpt.read_run_info(checkpoint)
     run = RunConfig.from_dict(info["run"])
     task = make_task(run.task.name, **run.task.kwargs)
-    model = from_pretrained(checkpoint, device=distributed.resolve_device(device))
+    model = SSMModel.from_pretrained(checkpoint, device=distributed.resolve_device(device))
     size = batch_size or run.train.eval_batch_size or run.train.batch_size
     metrics = evaluate(model, task, split=split, batches=batches, batch_size=size, length=length)
     metrics["length"] = float(length if length is not None else task.default_length)
