@@ -56,6 +56,7 @@ def test_train_restores_threads_and_denormals(tmp_path, caller_settings):
     assert_caller_settings()
 
 
+@pytest.mark.slow  # trains a model for at least 20 steps
 def test_run_compare_restores_threads_and_denormals(tmp_path, caller_settings, capsys):
     run_compare(models=["mamba"], budget=0.01, length=8, out=str(tmp_path / "c"), threads=2, eval_lengths=[],
                 context=16, batch_size=4)
