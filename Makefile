@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= outputs
 
-.PHONY: demo hippo-demo test bench clean
+.PHONY: demo hippo-demo test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ hippo-demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# everything but the tests marked slow (@pytest.mark.slow, or SLOW_ELSEWHERE in tests/conftest.py): under 90 s
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lti.py

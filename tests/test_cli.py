@@ -14,6 +14,7 @@ TINY = ["task.name=induction_heads", "task.kwargs={vocab_size: 6, length: 12}", 
         "train.warmup_steps=1", "train.device=cpu"]
 
 
+@pytest.mark.slow  # a fresh interpreter that imports everything and probes the C++ build
 def test_module_entry_point_runs_info():
     out = subprocess.run([sys.executable, "-m", "ssmkit", "info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -56,6 +57,7 @@ def test_generate_needs_a_byte_model_for_text(tmp_path):
         main(["generate", "--checkpoint", str(run_dir / "final"), "--prompt", "hi"])
 
 
+@pytest.mark.slow  # trains two models
 def test_compare_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--models", "mamba", "transformer", "--budget", "1", "--length", "16",

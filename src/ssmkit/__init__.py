@@ -1,7 +1,7 @@
 """ssmkit: state space sequence models in pure PyTorch, run in parallel for training and as a
 recurrence for streaming, exact against the reference implementations and fast on any machine."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from . import ops  # noqa: F401
 from .layers import MIXERS, Mixer, build_mixer, get_mixer, register_mixer  # noqa: F401

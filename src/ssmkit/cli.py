@@ -104,11 +104,10 @@ def cmd_bench(args) -> int:
 
 def cmd_convert(args) -> int:
     from .models import from_pretrained
-    from .models.checkpoints import save_pretrained
     from .models.interop.transformers_format import save_hf
 
     model = from_pretrained(args.source)
-    path = save_hf(model, args.dest) if args.to == "hf" else save_pretrained(model, args.dest)
+    path = save_hf(model, args.dest) if args.to == "hf" else model.save_pretrained(args.dest)
     print(f"wrote {args.to} checkpoint to {path}")
     return 0
 

@@ -27,6 +27,7 @@ import torch
 from .models import from_config
 from .train import ModelSpec, RunConfig, TaskSpec, TrainConfig, evaluate, forward_batch, model_config_for, train
 from .utils.configs import load_config
+from .utils.process import process_settings
 
 D_MODEL = 64
 #: architectures of similar parameter count (d_model 64, 2 layers); SSM-only blocks carry no MLP as in Mamba,
@@ -100,8 +101,13 @@ def run_compare(task: Optional[str] = None, models: Optional[Sequence[str]] = No
     names = list(models or PRESETS)
     budget = 40.0 if budget is None else float(budget)
     threads = threads or 1
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
+    with process_settings(threads=threads, flush_denormal=True):  # restored on return, as train() does
+        return _run_compare(task_name, defaults, names, length, budget, out, threads, seed, eval_lengths,
+                            overrides, context, batch_size)
+
+
+def _run_compare(task_name, defaults, names, length, budget, out, threads, seed, eval_lengths, overrides,
+                 context, batch_size) -> List[Dict]:
     out_dir = Path(out)
     runs_dir = out_dir / "runs"
     if runs_dir.exists():

@@ -53,6 +53,7 @@ def _close(a, b, rel=1e-6):
         assert abs(x - y) <= rel * max(abs(x), abs(y), 1e-12), f"step {i + 1}: {x!r} vs {y!r}"
 
 
+@pytest.mark.slow  # starts two torchrun processes
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_two_processes_match_one_process_with_accumulation(tmp_path):

@@ -7,6 +7,7 @@ Parameter names follow transformers' Mamba/Mamba2 models (``backbone.embeddings`
     out = model(input_ids)                      # out.logits (B, L, V), out.aux_loss (MoE balance)
     out = model(input_ids, return_state=True)   # ... and out.state: one dict of tensors per layer
     logits, state = model.step(next_ids, out.state)
+    model.save_pretrained("ckpt"); SSMModel.from_pretrained("ckpt")   # models/pretrained.py
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from .blocks import Block, make_norm
 from .config import ModelConfig
 from .generation import GenerationMixin
+from .pretrained import PretrainedMixin
 
 ModelState = List[Dict[str, torch.Tensor]]
 
@@ -48,7 +50,7 @@ class Backbone(nn.Module):
         self.norm_f = make_norm(config.norm, config.d_model, config.norm_eps)
 
 
-class SSMModel(GenerationMixin, nn.Module):
+class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
     """A stack of mixer blocks with an LM, classification or regression head (see the module docstring)."""
 
     def __init__(self, config: ModelConfig):
@@ -178,12 +180,6 @@ class SSMModel(GenerationMixin, nn.Module):
         if not isinstance(state, (list, tuple)) or len(state) != n:
             got = f"{type(state).__name__} of length {len(state)}" if isinstance(state, (list, tuple)) else type(state).__name__
             raise ValueError(f"state must be a list of {n} per-layer states (model.init_state); got {got}")
-
-    def save_pretrained(self, directory):
-        """Write config.json + model.safetensors atomically (see :mod:`ssmkit.models.checkpoints`)."""
-        from .checkpoints import save_pretrained
-
-        return save_pretrained(self, directory)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

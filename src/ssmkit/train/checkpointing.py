@@ -13,7 +13,7 @@ Layout of a run directory (``train.out_dir``)::
       metrics.jsonl  curves.png  tensorboard/
 
 Each checkpoint directory is first written as a hidden temporary sibling, flushed to disk and then
-renamed into place (as :func:`ssmkit.models.checkpoints.write_checkpoint_dir` does for model directories),
+renamed into place (by :func:`ssmkit.models.io.write_checkpoint_dir`, as for model directories),
 so a directory named ``step-*`` is always complete and a crash leaves at worst a ``.step-*.tmp-*`` folder
 beside the previous checkpoint. ``trainer_state.pt`` holds only tensors, numbers, strings, lists, tuples
 and dicts and is read back with ``torch.load(weights_only=True)``: nothing is unpickled.
@@ -36,7 +36,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..models.checkpoints import SSMKIT_MODEL_TYPE, load_weights_strict, write_checkpoint_dir
+from .._version import __version__
+from ..models.io import WEIGHTS_FILE, config_to_dict, load_safetensors, load_weights_strict, write_checkpoint_dir
 from .config import RunConfig, config_differences
 
 PathLike = Union[str, os.PathLike]
@@ -163,11 +164,9 @@ def seed_everything(seed: int) -> None:
 def write_checkpoint(directory: PathLike, *, model_config, weights: Dict[str, torch.Tensor],
                      trainer_state: Dict[str, Any], run_info: Dict[str, Any]) -> Path:
     """Atomically write one training checkpoint (layout in the module docstring)."""
-    from .. import __version__
-
     if model_config.head == "lm" and model_config.tie_embeddings:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}  # tied: stored once
-    config = dict(model_config.to_dict(), model_type=SSMKIT_MODEL_TYPE, ssmkit_version=__version__)
+    config = config_to_dict(model_config)
 
     def write_trainer_files(tmp: Path) -> None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
@@ -178,8 +177,6 @@ def write_checkpoint(directory: PathLike, *, model_config, weights: Dict[str, to
 
 def make_run_info(run: RunConfig, *, step: int, task_config: Dict[str, Any], world_size: int,
                   micro_batches: int, metrics: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-    from .. import __version__
-
     return {"run": run.to_dict(), "step": step, "task": task_config, "world_size": world_size,
             "micro_batches": micro_batches, "metrics": metrics or {}, "ssmkit_version": __version__,
             "torch_version": torch.__version__, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -274,6 +271,4 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def load_model_weights(model: torch.nn.Module, directory: PathLike) -> None:
     """Load ``model.safetensors`` of a checkpoint into ``model`` (strictly: every tensor must match)."""
-    from safetensors.torch import load_file
-
-    load_weights_strict(model, load_file(str(Path(directory) / "model.safetensors")), source=f"checkpoint {directory}")
+    load_weights_strict(model, load_safetensors(Path(directory) / WEIGHTS_FILE), source=f"checkpoint {directory}")

@@ -20,6 +20,11 @@ A non-finite loss or gradient norm stops the run before the optimiser step with 
 which names the step and the last good checkpoint (never overwritten by a bad state).
 
 Steps are counted in optimiser updates: "step k" in logs and checkpoints is the state after k updates.
+
+``_train`` reads as the run goes: :func:`_set_up` (task, model, optimiser, scheduler, restored when resuming)
+-> :func:`_open_log` -> per step :func:`_train_step` (micro-batches, all-reduce, clip, divergence check,
+update), then on their cadence :func:`_log_train`, :func:`_evaluate_all_lengths` and
+:func:`_save_periodic_checkpoint` -> the final evaluation and :func:`_save_checkpoint` of ``final/``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import torch
 
 from ..models.config import ModelConfig
 from ..models.model import SSMModel
+from ..tasks import make_task
+from ..utils.process import process_settings
 from . import checkpointing as ckpt
 from . import distributed
 from .config import RunConfig, model_config_for
@@ -149,13 +156,10 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, split: str = "test", ba
                         length: Optional[int] = None, batch_size: Optional[int] = None,
                         device: str = "cpu") -> Dict[str, float]:
     """Rebuild the task of a training checkpoint (``run.json``), load its weights and :func:`evaluate`."""
-    from ..models.checkpoints import from_pretrained
-    from ..tasks import make_task
-
     info = ckpt.read_run_info(checkpoint)
     run = RunConfig.from_dict(info["run"])
     task = make_task(run.task.name, **run.task.kwargs)
-    model = from_pretrained(checkpoint, device=distributed.resolve_device(device))
+    model = SSMModel.from_pretrained(checkpoint, device=distributed.resolve_device(device))
     size = batch_size or run.train.eval_batch_size or run.train.batch_size
     metrics = evaluate(model, task, split=split, batches=batches, batch_size=size, length=length)
     metrics["length"] = float(length if length is not None else task.default_length)
@@ -184,30 +188,101 @@ def train(run: RunConfig, resume: Union[bool, str, Path] = False, *, task=None) 
     """
     if not isinstance(run, RunConfig):
         raise TypeError(f"run must be a RunConfig (ssmkit.train.load_run_config); got {type(run).__name__}")
-    torch.set_flush_denormal(True)  # tiny state values in the scans otherwise run ~6x slower on CPUs
-    if run.train.threads is not None:
-        torch.set_num_threads(run.train.threads)
-    ctx = distributed.setup(run.train.device)
-    try:
-        result = _train(run, resume, task, ctx)
-    except BaseException:
-        distributed.shutdown(ctx, clean=False)  # no barrier: the other ranks may not reach it
-        raise
-    distributed.shutdown(ctx)
+    # tiny state values in the scans otherwise run ~6x slower on CPUs; both settings are restored on return
+    with process_settings(threads=run.train.threads, flush_denormal=True):
+        ctx = distributed.setup(run.train.device)
+        try:
+            result = _train(run, resume, task, ctx)
+        except BaseException:
+            distributed.shutdown(ctx, clean=False)  # no barrier: the other ranks may not reach it
+            raise
+        distributed.shutdown(ctx)
     return result
 
 
-def _train(run: RunConfig, resume, task, ctx: distributed.DistContext) -> TrainResult:
-    cfg = run.train
-    world, accum = ctx.world_size, cfg.grad_accum
-    micro_batches = world * accum
-    if cfg.batch_size % micro_batches:
-        raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by world_size x train.grad_accum = "
-                         f"{world} x {accum} = {micro_batches} (the micro-batches of one step)")
-    micro_size = cfg.batch_size // micro_batches
-    if task is None:
-        from ..tasks import make_task
+# --------------------------------------------------------------------------------------------------
+# The steps of _train, in the order they run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Session:
+    """Everything one call of :func:`train` works with, built by :func:`_set_up` (on every rank)."""
 
+    run: RunConfig
+    ctx: distributed.DistContext
+    task: Any
+    model_config: ModelConfig
+    task_config: Dict[str, Any]
+    out_dir: Path
+    source: Optional[Path]  # the checkpoint resumed from, or None
+    micro_batches: int  # world_size x grad_accum: the micro-batches of one step
+    micro_size: int  # rows per micro-batch
+    fsdp: bool
+    wrapped: torch.nn.Module  # what the forward runs (DDP/FSDP wrapper, or the model)
+    inner: SSMModel  # the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosine
+    num_parameters: int
+    start_step: int = 0
+    logger: Optional[RunLogger] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    last_good: Optional[Path] = None  # the newest checkpoint known to hold a finite state
+
+    @property
+    def cfg(self):
+        return self.run.train
+
+    def log(self, record: Dict[str, Any]) -> None:
+        self.history.append(record)
+        self.logger.log(record)
+
+
+@dataclass
+class _StepResult:
+    loss: float  # mean over the micro-batches of all ranks
+    aux_loss: float
+    tokens: int
+    grad_norm: float
+    seconds: float
+
+
+@dataclass
+class _Throughput:
+    """Running sums since the start of this call (``total_*``) and since the last train log (``window_*``)."""
+
+    total_seconds: float = 0.0
+    total_tokens: int = 0
+    window_loss: float = 0.0
+    window_steps: int = 0
+    window_tokens: int = 0
+    window_seconds: float = 0.0
+
+    def add(self, result: _StepResult) -> None:
+        self.total_seconds += result.seconds
+        self.total_tokens += result.tokens
+        self.window_loss += result.loss
+        self.window_steps += 1
+        self.window_tokens += result.tokens
+        self.window_seconds += result.seconds
+
+    def reset_window(self) -> None:
+        self.window_loss, self.window_steps, self.window_tokens, self.window_seconds = 0.0, 0, 0, 0.0
+
+
+def _micro_batch_size(batch_size: int, world: int, accum: int) -> int:
+    micro_batches = world * accum
+    if batch_size % micro_batches:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by world_size x train.grad_accum = "
+                         f"{world} x {accum} = {micro_batches} (the micro-batches of one step)")
+    return batch_size // micro_batches
+
+
+def _set_up(run: RunConfig, resume, task, ctx: distributed.DistContext) -> _Session:
+    """Task, model (the same initialisation on every rank), optimiser and scheduler, restored from the
+    checkpoint to resume from if any; the logger is opened by :func:`_open_log`."""
+    cfg = run.train
+    micro_size = _micro_batch_size(cfg.batch_size, ctx.world_size, cfg.grad_accum)
+    micro_batches = ctx.world_size * cfg.grad_accum
+    if task is None:
         task = make_task(run.task.name, **run.task.kwargs)
     model_config: ModelConfig = model_config_for(task, run.model)
     task_config = dict(getattr(task, "config", {"name": run.task.name}))
@@ -217,8 +292,7 @@ def _train(run: RunConfig, resume, task, ctx: distributed.DistContext) -> TrainR
         ckpt.check_resumable(source, run, micro_batches)
     fsdp = ctx.distributed and cfg.distributed == "fsdp"
 
-    # model: the same initialisation on every rank (DDP also broadcasts rank 0's weights)
-    ckpt.seed_everything(cfg.seed)
+    ckpt.seed_everything(cfg.seed)  # DDP also broadcasts rank 0's weights
     model = SSMModel(model_config)
     if source is not None:
         ckpt.load_model_weights(model, source)
@@ -230,142 +304,178 @@ def _train(run: RunConfig, resume, task, ctx: distributed.DistContext) -> TrainR
     optimizer = build_optimizer(inner.named_parameters(), roles, cfg)
     scheduler = WarmupCosine(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              min_lr_ratio=cfg.min_lr_ratio)
-    start_step = 0
+    session = _Session(run=run, ctx=ctx, task=task, model_config=model_config, task_config=task_config,
+                       out_dir=out_dir, source=source, micro_batches=micro_batches, micro_size=micro_size, fsdp=fsdp,
+                       wrapped=wrapped, inner=inner, optimizer=optimizer, scheduler=scheduler,
+                       num_parameters=num_parameters, last_good=source)
     if source is not None:
-        state = ckpt.read_trainer_state(source)
-        ckpt.load_optimizer_state(inner, optimizer, state["optimizer"], fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = int(state["step"])
-        rng = state["rng"]  # one state per rank of the run that wrote it
-        ckpt.set_rng_state(rng[ctx.rank] if len(rng) == world else rng[0])
+        _restore_trainer_state(session, source)
+    return session
 
-    logger = RunLogger(out_dir, enabled=ctx.is_main, total_steps=cfg.steps, start_step=start_step,
-                       progress=cfg.progress, tensorboard=cfg.tensorboard, append=source is not None)
-    history: List[Dict[str, Any]] = []
 
-    def log(record: Dict[str, Any]) -> None:
-        history.append(record)
-        logger.log(record)
+def _restore_trainer_state(session: _Session, source: Path) -> None:
+    """Optimiser, scheduler, step and this rank's RNG state from a training checkpoint."""
+    state = ckpt.read_trainer_state(source)
+    ckpt.load_optimizer_state(session.inner, session.optimizer, state["optimizer"], session.fsdp)
+    session.scheduler.load_state_dict(state["scheduler"])
+    session.start_step = int(state["step"])
+    rng = state["rng"]  # one state per rank of the run that wrote it
+    ckpt.set_rng_state(rng[session.ctx.rank] if len(rng) == session.ctx.world_size else rng[0])
 
-    last_good = source  # the newest checkpoint known to hold a finite state
-    log({"event": "resume" if source is not None else "start", "step": start_step, "steps": cfg.steps,
-         "resumed_from": str(source) if source is not None else None, "threads": torch.get_num_threads(),
-         "device": str(ctx.device), "world_size": world, "grad_accum": accum, "micro_batch_size": micro_size,
-         "num_parameters": num_parameters, "bf16": cfg.bf16, "distributed": cfg.distributed if world > 1 else None,
-         "tensorboard": str(logger.tensorboard_dir) if logger.tensorboard_dir else None,
-         "task": task_config, "model": model_config.to_dict(), "torch": torch.__version__})
-    logger.message(f"ssmkit train: {num_parameters:,} parameters, {model_config.layer_mixers()} on "
-                   f"{task_config.get('name')}, steps {start_step}->{cfg.steps}, device {ctx.device}, "
+
+def _open_log(session: _Session) -> None:
+    """Open metrics.jsonl (and TensorBoard) on rank 0 and log the start (or resume) event."""
+    cfg, ctx, source = session.cfg, session.ctx, session.source
+    world, accum = ctx.world_size, cfg.grad_accum
+    session.logger = logger = RunLogger(session.out_dir, enabled=ctx.is_main, total_steps=cfg.steps,
+                                        start_step=session.start_step, progress=cfg.progress,
+                                        tensorboard=cfg.tensorboard, append=source is not None)
+    session.log({"event": "resume" if source is not None else "start", "step": session.start_step,
+                 "steps": cfg.steps, "resumed_from": str(source) if source is not None else None,
+                 "threads": torch.get_num_threads(), "device": str(ctx.device), "world_size": world,
+                 "grad_accum": accum, "micro_batch_size": session.micro_size,
+                 "num_parameters": session.num_parameters, "bf16": cfg.bf16,
+                 "distributed": cfg.distributed if world > 1 else None,
+                 "tensorboard": str(logger.tensorboard_dir) if logger.tensorboard_dir else None,
+                 "task": session.task_config, "model": session.model_config.to_dict(), "torch": torch.__version__})
+    logger.message(f"ssmkit train: {session.num_parameters:,} parameters, {session.model_config.layer_mixers()} on "
+                   f"{session.task_config.get('name')}, steps {session.start_step}->{cfg.steps}, device {ctx.device}, "
                    f"threads {torch.get_num_threads()}, world size {world} x grad_accum {accum}"
                    + (f", resumed from {source}" if source is not None else ""))
 
-    eval_size = cfg.eval_batch_size or cfg.batch_size
-    eval_lengths = [None] + [n for n in cfg.eval_lengths if n != task.default_length]
 
-    def run_eval(step: int) -> Dict[str, float]:
-        flat: Dict[str, float] = {}
-        for length in eval_lengths:
-            metrics = evaluate(inner, task, split=cfg.eval_split, batches=cfg.eval_batches, batch_size=eval_size,
-                               length=length, device=ctx.device, bf16=cfg.bf16)
-            shown = length if length is not None else task.default_length
-            log({"event": "eval", "step": step, "split": cfg.eval_split, "length": shown, **metrics})
-            suffix = "" if length is None else f"@{length}"
-            flat.update({f"{cfg.eval_split}_{k}{suffix}": v for k, v in metrics.items() if k != "count"})
-        return flat
-
-    def save(directory: Path, step: int, metrics: Dict[str, float]) -> Path:
-        weights = ckpt.gather_model_state(inner, fsdp)  # collectives under FSDP: every rank takes part
-        optim_state = ckpt.gather_optimizer_state(inner, optimizer, fsdp)
-        rngs = distributed.all_gather_object(ckpt.rng_state(), ctx)
-        failure = None
-        if ctx.is_main:
-            try:
-                ckpt.write_checkpoint(
-                    directory, model_config=model_config, weights=weights,
-                    trainer_state={"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                                   "rng": rngs, "world_size": world, "micro_batches": micro_batches},
-                    run_info=ckpt.make_run_info(run, step=step, task_config=task_config, world_size=world,
-                                                micro_batches=micro_batches, metrics=metrics))
-            except Exception as err:  # noqa: BLE001 - every rank must learn of it, not wait at a barrier
-                failure = f"{type(err).__name__}: {err}"
-                if not ctx.distributed:
-                    raise
-        # no rank goes on (or prunes, or resumes) before the files are whole, and all stop if rank 0 failed
-        failure = distributed.broadcast_object(failure, ctx)
-        if failure is not None:
-            raise RuntimeError(f"writing checkpoint {directory} failed on rank 0: {failure}")
-        return directory
-
-    losses: List[float] = []
-    train_seconds, train_tokens = 0.0, 0
-    window_loss, window_steps, window_tokens, window_seconds = 0.0, 0, 0, 0.0
-    latest_metrics: Dict[str, float] = {}
-    wrapped.train()
-    try:
-        for s in range(start_step, cfg.steps):
-            step = s + 1
-            started = time.perf_counter()
-            scheduler.set_step(s)
-            optimizer.zero_grad(set_to_none=True)
-            stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, aux sum, tokens
-            for a in range(accum):
-                index = s * micro_batches + ctx.rank * accum + a
-                batch = task.batch("train", index, micro_size).to(ctx.device)
-                with distributed.gradient_sync(wrapped, enabled=a == accum - 1):
-                    with _autocast(ctx.device, cfg.bf16):
-                        out = _forward_checked(wrapped, batch, cfg.bf16)
-                        loss = task.loss(out.logits, batch)
-                        total = loss
-                        if out.aux_loss is not None and cfg.aux_loss_weight:
-                            total = loss + cfg.aux_loss_weight * out.aux_loss
-                    (total / accum).backward()
-                stats[0] += loss.detach().double()
-                stats[1] += 0.0 if out.aux_loss is None else out.aux_loss.detach().double()
-                stats[2] += batch.num_tokens
-            distributed.all_reduce_sum(stats, ctx)
-            step_loss = float(stats[0]) / micro_batches
-            grad_norm = clip_gradients(inner.parameters(), cfg.grad_clip)
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                log({"event": "diverged", "step": step, "loss": step_loss, "grad_norm": grad_norm,
+def _train_step(session: _Session, s: int) -> _StepResult:
+    """Optimiser update ``s + 1``: this rank's ``grad_accum`` micro-batches (gradients synchronised on the
+    last), the losses summed over all ranks, gradient clipping, a divergence check, then the update."""
+    cfg, ctx, accum = session.cfg, session.ctx, session.cfg.grad_accum
+    started = time.perf_counter()
+    session.scheduler.set_step(s)
+    session.optimizer.zero_grad(set_to_none=True)
+    stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, aux sum, tokens
+    for a in range(accum):
+        index = s * session.micro_batches + ctx.rank * accum + a
+        batch = session.task.batch("train", index, session.micro_size).to(ctx.device)
+        with distributed.gradient_sync(session.wrapped, enabled=a == accum - 1):
+            with _autocast(ctx.device, cfg.bf16):
+                out = _forward_checked(session.wrapped, batch, cfg.bf16)
+                loss = session.task.loss(out.logits, batch)
+                total = loss
+                if out.aux_loss is not None and cfg.aux_loss_weight:
+                    total = loss + cfg.aux_loss_weight * out.aux_loss
+            (total / accum).backward()
+        stats[0] += loss.detach().double()
+        stats[1] += 0.0 if out.aux_loss is None else out.aux_loss.detach().double()
+        stats[2] += batch.num_tokens
+    distributed.all_reduce_sum(stats, ctx)
+    step_loss = float(stats[0]) / session.micro_batches
+    grad_norm = clip_gradients(session.inner.parameters(), cfg.grad_clip)
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        last_good = session.last_good
+        session.log({"event": "diverged", "step": s + 1, "loss": step_loss, "grad_norm": grad_norm,
                      "last_checkpoint": str(last_good) if last_good else None})
-                raise TrainingDiverged(step, cfg.steps, step_loss, grad_norm, last_good)
-            optimizer.step()
-            elapsed = time.perf_counter() - started
-            tokens = int(stats[2])
-            losses.append(step_loss)
-            train_seconds += elapsed
-            train_tokens += tokens
-            window_loss += step_loss
-            window_steps += 1
-            window_tokens += tokens
-            window_seconds += elapsed
-            logger.progress(1, step_loss, tokens / max(elapsed, 1e-9))
+        raise TrainingDiverged(s + 1, cfg.steps, step_loss, grad_norm, last_good)
+    session.optimizer.step()
+    return _StepResult(loss=step_loss, aux_loss=float(stats[1]) / session.micro_batches, tokens=int(stats[2]),
+                       grad_norm=grad_norm, seconds=time.perf_counter() - started)
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log({"event": "train", "step": step, "loss": window_loss / window_steps,
-                     "aux_loss": float(stats[1]) / micro_batches, "lr": cfg.lr * scheduler.factor(s),
-                     "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(window_seconds, 1e-9),
-                     "train_seconds": train_seconds})
-                window_loss, window_steps, window_tokens, window_seconds = 0.0, 0, 0, 0.0
-            if (cfg.eval_every and step % cfg.eval_every == 0) and step != cfg.steps:
-                latest_metrics = run_eval(step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.steps:
-                last_good = save(out_dir / ckpt.CHECKPOINTS / f"step-{step:06d}", step, latest_metrics)
-                if ctx.is_main:
-                    removed = ckpt.prune_checkpoints(out_dir, cfg.keep_last)
-                    log({"event": "checkpoint", "step": step, "path": str(last_good),
-                         "removed": [str(p) for p in removed]})
 
-        final_metrics = run_eval(cfg.steps)
-        final_dir = save(out_dir / ckpt.FINAL, cfg.steps, final_metrics)
-        tokens_per_second = train_tokens / train_seconds if train_seconds > 0 else 0.0
-        log({"event": "end", "step": cfg.steps, "train_seconds": train_seconds,
-             "tokens_per_s": tokens_per_second, "checkpoint": str(final_dir), **final_metrics})
+def _log_train(session: _Session, step: int, result: _StepResult, throughput: _Throughput) -> None:
+    """A ``train`` event with the mean loss and the tokens/s since the previous one."""
+    cfg = session.cfg
+    session.log({"event": "train", "step": step, "loss": throughput.window_loss / throughput.window_steps,
+                 "aux_loss": result.aux_loss, "lr": cfg.lr * session.scheduler.factor(step - 1),
+                 "grad_norm": result.grad_norm,
+                 "tokens_per_s": throughput.window_tokens / max(throughput.window_seconds, 1e-9),
+                 "train_seconds": throughput.total_seconds})
+    throughput.reset_window()
+
+
+def _evaluate_all_lengths(session: _Session, step: int) -> Dict[str, float]:
+    """Evaluate at the training length and each ``train.eval_lengths``; log each; return them flat
+    (``<split>_<metric>`` and ``<split>_<metric>@<length>``)."""
+    cfg, task = session.cfg, session.task
+    eval_size = cfg.eval_batch_size or cfg.batch_size
+    flat: Dict[str, float] = {}
+    for length in [None] + [n for n in cfg.eval_lengths if n != task.default_length]:
+        metrics = evaluate(session.inner, task, split=cfg.eval_split, batches=cfg.eval_batches, batch_size=eval_size,
+                           length=length, device=session.ctx.device, bf16=cfg.bf16)
+        shown = length if length is not None else task.default_length
+        session.log({"event": "eval", "step": step, "split": cfg.eval_split, "length": shown, **metrics})
+        suffix = "" if length is None else f"@{length}"
+        flat.update({f"{cfg.eval_split}_{k}{suffix}": v for k, v in metrics.items() if k != "count"})
+    return flat
+
+
+def _save_checkpoint(session: _Session, directory: Path, step: int, metrics: Dict[str, float]) -> Path:
+    """Write a training checkpoint: every rank gathers (collectives under FSDP), rank 0 writes, and all
+    ranks wait for the files to be whole (and all stop if rank 0 failed)."""
+    ctx, inner, world = session.ctx, session.inner, session.ctx.world_size
+    weights = ckpt.gather_model_state(inner, session.fsdp)
+    optim_state = ckpt.gather_optimizer_state(inner, session.optimizer, session.fsdp)
+    rngs = distributed.all_gather_object(ckpt.rng_state(), ctx)
+    failure = None
+    if ctx.is_main:
+        try:
+            ckpt.write_checkpoint(
+                directory, model_config=session.model_config, weights=weights,
+                trainer_state={"step": step, "optimizer": optim_state, "scheduler": session.scheduler.state_dict(),
+                               "rng": rngs, "world_size": world, "micro_batches": session.micro_batches},
+                run_info=ckpt.make_run_info(session.run, step=step, task_config=session.task_config,
+                                            world_size=world, micro_batches=session.micro_batches, metrics=metrics))
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, not wait at a barrier
+            failure = f"{type(err).__name__}: {err}"
+            if not ctx.distributed:
+                raise
+    failure = distributed.broadcast_object(failure, ctx)
+    if failure is not None:
+        raise RuntimeError(f"writing checkpoint {directory} failed on rank 0: {failure}")
+    return directory
+
+
+def _save_periodic_checkpoint(session: _Session, step: int, metrics: Dict[str, float]) -> None:
+    """``checkpoints/step-NNNNNN``, then prune to ``train.keep_last`` (rank 0) and log it."""
+    session.last_good = _save_checkpoint(session, session.out_dir / ckpt.CHECKPOINTS / f"step-{step:06d}", step,
+                                         metrics)
+    if session.ctx.is_main:
+        removed = ckpt.prune_checkpoints(session.out_dir, session.cfg.keep_last)
+        session.log({"event": "checkpoint", "step": step, "path": str(session.last_good),
+                     "removed": [str(p) for p in removed]})
+
+
+def _train(run: RunConfig, resume, task, ctx: distributed.DistContext) -> TrainResult:
+    session = _set_up(run, resume, task, ctx)
+    _open_log(session)
+    cfg = session.cfg
+    losses: List[float] = []
+    throughput = _Throughput()
+    latest_metrics: Dict[str, float] = {}
+    session.wrapped.train()
+    try:
+        for s in range(session.start_step, cfg.steps):
+            step = s + 1
+            result = _train_step(session, s)
+            losses.append(result.loss)
+            throughput.add(result)
+            session.logger.progress(1, result.loss, result.tokens / max(result.seconds, 1e-9))
+            last = step == cfg.steps  # the final evaluation and checkpoint follow the loop
+            if step % cfg.log_every == 0 or last:
+                _log_train(session, step, result, throughput)
+            if cfg.eval_every and step % cfg.eval_every == 0 and not last:
+                latest_metrics = _evaluate_all_lengths(session, step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
+                _save_periodic_checkpoint(session, step, latest_metrics)
+
+        final_metrics = _evaluate_all_lengths(session, cfg.steps)
+        final_dir = _save_checkpoint(session, session.out_dir / ckpt.FINAL, cfg.steps, final_metrics)
+        tokens_per_second = throughput.total_tokens / throughput.total_seconds if throughput.total_seconds > 0 else 0.0
+        session.log({"event": "end", "step": cfg.steps, "train_seconds": throughput.total_seconds,
+                     "tokens_per_s": tokens_per_second, "checkpoint": str(final_dir), **final_metrics})
     finally:
-        logger.close()
-    curves = plot_curves(out_dir / METRICS_FILE, out_dir / CURVES_FILE) if ctx.is_main else None
-    return TrainResult(final_metrics=final_metrics, history=history, losses=losses, start_step=start_step,
-                       steps=cfg.steps, checkpoint_dir=final_dir, out_dir=out_dir, num_parameters=num_parameters,
-                       tokens_per_second=tokens_per_second, train_seconds=train_seconds,
-                       threads=torch.get_num_threads(), device=str(ctx.device), world_size=world, curves=curves,
-                       resumed_from=source, model=inner)
+        session.logger.close()
+    curves = plot_curves(session.out_dir / METRICS_FILE, session.out_dir / CURVES_FILE) if ctx.is_main else None
+    return TrainResult(final_metrics=final_metrics, history=session.history, losses=losses,
+                       start_step=session.start_step, steps=cfg.steps, checkpoint_dir=final_dir,
+                       out_dir=session.out_dir, num_parameters=session.num_parameters,
+                       tokens_per_second=tokens_per_second, train_seconds=throughput.total_seconds,
+                       threads=torch.get_num_threads(), device=str(ctx.device), world_size=ctx.world_size,
+                       curves=curves, resumed_from=session.source, model=session.inner)

@@ -1,37 +1,25 @@
 """Reading and writing the checkpoint formats users already have, from local directories only.
 
-``config_from_checkpoint(raw)`` recognises the format of a config.json and returns ``(kind, ModelConfig)``;
-``convert_weights(kind, tensors)`` renames tensors to ssmkit's names. ssmkit's module names already follow
-transformers' (``backbone.embeddings``, ``backbone.layers.{i}.mixer.in_proj`` ...), so the conversions are
-mostly configuration.
+One module per external format (``transformers_format.py``: transformers' Mamba and Mamba2;
+``state_spaces.py``: the original mamba_ssm format), each registering a :class:`CheckpointFormat` in the one
+table :data:`FORMATS` (model_type -> format, :mod:`.registry`). This package imports every module in it, so a
+new format is one new file; ``docs/contributing_checkpoint_format.md`` gives the steps.
+
+    fmt = format_of(json.loads(Path(d, "config.json").read_text()))   # e.g. FORMATS["mamba2"]
+    config = fmt.config_from_raw(raw); weights = fmt.weights_to_ssmkit(read_weights(d))
+
+ssmkit's module names already follow transformers' (``backbone.embeddings``, ``backbone.layers.{i}.mixer.in_proj``
+...), so most conversions are configuration only.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import importlib
+import pkgutil
 
-import torch
+from .registry import FORMATS, CheckpointFormat, format_of, register_format, supported_model_types  # noqa: F401
 
-from ..config import ModelConfig
-from . import state_spaces, transformers_format
-
-
-def config_from_checkpoint(raw: dict, source: str = "config.json") -> Tuple[str, ModelConfig]:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source} must hold a JSON object; got {type(raw).__name__}")
-    model_type = raw.get("model_type")
-    if model_type == "ssmkit":
-        fields = {k: v for k, v in raw.items() if k not in ("model_type", "ssmkit_version")}
-        return "ssmkit", ModelConfig.from_dict(fields)
-    if model_type in ("mamba", "mamba2"):
-        return model_type, transformers_format.config_from_hf(raw)
-    if "d_model" in raw and "n_layer" in raw:
-        return "state-spaces", state_spaces.config_from_state_spaces(raw)
-    raise ValueError(f"{source}: unrecognised checkpoint (model_type={model_type!r}); ssmkit reads its own "
-                     "checkpoints, transformers' 'mamba' and 'mamba2', and state-spaces (d_model, n_layer, ssm_cfg)")
-
-
-def convert_weights(kind: str, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    if kind == "state-spaces":
-        return state_spaces.weights_from_state_spaces(weights)
-    return dict(weights)
+# every format module registers itself on import; the leading underscore keeps helpers out of this loop
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "registry" and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

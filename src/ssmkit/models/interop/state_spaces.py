@@ -12,6 +12,7 @@ from typing import Dict
 import torch
 
 from ..config import ModelConfig
+from .registry import CheckpointFormat, register_format
 
 _MAMBA1_KEYS = {"d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
                 "dt_init_floor", "conv_bias", "bias"}
@@ -50,3 +51,8 @@ def weights_from_state_spaces(weights: Dict[str, torch.Tensor]) -> Dict[str, tor
             key = "backbone.embeddings.weight"
         renamed[key] = value
     return renamed
+
+
+register_format(CheckpointFormat(name="state-spaces", config_from_raw=config_from_state_spaces,
+                                 weights_to_ssmkit=weights_from_state_spaces,
+                                 recognises=lambda raw: "d_model" in raw and "n_layer" in raw))

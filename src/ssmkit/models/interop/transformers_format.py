@@ -13,6 +13,8 @@ from typing import Dict, Tuple
 import torch
 
 from ..config import ModelConfig
+from ..io import write_checkpoint_dir
+from .registry import CheckpointFormat, register_format
 
 
 def _json_float(value) -> float:
@@ -84,7 +86,9 @@ def to_hf(model) -> Tuple[dict, Dict[str, torch.Tensor]]:
 
 def save_hf(model, directory):
     """Write ``model`` as a transformers checkpoint directory (config.json + model.safetensors), atomically."""
-    from ..checkpoints import write_checkpoint_dir
-
     raw, tensors = to_hf(model)
     return write_checkpoint_dir(directory, raw, tensors)
+
+
+register_format(CheckpointFormat(name="transformers", config_from_raw=config_from_hf, export=to_hf),
+                model_types=("mamba", "mamba2"))

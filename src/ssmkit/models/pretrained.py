@@ -1,0 +1,39 @@
+"""``save_pretrained`` / ``from_pretrained`` for a model class, on top of :mod:`.io` and :mod:`.interop`.
+
+A checkpoint is a directory with ``config.json`` and ``model.safetensors`` (see :mod:`ssmkit.models.io` for
+how it is written and read). ``from_pretrained`` also reads the checkpoints users already have, all from
+local directories (nothing is downloaded): every format registered in :mod:`ssmkit.models.interop`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from . import io
+from .interop import format_of
+
+
+class PretrainedMixin:
+    """Saving and loading for a model class built as ``cls(config: ModelConfig)`` with a ``config`` attribute."""
+
+    def save_pretrained(self, directory: io.PathLike) -> Path:
+        """Write config.json + model.safetensors for this model atomically into ``directory``."""
+        return io.write_checkpoint_dir(directory, io.config_to_dict(self.config), io.unique_state_dict(self))
+
+    @classmethod
+    def from_pretrained(cls, directory: io.PathLike, dtype: Optional[torch.dtype] = None,
+                        device: Optional[Union[str, torch.device]] = None):
+        """Load a checkpoint of any registered format (ssmkit, transformers Mamba/Mamba2, state-spaces, ...)
+        from a local directory, strictly (every tensor must match), in eval mode."""
+        directory = Path(directory)
+        raw = io.read_config_json(directory)
+        fmt = format_of(raw, source=str(directory / io.CONFIG_FILE))
+        model = cls(fmt.config_from_raw(raw))
+        weights = fmt.weights_to_ssmkit(io.read_weights(directory))
+        io.load_weights_strict(model, weights, source=f"{fmt.name} checkpoint {directory}")
+        if dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        return model.eval()
