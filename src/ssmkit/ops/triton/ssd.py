@@ -532,7 +532,7 @@ class _SSDFn(torch.autograd.Function):
         cfg = _config(Q, P, N, x.element_size())
         Lp = cs.shape[-1]
         if dy is None:
-            dy = torch.zeros_like(x)
+            dy = torch.zeros(batch, L, heads, P, device=x.device, dtype=x.dtype)
         # gate and skip, elementwise: dout = dL/d(y before the gate)
         if z is not None:
             zf = z.float()
@@ -556,7 +556,8 @@ class _SSDFn(torch.autograd.Function):
         dh0, dcs_last = _pass_states(dstates, cs, seq, L, Q, dfinal, cfg, reverse=True, states=states)
         n_chunks = Lp // Q
         f32 = dict(device=x.device, dtype=torch.float32)
-        dx = torch.empty_like(x)
+        # the kernel writes dx at contiguous (batch, L, heads, P) offsets whatever x's strides (x may be a view)
+        dx = torch.empty(batch, L, heads, P, device=x.device, dtype=x.dtype)
         dB_h = torch.empty(batch, L, heads, N, **f32)
         dC_h = torch.empty(batch, L, heads, N, **f32)
         ddt = torch.zeros(batch, heads, Lp, **f32)
