@@ -71,3 +71,83 @@ def test_ssd_on_mamba2_channel_first_views(backend):
     errors.update({f"d{n}": rel_err(a, e) for n, a, e in zip(["xBC", "dt", "A", "D", "z"], g_fast, g_ref)})
     bad = {k: v for k, v in errors.items() if not v <= 1e-4}
     assert not bad, f"relative errors above 1e-4: {bad} (all: {errors})"
+
+
+# --------------------------------------------------------------------------------------------------
+# A general check: leaves -> views (a function) -> op; fast backend against the float64 reference
+# --------------------------------------------------------------------------------------------------
+def _check_views(leaves, make_views, fast, reference, tol=1e-4):
+    """``make_views(**leaves) -> kwargs`` builds the (non-contiguous) arguments from the leaves; ``fast`` and
+    ``reference`` map kwargs to a tuple of outputs. Compares outputs and the gradients of every leaf."""
+    leaves = {k: v.to(DEVICE).requires_grad_() for k, v in leaves.items()}
+    outs = fast(**make_views(**leaves))
+    seeds = [torch.randn_like(o) for o in outs]
+    g_fast = torch.autograd.grad(sum((o * s).sum() for o, s in zip(outs, seeds)), list(leaves.values()))
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    outs_ref = reference(**make_views(**ref_leaves))
+    g_ref = torch.autograd.grad(sum((o * s.double()).sum() for o, s in zip(outs_ref, seeds)),
+                                list(ref_leaves.values()))
+    errors = {f"out{i}": rel_err(a, e) for i, (a, e) in enumerate(zip(outs, outs_ref))}
+    for name, a, e in zip(leaves, g_fast, g_ref):
+        assert a.shape == leaves[name].shape, f"d{name}: shape {tuple(a.shape)} != {tuple(leaves[name].shape)}"
+        errors[f"d{name}"] = rel_err(a, e)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+
+
+@pytest.fixture
+def cpp_if_required():
+    """The C++ backend: skipped when its extension cannot be built, but a failure under SSMKIT_REQUIRE_CPP=1."""
+    from ssmkit.ops.selective_scan import cpp as cpp_backend
+    if not cpp_backend.is_available():
+        reason = f"C++ selective scan extension unavailable: {cpp_backend.build_error()}"
+        if os.environ.get("SSMKIT_REQUIRE_CPP") == "1":
+            pytest.fail(reason + " (SSMKIT_REQUIRE_CPP=1)")
+        pytest.skip(reason)
+
+
+SCAN_BACKENDS = ["torch", "cpp", "triton"]
+
+
+def _scan_backend(backend, request):
+    if backend == "cpp":
+        if DEVICE != "cpu":
+            pytest.skip("the C++ backend runs on CPU tensors; this run puts tensors on CUDA")
+        request.getfixturevalue("cpp_if_required")
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the triton package is not installed")
+
+
+@pytest.mark.parametrize("bc", ["mamba1_slices", "expanded_over_batch", "grouped_transposed"])
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_selective_scan_on_views(backend, bc, request):
+    """u, delta, z transposed from (batch, L, dim); B, C as Mamba-1 makes them (slices of x_proj's output,
+    rearranged to (batch, N, L)), expanded over batch (stride 0), or grouped 4-D transposed views."""
+    from ssmkit.ops.selective_scan import selective_scan, selective_scan_ref
+    _scan_backend(backend, request)
+    batch, dim, L, N, G = 2, 4, 9, 3, 2
+    leaves = dict(u=torch.randn(batch, L, dim), delta=torch.randn(batch, L, dim) * 0.5,
+                  A=-torch.rand(N, dim) - 0.1, D=torch.randn(2, dim), z=torch.randn(batch, L, dim),
+                  bias=torch.randn(dim) * 0.2, h0=torch.randn(batch, N, dim))
+    if bc == "mamba1_slices":
+        leaves["x_dbl"] = torch.randn(batch * L, 1 + 2 * N)
+    elif bc == "expanded_over_batch":
+        leaves["B"], leaves["C"] = torch.randn(1, N, L), torch.randn(1, N, L)
+    else:
+        leaves["B"], leaves["C"] = torch.randn(batch, L, N, G), torch.randn(batch, L, N, G)
+
+    def views(u, delta, A, D, z, bias, h0, **bc_leaves):
+        if bc == "mamba1_slices":
+            x_dbl = bc_leaves["x_dbl"]
+            B = x_dbl[:, 1:1 + N].reshape(batch, L, N).transpose(1, 2)
+            C = x_dbl[:, 1 + N:].reshape(batch, L, N).transpose(1, 2)
+        elif bc == "expanded_over_batch":
+            B, C = bc_leaves["B"].expand(batch, N, L), bc_leaves["C"].expand(batch, N, L)
+        else:
+            B, C = bc_leaves["B"].permute(0, 3, 2, 1), bc_leaves["C"].permute(0, 3, 2, 1)
+        return dict(u=u.transpose(1, 2), delta=delta.transpose(1, 2), A=A.t(), B=B, C=C, D=D[1],
+                    z=z.transpose(1, 2), delta_bias=bias, initial_state=h0.transpose(1, 2),
+                    delta_softplus=True, return_last_state=True)
+
+    _check_views(leaves, views, lambda **kw: selective_scan(**kw, backend=backend),
+                 lambda **kw: selective_scan_ref(**kw))
