@@ -151,3 +151,95 @@ def test_selective_scan_on_views(backend, bc, request):
 
     _check_views(leaves, views, lambda **kw: selective_scan(**kw, backend=backend),
                  lambda **kw: selective_scan_ref(**kw))
+
+
+def _triton_or_torch(backend):
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the triton package is not installed")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_causal_conv1d_on_views(backend):
+    """x as the transposed view of a (batch, L, channels) projection slice (what Mamba's in_proj split gives),
+    the weight a slice of a wider (dim, 2 * width) tensor, the initial state a transposed view."""
+    from ssmkit.ops.conv1d import causal_conv1d, causal_conv1d_ref
+    _triton_or_torch(backend)
+    batch, L, dim, width = 2, 13, 5, 4
+    leaves = dict(xz=torch.randn(batch, L, 2 * dim), w=torch.randn(dim, 2 * width), bias=torch.randn(dim),
+                  h0=torch.randn(batch, width - 1, dim))
+
+    def views(xz, w, bias, h0):
+        return dict(x=xz[..., :dim].transpose(1, 2), weight=w[:, ::2], bias=bias,
+                    initial_state=h0.transpose(1, 2), activation="silu", return_final_state=True)
+
+    _check_views(leaves, views, lambda **kw: causal_conv1d(**kw, backend=backend),
+                 lambda **kw: causal_conv1d_ref(**kw))
+
+
+def _check_step(fast, reference, args, tol=1e-4):
+    """One decoding step, inference only: outputs (y, new state) against float64 on the same views."""
+    with torch.no_grad():
+        outs = fast(*args)
+        outs_ref = reference(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    errors = {f"out{i}": rel_err(a, e) for i, (a, e) in enumerate(zip(outs, outs_ref))}
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_causal_conv1d_update_on_views(backend):
+    """x a slice of a (batch, 2 * dim) projection; the conv state a transposed (batch, dim, width-1) view."""
+    from ssmkit.ops.conv1d import causal_conv1d_update
+    _triton_or_torch(backend)
+    batch, dim, width = 3, 6, 4
+    x = torch.randn(batch, 2 * dim, device=DEVICE)[:, dim:]
+    state = torch.randn(batch, width - 1, dim, device=DEVICE).transpose(1, 2)
+    w = torch.randn(width, dim, device=DEVICE).t()
+    bias = torch.randn(dim, device=DEVICE)
+    if backend == "triton":
+        from ssmkit.ops import triton as tk
+        fast = tk.causal_conv1d_update_triton
+    else:
+        fast = causal_conv1d_update
+    _check_step(lambda *a: fast(*a, activation="silu"), lambda *a: causal_conv1d_update(*a, activation="silu"),
+                (x, state, w, bias))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_selective_state_update_on_views(backend):
+    """B and C expanded over batch (stride 0, as mamba_ssm's decoding step may pass them), x and z slices of
+    one projection, the state a transposed view."""
+    from ssmkit.ops.selective_scan import selective_state_update, selective_state_update_ref
+    _triton_or_torch(backend)
+    batch, dim, N, G = 3, 4, 5, 2
+    state = torch.randn(batch, N, dim, device=DEVICE).transpose(1, 2)
+    xz = torch.randn(batch, 2 * dim, device=DEVICE)
+    x, z = xz[:, :dim], xz[:, dim:]
+    dt = torch.randn(dim, batch, device=DEVICE).t()
+    A = -torch.rand(dim, N, device=DEVICE) - 0.1
+    B = torch.randn(1, G, N, device=DEVICE).expand(batch, G, N)
+    C = torch.randn(G, 1, N, device=DEVICE).transpose(0, 1).expand(batch, G, N)
+    D, bias = torch.randn(dim, device=DEVICE), torch.randn(dim, device=DEVICE)
+    _check_step(lambda *a: selective_state_update(*a, dt_softplus=True, backend=backend),
+                lambda *a: selective_state_update_ref(*a, dt_softplus=True),
+                (state, x, dt, A, B, C, D, z, bias))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ssd_state_update_on_views(backend):
+    """x, B, C split from one channel-first (batch, channels) conv output row, B/C expanded over batch,
+    the state a permuted view, A and dt expanded over heads as mamba_ssm's step does."""
+    from ssmkit.ops.ssd import ssd_state_update, ssd_state_update_ref
+    _triton_or_torch(backend)
+    batch, heads, P, G, N = 2, 4, 3, 2, 5
+    xbc = torch.randn(batch, heads * P + 2 * G * N, device=DEVICE)
+    x = xbc[:, :heads * P].view(batch, heads, P)
+    B = xbc[:1, heads * P:heads * P + G * N].view(1, G, N).expand(batch, G, N)
+    C = xbc[:, heads * P + G * N:].view(batch, G, N)
+    state = torch.randn(batch, N, heads, P, device=DEVICE).permute(0, 2, 3, 1)
+    dt = torch.randn(batch, 1, device=DEVICE).expand(batch, heads)
+    A = torch.full((1,), -0.7, device=DEVICE).expand(heads)
+    D, z = torch.randn(heads, device=DEVICE), torch.randn(batch, heads, 2 * P, device=DEVICE)[..., ::2]
+    _check_step(lambda *a: ssd_state_update(*a, dt_softplus=True, backend=backend),
+                lambda *a: ssd_state_update_ref(*a, dt_softplus=True),
+                (state, x, dt, A, B, C, D, z))
