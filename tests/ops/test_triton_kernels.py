@@ -328,7 +328,9 @@ def test_import_is_lazy_and_cpu_without_interpreter_is_refused():
 
 
 def test_backend_argument_dispatches_to_triton_explicitly():
-    """backend="triton" reaches the kernels through the public ops, and last_backend() says so."""
+    """backend="triton" reaches the kernels through the public ops, and last_backend() says so. The tensors
+    live on DEVICE: CUDA where a GPU exists (CPU tensors would rightly be refused there, the interpreter being
+    off), else the CPU under the interpreter."""
     from ssmkit.ops.selective_scan import last_backend, selective_scan
     from ssmkit.ops.ssd import last_backend as ssd_last_backend
     from ssmkit.ops.ssd import ssd, ssd_ref
@@ -337,11 +339,13 @@ def test_backend_argument_dispatches_to_triton_explicitly():
     u, delta = torch.randn(1, 4, 9, generator=g), torch.rand(1, 4, 9, generator=g)
     A = -torch.rand(4, 3, generator=g) - 0.5
     B, C = torch.randn(1, 3, 9, generator=g), torch.randn(1, 3, 9, generator=g)
+    u, delta, A, B, C = (t.to(DEVICE) for t in (u, delta, A, B, C))
     y = selective_scan(u, delta, A, B, C, backend="triton")
     assert last_backend() == "triton"
     torch.testing.assert_close(y, selective_scan(u, delta, A, B, C, backend="reference"), atol=1e-4, rtol=1e-3)
     x, dt = torch.randn(1, 9, 2, 4, generator=g), torch.rand(1, 9, 2, generator=g)
     A2, B2, C2 = -torch.rand(2, generator=g) - 0.5, torch.randn(1, 9, 1, 3, generator=g), torch.randn(1, 9, 1, 3, generator=g)
+    x, dt, A2, B2, C2 = (t.to(DEVICE) for t in (x, dt, A2, B2, C2))
     y2 = ssd(x, dt, A2, B2, C2, 4, backend="triton")
     assert ssd_last_backend() == "triton"
     torch.testing.assert_close(y2, ssd_ref(x, dt, A2, B2, C2, 4), atol=1e-4, rtol=1e-3)
