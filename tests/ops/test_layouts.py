@@ -6,7 +6,7 @@ transposes and reshapes them, so they arrive channel-first strided), and the gra
 the input's shape whatever layout the kernel writes.
 
 Triton runs compiled on CUDA tensors when a GPU exists, else on the CPU under its interpreter
-(TRITON_INTERPRET=1, set before triton is first imported, as tests/ops/test_triton_kernels.py does).
+(TRITON_INTERPRET=1, set by tests/conftest.py before triton is first imported).
 """
 
 import os
@@ -15,8 +15,6 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ssmkit.ops.ssd import ssd, ssd_ref  # noqa: E402
 

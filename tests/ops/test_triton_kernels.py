@@ -1,8 +1,8 @@
 """Triton kernels (ssmkit.ops.triton) against the sequential references, on outputs, final states and every
 gradient, in float32 (relative error <= 1e-3) and bfloat16 (<= 2e-2), at awkward sizes.
 
-Without a GPU the kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set here before
-triton is imported) at small sizes; with one (torch.cuda.is_available()) the same tests run compiled on the
+Without a GPU the kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before triton is imported) at small sizes; with one (torch.cuda.is_available()) the same tests run compiled on the
 GPU at larger sizes. The relative error is ||fast - ref|| / ||ref||, the reference in float64 computed from
 the same (rounded) inputs and the same output gradients.
 """
@@ -16,8 +16,6 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 from ssmkit.ops.conv1d import causal_conv1d_ref, causal_conv1d_update  # noqa: E402
@@ -101,6 +99,46 @@ def test_selective_scan_matches_reference(case, dtype):
     assert y.dtype == dtype and last.dtype == dtype
     assert_all_close([("y", y), ("last_state", last)] + [(f"d{k}", g) for k, g in zip(ins, g_fast)],
                      [y_ref, last_ref] + list(g_ref), TOL[dtype])
+
+
+@pytest.mark.skipif(ON_GPU, reason="compiled kernels always run the real combine function")
+def test_selective_scan_with_the_real_associative_scan_combine(monkeypatch):
+    """The interpreter shim replaces tl.associative_scan of our linear-recurrence combine by a numpy loop;
+    here it is off, so the interpreter calls the real combine function (kept tiny: it runs per element)."""
+    tk._kernels("selective_scan")                                   # installs the shims
+    monkeypatch.setattr(tk, "use_fast_interpreter_scan", False)
+    real_scans = []
+    generic = tk._generic_scan
+
+    def counting_generic_scan(self, inputs):
+        real_scans.append(len(inputs))
+        return generic(self, inputs)
+
+    monkeypatch.setattr(tk, "_generic_scan", counting_generic_scan)
+    case = dict(batch=1, dim=2, groups=None, L=5, N=2, full=True, cfg=dict(T=8, BLOCK_N=2, BLOCK_D=2))
+    ins = _scan_inputs(case, torch.float32)
+    names = list(ins)
+    with tk._kernels("selective_scan").override_config(**case["cfg"]):
+        y, last = tk.selective_scan_triton(delta_softplus=True, return_last_state=True, **ins)
+        seeds = [torch.randn_like(y), torch.randn_like(last)]
+        g_fast = grads([y, last], seeds, list(ins.values()))
+    ref_ins = dict(zip(names, as_reference(ins.values())))
+    y_ref, last_ref = selective_scan_ref(delta_softplus=True, return_last_state=True, **ref_ins)
+    g_ref = grads([y_ref, last_ref], seeds, list(ref_ins.values()))
+    assert_all_close([("y", y), ("last", last)] + [(f"d{k}", g) for k, g in zip(names, g_fast)],
+                     [y_ref, last_ref] + list(g_ref), TOL[torch.float32])
+    assert real_scans, "the interpreter's own associative scan never ran"
+
+
+def test_interpreter_shims_refuse_unknown_triton_versions(monkeypatch):
+    """The shims patch private interpreter classes: on an unchecked triton release they refuse, naming the
+    version found and the versions known, instead of patching blindly."""
+    import triton
+
+    monkeypatch.setattr(tk, "_interpreter_patched", False)
+    monkeypatch.setattr(triton, "__version__", "9.9.0")
+    with pytest.raises(RuntimeError, match=r"known to work with triton 3\.6\.x; found triton 9\.9\.0"):
+        tk._patch_interpreter()
 
 
 def test_selective_scan_inference_path_matches_training_path():

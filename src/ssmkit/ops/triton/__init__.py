@@ -90,6 +90,11 @@ def _kernels(name: str):
 
 
 _interpreter_patched = False
+# Triton releases whose interpreter internals the shims below were checked against (prefixes of __version__)
+INTERPRETER_SHIM_TRITON_VERSIONS = ("3.6.",)
+# the vectorised stand-in for tl.associative_scan (shim 2); a test turns it off to run the real combine function
+use_fast_interpreter_scan = True
+_generic_scan = None
 
 
 def _patch_interpreter() -> None:
@@ -103,16 +108,25 @@ def _patch_interpreter() -> None:
        time in Python. For our linear-recurrence operator (marked ``_ssmkit_linear_recurrence``) the same
        sequential recurrence is run vectorised over the other axes; any other operator keeps the generic path.
     """
-    global _interpreter_patched
+    global _interpreter_patched, _generic_scan
     if _interpreter_patched:
         return
+    import triton
+
+    # the shims replace methods of private interpreter classes, whose names and behaviour change between
+    # releases: run only on the versions they were checked against
+    if not triton.__version__.startswith(INTERPRETER_SHIM_TRITON_VERSIONS):
+        raise RuntimeError(f"ssmkit's Triton interpreter shims are known to work with triton "
+                           f"{', '.join(v + 'x' for v in INTERPRETER_SHIM_TRITON_VERSIONS)}; found triton "
+                           f"{triton.__version__}. Run the triton backend compiled on a GPU, or install a known "
+                           f"version to use it under TRITON_INTERPRET=1.")
     _interpreter_patched = True
     try:
         from triton.runtime import interpreter as _interp
         scope_cls = _interp._LangPatchScope
         original = scope_cls.set_attr
         scan_cls = _interp.ScanOps
-        generic_scan = scan_cls.generic_scan
+        _generic_scan = scan_cls.generic_scan  # the interpreter's own, calling the combine function
     except (ImportError, AttributeError):  # another triton layout: nothing to patch
         return
     import numpy as np
@@ -125,8 +139,9 @@ def _patch_interpreter() -> None:
 
     def fast_scan(self, inputs):
         fn = getattr(self.combine_fn, "fn", None)
-        if not getattr(fn, "_ssmkit_linear_recurrence", False) or len(inputs) != 2:
-            return generic_scan(self, inputs)
+        if (not use_fast_interpreter_scan or not getattr(fn, "_ssmkit_linear_recurrence", False)
+                or len(inputs) != 2):
+            return _generic_scan(self, inputs)
         # inputs arrive already flipped for reverse scans; h_t = a_t h_{t-1} + b_t along self.axis
         a = np.moveaxis(inputs[0].handle.data, self.axis, -1)
         b = np.moveaxis(inputs[1].handle.data, self.axis, -1).copy()
