@@ -241,3 +241,23 @@ def test_ssd_state_update_on_views(backend):
     _check_step(lambda *a: ssd_state_update(*a, dt_softplus=True, backend=backend),
                 lambda *a: ssd_state_update_ref(*a, dt_softplus=True),
                 (state, x, dt, A, B, C, D, z))
+
+
+def test_linear_attention_chunked_on_views():
+    """q, k, v split from one (batch, L, 3 * heads * d) projection and moved to (batch, heads, L, d) by
+    views, as an attention layer does; k's features positive (phi(k) of a feature map)."""
+    from ssmkit.ops.linear_attention import linear_attention_chunked, linear_attention_ref
+    batch, L, heads, dk = 2, 11, 2, 3
+    leaves = dict(qkv=torch.randn(batch, L, 3 * heads * dk))
+
+    def views(qkv):
+        q, k, v = (t.reshape(batch, L, heads, dk).transpose(1, 2) for t in qkv.split(heads * dk, dim=-1))
+        return dict(q=torch.nn.functional.elu(q) + 1, k=torch.nn.functional.elu(k) + 1, v=v,
+                    return_final_state=True)
+
+    def flat(out):
+        y, state = out
+        return (y, *state)
+
+    _check_views(leaves, views, lambda **kw: flat(linear_attention_chunked(**kw, chunk_size=4)),
+                 lambda **kw: flat(linear_attention_ref(**kw)))
