@@ -2,8 +2,8 @@
 gradient, in float32 (relative error <= 1e-3) and bfloat16 (<= 2e-2), at awkward sizes.
 
 Without a GPU the kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set by
-tests/conftest.py before triton is imported) at small sizes; with one (torch.cuda.is_available()) the same tests run compiled on the
-GPU at larger sizes. The relative error is ||fast - ref|| / ||ref||, the reference in float64 computed from
+tests/conftest.py before triton is imported) at small sizes; with one (torch.cuda.is_available()) the same
+tests run compiled on the GPU at larger sizes. The relative error is ||fast - ref|| / ||ref||, the reference in float64 computed from
 the same (rounded) inputs and the same output gradients.
 """
 
