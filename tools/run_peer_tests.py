@@ -6,7 +6,8 @@ fetches nothing), change only
 
 * every ``from mamba_ssm.<...> import`` / ``from causal_conv1d.<...> import`` to import from a shim
   module that re-exports :mod:`ssmkit.compat.mamba_ssm` and :mod:`ssmkit.compat.causal_conv1d`
-  (names ssmkit does not offer, the peers' kernel internals, raise ``NotImplementedError`` when called);
+  (names ssmkit does not offer, such as the peers' kernel internals or ``mamba_inner_fn``, raise
+  ``NotImplementedError`` when called);
 * the device string ``"cuda"`` to ``"cpu"`` (``--device cuda`` keeps it),
 
 and run pytest on the copies. The copies and the shim go to ``--work`` (default ``.peers/``, kept out of
@@ -37,7 +38,7 @@ from ssmkit.compat.mamba_ssm import *  # noqa: F401,F403
 
 def __getattr__(name):
     def not_offered(*args, **kwargs):
-        raise NotImplementedError(f"ssmkit.compat does not offer {name} (an internal of the peer package)")
+        raise NotImplementedError(f"ssmkit.compat does not offer {name}")
     not_offered.__name__ = name
     return not_offered
 '''
