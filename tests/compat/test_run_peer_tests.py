@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("run_peer_tests", ROOT / "tools" / "run_peer_tests.py")
 runner = importlib.util.module_from_spec(spec)
@@ -32,6 +34,7 @@ def test_rewrite_touches_only_peer_imports_and_the_device_string():
                                             'd = "cpu"; e = \'cpu\'\ntorch.cuda.manual_seed_all(0)\n')
 
 
+@pytest.mark.slow  # a pytest subprocess that imports torch
 def test_runner_runs_a_checkout_against_the_compat_modules(tmp_path):
     checkout = tmp_path / "causal-conv1d"
     (checkout / "tests").mkdir(parents=True)
