@@ -382,3 +382,25 @@ def test_bad_state_update_input_names_the_argument(name, make_bad, error, messag
     args[name] = make_bad(args)
     with pytest.raises(error, match=message):
         selective_state_update(**args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_float32_parameters_beside_half_activations(backend):
+    """As mamba_ssm: bf16 u/delta/B/C/z with float32 A, D, delta_bias; y in bf16, each gradient in its
+    argument's dtype, the result within bf16 rounding of the float64 reference."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    g = torch.Generator().manual_seed(3)
+    b, d, L, N = 2, 4, 9, 3
+    half = [torch.randn(b, d, L, generator=g), torch.rand(b, d, L, generator=g), torch.randn(b, N, L, generator=g),
+            torch.randn(b, N, L, generator=g), torch.randn(b, d, L, generator=g)]
+    u, delta, B, C, z = (t.to(device, torch.bfloat16).requires_grad_() for t in half)
+    A, D, bias = (t.to(device).requires_grad_() for t in (-torch.rand(d, N, generator=g),
+                                                           torch.randn(d, generator=g), torch.randn(d, generator=g)))
+    y = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, backend=backend)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert [t.grad.dtype for t in (u, A, D, bias)] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    ref = selective_scan_ref(*(t.detach().double() for t in (u, delta, A, B, C, D, z, bias)), delta_softplus=True)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2

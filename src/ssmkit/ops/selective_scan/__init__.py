@@ -40,7 +40,7 @@ from ..backends import register_op, resolve
 from ..triton import triton_available
 from . import cpp as _cpp
 from .chunked import flush_denormals, selective_scan_chunked
-from .reference import selective_scan_ref, selective_state_update_ref
+from .reference import mixed_precision, selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "selective_scan", "selective_scan_ref", "selective_scan_chunked", "selective_state_update",
@@ -97,7 +97,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         A: (dim, N), real.
         B, C: (batch, N, L) or (batch, groups, N, L), ``groups`` dividing ``dim``; channel ``d`` uses
             group ``d // (dim // groups)``.
-        D, delta_bias: optional (dim,).
+        D, delta_bias: optional (dim,). With half-precision u (bfloat16, float16), A, D and delta_bias may
+            be float32, as mamba_ssm allows.
         z: optional (batch, dim, L); the output is multiplied by silu(z).
         delta_softplus: replace delta by softplus(delta + delta_bias).
         return_last_state: also return the state after the last step.
@@ -109,6 +110,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         tensor argument, including initial_state, and in from last_state.
     """
     name = resolve("selective_scan", backend, lambda: _auto(u))
+    if name != "triton" and mixed_precision(u, A, D, delta_bias):
+        # float32 parameters beside half-precision activations (accepted as mamba_ssm accepts them): the
+        # kernels other than Triton's take one dtype, so they compute in float32 and return in u's dtype
+        f32 = [t.float() if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+        out = selective_scan(*f32[:7], delta_bias=f32[7], delta_softplus=delta_softplus,
+                             return_last_state=return_last_state, initial_state=f32[8], backend=name)
+        return tuple(t.to(u.dtype) for t in out) if return_last_state else out.to(u.dtype)
     if name == "triton":
         from ..triton import selective_scan_triton
 

@@ -118,8 +118,22 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
              "initial_state": initial_state}
     check_same_device(named)
-    _check_dtypes(named)
+    params = {"A": A, "D": D, "delta_bias": delta_bias}
+    if u.dtype in HALF_DTYPES and all(v is None or v.dtype in (u.dtype, torch.float32) for v in params.values()):
+        # as mamba_ssm: float32 parameters beside half-precision activations (a model kept in float32 under
+        # autocast, or its parameters upcast); they are checked among themselves only
+        _check_dtypes({k: v for k, v in named.items() if k not in params})
+    else:
+        _check_dtypes(named)
     return ScanArgs(batch, dim, length, d_state, B4, C4)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def mixed_precision(u, A, D=None, delta_bias=None) -> bool:
+    """Whether float32 parameters (A, D, delta_bias) come with half-precision activations (u, delta, B, C, z)."""
+    return u.dtype in HALF_DTYPES and any(v is not None and v.dtype != u.dtype for v in (A, D, delta_bias))
 
 
 def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):
