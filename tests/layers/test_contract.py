@@ -5,8 +5,8 @@
 (e) gradients reach every parameter and the initial state
 (f) lengths 1, 63 and 1000                       plus bad input: clear errors naming the argument.
 
-A new mixer must add a small configuration to CONTRACT_CONFIGS; test_every_mixer_is_covered fails until it
-does, so no registered mixer escapes the suite.
+A new mixer declares a small ``contract_config`` on its class (register_mixer refuses it otherwise), so no
+registered mixer escapes the suite.
 """
 
 import pytest
@@ -18,16 +18,9 @@ from ssmkit.layers import MIXERS, build_mixer
 from ..helpers import assert_close_scaled
 
 D_MODEL = 8
-# Small but non-trivial configurations (several heads/groups/states), cheap enough to step 1000 times.
-CONTRACT_CONFIGS = {
-    "s4": dict(d_state=8),
-    "s4d": dict(d_state=8),
-    "s5": dict(d_state=8),
-    "mamba": dict(d_state=4, d_conv=4, expand=2),
-    "mamba2": dict(d_state=6, headdim=4, expand=2, ngroups=2, chunk_size=16),
-    "attention": dict(n_heads=2),
-    "linear_attention": dict(n_heads=2),
-}
+# Small but non-trivial configurations (several heads/groups/states), cheap enough to step 1000 times: each
+# mixer class declares its own (``contract_config``), so a newly registered mixer joins the suite unasked.
+CONTRACT_CONFIGS = {name: cls.contract_config for name, cls in MIXERS.items()}
 # forward-vs-step tolerance relative to the output scale: float64 is exact to rounding, float32 accumulates
 # rounding differently in the parallel (FFT, chunked) and sequential forms over 1000 steps.
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
@@ -37,7 +30,7 @@ NAMES = sorted(MIXERS)
 
 def make(name, dtype, seed=0):
     torch.manual_seed(seed)
-    mixer = build_mixer(name, D_MODEL, **CONTRACT_CONFIGS[name]).to(dtype)
+    mixer = build_mixer(name, D_MODEL, **MIXERS[name].contract_config).to(dtype)
     # Perturb every parameter a little so no test passes by an accident of the initialisation (zeros, ones).
     with torch.no_grad():
         for p in mixer.parameters():
@@ -185,7 +178,7 @@ def test_bad_input_is_refused_with_clear_errors(name):
     with pytest.raises(ValueError, match="state is required"):
         mixer.step(good[:, 0], None)
     other = next(n for n in NAMES if n != name)
-    foreign = build_mixer(other, D_MODEL, **CONTRACT_CONFIGS[other]).init_state(2)
+    foreign = build_mixer(other, D_MODEL, **MIXERS[other].contract_config).init_state(2)
     with pytest.raises(ValueError, match="another mixer"):
         mixer(good, foreign)
     if not mixer.supports_packing:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ssmkit
+from ssmkit.layers import MIXERS
 from ssmkit.models import ModelConfig, SSMModel, from_config, from_pretrained
 
 from ..helpers import assert_close_scaled
@@ -265,7 +266,7 @@ def test_top_level_api():
     assert isinstance(tiny(), SSMModel)
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "s4", "s4d", "s5", "attention", "linear_attention"])
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
 def test_bfloat16_autocast_trains_every_mixer(mixer):
     """Projections run in bfloat16 under autocast; each mixer's recurrent core stays in float32."""
     model = tiny(mixer).train()

@@ -117,6 +117,11 @@ class Mamba(Mixer):
             ``last_backend`` names the one that ran.
     """
 
+    pattern_letter = "M"
+    contract_config = dict(d_state=4, d_conv=4, expand=2)
+    # dt_proj.bias is the counterpart of Mamba-2's dt_bias (the step's offset before softplus)
+    ssm_parameter_names = ("A_log", "D", "dt_proj.bias")
+    depth_scaled = ("out_proj.weight",)
     supports_packing = True
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: Union[int, float] = 2,

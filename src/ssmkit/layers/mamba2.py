@@ -121,6 +121,10 @@ class Mamba2(Mixer):
         dt_init_floor: lower bound of the initial Delta (mamba_ssm's default 1e-4).
     """
 
+    pattern_letter = "D"
+    contract_config = dict(d_state=6, headdim=4, expand=2, ngroups=2, chunk_size=16)
+    ssm_parameter_names = ("dt_bias", "A_log", "D")
+    depth_scaled = ("out_proj.weight",)
     supports_packing = True
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: Union[int, float] = 2,

@@ -103,6 +103,10 @@ class S5(RateMixin, Mixer):
     :data:`ssmkit.ops.scan.BACKENDS`) picks the scan used by ``forward``; all give the same numbers.
     """
 
+    pattern_letter = "5"
+    contract_config = dict(d_state=8)
+    ssm_parameter_names = ("log_dt", "Lambda_re", "Lambda_im", "B_re", "B_im")  # diagonal Lambda, B~, Delta
+
     scan_backend: str = "associative"
 
     def __init__(self, d_model: int, d_state: int = 64, blocks: int = 1, dt_min: float = 1e-3,
