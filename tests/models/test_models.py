@@ -110,7 +110,7 @@ def test_bad_token_ids_and_empty_prompt():
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "MA", "s4d"])
+@pytest.mark.parametrize("mixer", sorted(MIXERS) + ["MA"])
 def test_greedy_generation_equals_argmax_of_full_forward(mixer):
     model = tiny(mixer, n_layers=2).double()
     prompt = torch.randint(0, 23, (2, 7))

@@ -154,7 +154,7 @@ class Mamba(Mixer):
         self.A_log = nn.Parameter(torch.empty(d_inner, N))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
-        # optimisers in ssmkit.train (and mamba_ssm's recipes) skip weight decay on these
+        # for optimiser recipes written for mamba_ssm, which look for this mark; ssmkit.train reads ssm_parameter_names
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
         self._init_ssm_parameters(dt_min, dt_max, dt_init, dt_scale, dt_init_floor)

@@ -169,7 +169,7 @@ class Mamba2(Mixer):
             self.norm = RMSNormGated(self.d_inner, eps=1e-5, norm_before_gate=norm_before_gate,
                                      group_size=self.d_inner // G)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
-        for p in (self.dt_bias, self.A_log, self.D):  # optimisers skip weight decay on these
+        for p in (self.dt_bias, self.A_log, self.D):  # mamba_ssm recipes' mark; ssmkit reads ssm_parameter_names
             p._no_weight_decay = True
         self._init_ssm_parameters(low, high, dt_min, dt_max, dt_init_floor)
 
