@@ -41,3 +41,12 @@ def test_foundation_demo_writes_its_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert (tmp_path / "hippo_reconstruction.png").stat().st_size > 10_000
     assert "legs: relative RMSE" in out
+
+
+def test_mixer_table_matches_the_registry():
+    """The README's mixer table lists every registered mixer once, with the pattern letter its class declares."""
+    from ssmkit.layers import MIXERS
+
+    table = re.findall(r"^\| [^|]+ \| `(\w+)` \| `(.)` \|", README, flags=re.M)
+    assert dict(table) == {name: cls.pattern_letter for name, cls in MIXERS.items()}
+    assert len(table) == len(MIXERS)

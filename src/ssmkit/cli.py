@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="the main job: train several architectures on one task and compare them")
     p.add_argument("--task", default=None, help="task name (default: induction_heads)")
-    p.add_argument("--models", nargs="+", default=None, help="model presets (transformer s4d mamba mamba2 hybrid)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="model presets (transformer s4d mamba mamba2 hybrid) or any registered mixer name")
     p.add_argument("--length", type=int, default=None, help="training sequence length")
     p.add_argument("--budget", type=float, default=None, help="training seconds per model")
     p.add_argument("--eval-lengths", type=int, nargs="+", default=None)

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .layers import MIXERS
 from .models import from_config
 from .train import ModelSpec, RunConfig, TaskSpec, TrainConfig, evaluate, forward_batch, model_config_for, train
 from .utils.configs import load_config
@@ -47,13 +48,18 @@ DEFAULT_TASKS = {
 
 
 def _preset_spec(name: str) -> ModelSpec:
-    if name not in PRESETS:
-        import difflib
+    """A named preset, or any registered mixer (two layers of it at its default sizes, no MLP)."""
+    if name in PRESETS:
+        return ModelSpec(d_model=D_MODEL, n_layers=2, **PRESETS[name])
+    if name in MIXERS:
+        return ModelSpec(d_model=D_MODEL, n_layers=2, mixer=name)
+    import difflib
 
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r} for compare: choose from {sorted(PRESETS)}{hint}")
-    return ModelSpec(d_model=D_MODEL, n_layers=2, **PRESETS[name])
+    choices = sorted(set(PRESETS) | set(MIXERS))
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown model {name!r} for compare: choose a preset or a registered mixer from "
+                     f"{choices}{hint}")
 
 
 def _seconds_per_step(model, task, batch_size: int, length: int) -> float:

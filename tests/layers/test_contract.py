@@ -5,13 +5,13 @@
 (e) gradients reach every parameter and the initial state
 (f) lengths 1, 63 and 1000                       plus bad input: clear errors naming the argument.
 
-Each mixer with fast paths runs the suite once per backend of its layer (``Mixer.backend``): on the CPU the
-C++ and torch paths, and Triton under the interpreter at lengths up to 63 in float32 (the kernels take no
-float64); on a machine with CUDA the Triton rows run compiled, on CUDA tensors. The C++ rows fail rather
-than skip where SSMKIT_REQUIRE_CPP=1 (CI).
+Each mixer with fast paths runs the suite once per backend it declares (``Mixer.contract_backends``, run
+through ``Mixer.backend``): on the CPU the C++ and torch paths, and Triton under the interpreter at lengths
+up to 63 in float32 (the kernels take no float64); on a machine with CUDA the Triton rows run compiled, on
+CUDA tensors. The C++ rows fail rather than skip where SSMKIT_REQUIRE_CPP=1 (CI).
 
-A new mixer must add a small configuration to CONTRACT_CONFIGS; test_every_mixer_is_covered fails until it
-does, so no registered mixer escapes the suite.
+A new mixer declares a small ``contract_config`` on its class (register_mixer refuses it otherwise), so no
+registered mixer escapes the suite.
 """
 
 import os
@@ -27,25 +27,15 @@ from ssmkit.ops.triton import triton_available
 from ..helpers import assert_close_scaled
 
 D_MODEL = 8
-# Small but non-trivial configurations (several heads/groups/states), cheap enough to step 1000 times.
-CONTRACT_CONFIGS = {
-    "s4": dict(d_state=8),
-    "s4d": dict(d_state=8),
-    "s5": dict(d_state=8),
-    "mamba": dict(d_state=4, d_conv=4, expand=2),
-    "mamba2": dict(d_state=6, headdim=4, expand=2, ngroups=2, chunk_size=16),
-    "attention": dict(n_heads=2),
-    "linear_attention": dict(n_heads=2),
-}
+# Small but non-trivial configurations (several heads/groups/states), cheap enough to step 1000 times: each
+# mixer class declares its own (``contract_config``), so a newly registered mixer joins the suite unasked.
+CONTRACT_CONFIGS = {name: cls.contract_config for name, cls in MIXERS.items()}
 # forward-vs-step tolerance relative to the output scale: float64 is exact to rounding, float32 accumulates
 # rounding differently in the parallel (FFT, chunked) and sequential forms over 1000 steps.
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
 DTYPES = [torch.float64, torch.float32]
 NAMES = sorted(MIXERS)
 
-# The backends each layer with fast paths runs the contract with (None: the mixer's default, "auto").
-LAYER_BACKENDS = {"mamba": ("cpp", "torch", "triton"), "mamba2": ("torch", "triton"),
-                  "s5": ("associative", "chunked")}
 ON_GPU = torch.cuda.is_available()
 REQUIRE_CPP = os.environ.get("SSMKIT_REQUIRE_CPP") == "1"
 
@@ -60,7 +50,7 @@ def _row(name, backend):
     return pytest.param(name, backend, id=name if backend is None else f"{name}-{backend}", marks=marks)
 
 
-ROWS = [_row(name, backend) for name in NAMES for backend in LAYER_BACKENDS.get(name, (None,))]
+ROWS = [_row(name, backend) for name in NAMES for backend in MIXERS[name].contract_backends]
 
 
 def device_of(backend):
@@ -79,7 +69,7 @@ def skip_unsupported(backend, dtype=None, length=None):
 
 def make(name, dtype, seed=0, backend=None):
     torch.manual_seed(seed)
-    mixer = build_mixer(name, D_MODEL, **CONTRACT_CONFIGS[name]).to(dtype)
+    mixer = build_mixer(name, D_MODEL, **MIXERS[name].contract_config).to(dtype)
     # Perturb every parameter a little so no test passes by an accident of the initialisation (zeros, ones).
     with torch.no_grad():
         for p in mixer.parameters():
@@ -243,7 +233,7 @@ def test_bad_input_is_refused_with_clear_errors(name):
     with pytest.raises(ValueError, match="state is required"):
         mixer.step(good[:, 0], None)
     other = next(n for n in NAMES if n != name)
-    foreign = build_mixer(other, D_MODEL, **CONTRACT_CONFIGS[other]).init_state(2)
+    foreign = build_mixer(other, D_MODEL, **MIXERS[other].contract_config).init_state(2)
     with pytest.raises(ValueError, match="another mixer"):
         mixer(good, foreign)
     if not mixer.supports_packing:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ssmkit
+from ssmkit.layers import MIXERS
 from ssmkit.models import ModelConfig, SSMModel, from_config, from_pretrained
 
 from ..helpers import assert_close_scaled
@@ -109,7 +110,7 @@ def test_bad_token_ids_and_empty_prompt():
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "MA", "s4d"])
+@pytest.mark.parametrize("mixer", sorted(MIXERS) + ["MA"])
 def test_greedy_generation_equals_argmax_of_full_forward(mixer):
     model = tiny(mixer, n_layers=2).double()
     prompt = torch.randint(0, 23, (2, 7))
@@ -265,7 +266,7 @@ def test_top_level_api():
     assert isinstance(tiny(), SSMModel)
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "s4", "s4d", "s5", "attention", "linear_attention"])
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
 def test_bfloat16_autocast_trains_every_mixer(mixer):
     """Projections run in bfloat16 under autocast; each mixer's recurrent core stays in float32."""
     model = tiny(mixer).train()

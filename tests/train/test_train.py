@@ -133,7 +133,7 @@ def test_ssm_parameter_names_exist_in_their_mixers():
     for mixer, names in SSM_PARAMETER_NAMES.items():
         if mixer not in MIXERS:
             continue  # a mixer not in this build (e.g. s5 before it is registered)
-        layer = build_mixer(mixer, 8, **({"d_state": 4} if mixer != "mamba" else {}))
+        layer = build_mixer(mixer, 8, **MIXERS[mixer].contract_config)
         params = dict(layer.named_parameters())
         missing = [n for n in names if n not in params]
         assert not missing, f"{mixer}: {missing} are not parameters (have {sorted(params)})"

@@ -53,6 +53,11 @@ class Attention(Mixer):
     Shapes: forward x (batch, L, d_model) -> (batch, L, d_model); step x_t (batch, d_model).
     """
 
+    pattern_letter = "A"
+    contract_config = dict(n_heads=2)
+    depth_scaled = ("o_proj.weight",)
+    constant_state = False  # the KV cache grows with the sequence
+
     def __init__(self, d_model: int, n_heads: int = 8, n_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, rope: bool = True, rope_base: float = 10000.0,
                  window: Optional[int] = None, bias: bool = False):

@@ -10,8 +10,25 @@ The state is a ``dict[str, Tensor]`` made by ``init_state(batch_size)``. Its key
 mixer's registry name (``"s4d.h"``), so a state made by one kind of mixer is refused by another, and it
 holds tensors only, so it can be indexed by batch row, moved, saved and traced like any tensor.
 
-A new mixer subclasses :class:`Mixer`, implements ``_forward``, ``_step`` and ``state_spec``, and is added
-to the registry with ``@register_mixer("name")``; the shared contract tests then run on it.
+A new mixer is one file in ``ssmkit/layers``: it subclasses :class:`Mixer`, implements ``_forward``,
+``_step`` and ``state_spec``, declares its metadata as class attributes at the top of the class, and is
+registered with ``@register_mixer("name")``. Importing ``ssmkit.layers`` imports every module of the package,
+so nothing else needs editing. The metadata is what the rest of ssmkit reads from the registry:
+
+* ``pattern_letter`` (required): one character naming the mixer in hybrid patterns ("MMMAMMMM").
+* ``contract_config`` (required): small constructor kwargs (at d_model=8) for the shared contract suite and
+  for tests that build every mixer.
+* ``ssm_parameter_names``: paths of the SSM dynamics parameters (A, B, Delta, D, ...) inside the mixer; the
+  optimiser puts them in their own group without weight decay.
+* ``depth_scaled``: paths of the residual output projections whose initial weights are divided by
+  sqrt(2 n_layers) in a model (GPT-2 / Mamba init).
+* ``supports_packing``: whether ``forward`` takes packed sequences (``seq_idx`` / ``cu_seqlens``).
+* ``constant_state``: whether the recurrent state has a size independent of the sequence length
+  (False for a KV cache).
+* ``contract_backends``: the backends (:attr:`Mixer.backend` values) the contract suite runs the mixer with,
+  one row each; ``(None,)`` for a mixer without fast paths.
+
+:func:`~ssmkit.layers.registry.register_mixer` refuses a class whose required metadata is missing or malformed.
 """
 
 from __future__ import annotations
@@ -35,6 +52,24 @@ class Mixer(nn.Module):
 
     #: registry name, set by :func:`ssmkit.layers.registry.register_mixer`
     name: str = "mixer"
+
+    # ----------------------------------------------------------------------------------------------
+    # Metadata every mixer declares (module docstring); register_mixer checks it
+    # ----------------------------------------------------------------------------------------------
+    #: one character for hybrid patterns such as "MMMAMMMM" (required)
+    pattern_letter: Optional[str] = None
+    #: constructor kwargs of a small instance (d_model=8) for the contract suite (required)
+    contract_config: Optional[Dict[str, object]] = None
+    #: attribute paths of the SSM dynamics parameters: own optimiser group, no weight decay
+    ssm_parameter_names: Tuple[str, ...] = ()
+    #: attribute paths of residual output projections scaled by 1/sqrt(2 n_layers) at model init
+    depth_scaled: Tuple[str, ...] = ()
+    #: whether ``forward`` takes packed variable-length batches (``seq_idx`` / ``cu_seqlens``)
+    supports_packing: bool = False
+    #: whether the state's size is independent of the sequence length (False for a KV cache)
+    constant_state: bool = True
+    #: the backends the contract suite runs this mixer with, one row each (None: its default)
+    contract_backends: Tuple[Optional[str], ...] = (None,)
 
     def __init__(self, d_model: int):
         super().__init__()
@@ -63,9 +98,6 @@ class Mixer(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # The public contract
     # ----------------------------------------------------------------------------------------------
-    #: whether ``forward`` takes packed variable-length batches (``seq_idx`` / ``cu_seqlens``)
-    supports_packing: bool = False
-
     #: Execution, not architecture: a backend name applied (as :func:`ssmkit.ops.use_backend`) to every op
     #: this mixer calls that has a backend of that name; None or "auto" leaves the choice to an enclosing
     #: ``use_backend`` context and then to each op's "auto" rule. Never saved in a model configuration.

@@ -46,6 +46,10 @@ class LinearAttention(Mixer):
     Shapes: forward x (batch, L, d_model) -> (batch, L, d_model); step x_t (batch, d_model).
     """
 
+    pattern_letter = "L"
+    contract_config = dict(n_heads=2)
+    depth_scaled = ("o_proj.weight",)
+
     def __init__(self, d_model: int, n_heads: int = 8, feature_map: str = "elu", normalize: bool = True,
                  chunk_size: int = 64, eps: float = DEFAULT_EPS, bias: bool = False):
         super().__init__(d_model)

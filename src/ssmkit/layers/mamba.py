@@ -117,6 +117,12 @@ class Mamba(Mixer):
             names the selective-scan backend that ran, ``last_backends`` every op's.
     """
 
+    pattern_letter = "M"
+    contract_config = dict(d_state=4, d_conv=4, expand=2)
+    contract_backends = ("cpp", "torch", "triton")
+    # dt_proj.bias is the counterpart of Mamba-2's dt_bias (the step's offset before softplus)
+    ssm_parameter_names = ("A_log", "D", "dt_proj.bias")
+    depth_scaled = ("out_proj.weight",)
     supports_packing = True
     main_op = "selective_scan"
 
@@ -149,7 +155,7 @@ class Mamba(Mixer):
         self.A_log = nn.Parameter(torch.empty(d_inner, N))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
-        # optimisers in ssmkit.train (and mamba_ssm's recipes) skip weight decay on these
+        # for optimiser recipes written for mamba_ssm, which look for this mark; ssmkit.train reads ssm_parameter_names
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
         self._init_ssm_parameters(dt_min, dt_max, dt_init, dt_scale, dt_init_floor)

@@ -122,6 +122,11 @@ class Mamba2(Mixer):
         dt_init_floor: lower bound of the initial Delta (mamba_ssm's default 1e-4).
     """
 
+    pattern_letter = "D"
+    contract_config = dict(d_state=6, headdim=4, expand=2, ngroups=2, chunk_size=16)
+    contract_backends = ("torch", "triton")
+    ssm_parameter_names = ("dt_bias", "A_log", "D")
+    depth_scaled = ("out_proj.weight",)
     supports_packing = True
     main_op = "ssd"
 
@@ -166,7 +171,7 @@ class Mamba2(Mixer):
             self.norm = RMSNormGated(self.d_inner, eps=1e-5, norm_before_gate=norm_before_gate,
                                      group_size=self.d_inner // G)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
-        for p in (self.dt_bias, self.A_log, self.D):  # optimisers skip weight decay on these
+        for p in (self.dt_bias, self.A_log, self.D):  # mamba_ssm recipes' mark; ssmkit reads ssm_parameter_names
             p._no_weight_decay = True
         self._init_ssm_parameters(low, high, dt_min, dt_max, dt_init_floor)
 

@@ -76,6 +76,10 @@ class S4(ConvolutionalSSM):
             densely as in training).
     """
 
+    pattern_letter = "4"
+    contract_config = dict(d_state=8)
+    ssm_parameter_names = ("log_dt", "Lambda_log_neg_re", "Lambda_im", "P", "B")  # DPLR A = Lambda - P P^*, B, Delta
+
     def __init__(self, d_model: int, d_state: int = 64, dt_min: float = 1e-3, dt_max: float = 1e-1,
                  rank: int = 1, bidirectional: bool = False, rate: float = 1.0):
         super().__init__(d_model)

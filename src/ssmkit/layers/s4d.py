@@ -69,6 +69,10 @@ class S4D(ConvolutionalSSM):
         rate: step multiplier, also settable later (``layer.rate = 2.0`` when each step covers twice the time).
     """
 
+    pattern_letter = "S"
+    contract_config = dict(d_state=8)
+    ssm_parameter_names = ("log_dt", "A_log_re", "A_im", "B")  # diagonal A, B, Delta
+
     def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", dt_min: float = 1e-3,
                  dt_max: float = 1e-1, discretization: str = "zoh", bidirectional: bool = False,
                  rate: float = 1.0):

@@ -104,6 +104,10 @@ class S5(RateMixin, Mixer):
     all give the same numbers.
     """
 
+    pattern_letter = "5"
+    contract_config = dict(d_state=8)
+    contract_backends = ("associative", "chunked")
+    ssm_parameter_names = ("log_dt", "Lambda_re", "Lambda_im", "B_re", "B_im")  # diagonal Lambda, B~, Delta
     main_op = "linear_recurrence"
 
     def __init__(self, d_model: int, d_state: int = 64, blocks: int = 1, dt_min: float = 1e-3,

@@ -27,10 +27,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from ..layers.registry import MIXERS
+from ..layers.registry import MIXERS, pattern_letters
 
-PATTERN_LETTERS = {"M": "mamba", "D": "mamba2", "A": "attention", "L": "linear_attention",
-                   "S": "s4d", "4": "s4", "5": "s5"}
 MLP_KINDS = ("none", "gated", "moe")
 NORMS = ("rmsnorm", "layernorm")
 HEADS = ("lm", "classifier", "regression")
@@ -76,14 +74,15 @@ class ModelConfig:
         if isinstance(m, str) and m in MIXERS:
             return [m] * self.n_layers
         if isinstance(m, str):
-            unknown = sorted({c for c in m if c not in PATTERN_LETTERS})
+            letters = pattern_letters()  # each mixer class declares its own letter
+            unknown = sorted({c for c in m if c not in letters})
             if unknown or len(m) != self.n_layers:
                 close = difflib.get_close_matches(m, list(MIXERS), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(
                     f"mixer must be a registered name {sorted(MIXERS)}, a list of them, or a pattern of "
-                    f"n_layers={self.n_layers} letters from {PATTERN_LETTERS}; got {m!r}{hint}")
-            return [PATTERN_LETTERS[c] for c in m]
+                    f"n_layers={self.n_layers} letters from {letters}; got {m!r}{hint}")
+            return [letters[c] for c in m]
         names = list(m)
         if len(names) != self.n_layers:
             raise ValueError(f"mixer lists {len(names)} layers but n_layers={self.n_layers}")

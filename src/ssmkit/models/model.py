@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.base import Mixer
 from .blocks import Block, make_norm
 from .config import ModelConfig
 from .generation import GenerationMixin
@@ -73,11 +74,20 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
     def _init_weights(self) -> None:
         if self.config.vocab_size is not None:
             nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
-        # GPT-2/Mamba style: scale output projections of residual branches by 1/sqrt(n_layers)
+        # GPT-2/Mamba style: scale output projections of residual branches by 1/sqrt(2 n_layers). Each mixer
+        # class names its own (``depth_scaled``); the MLPs' is ``down_proj``.
+        scaled = {}
+        for module in self.modules():
+            if isinstance(module, Mixer):
+                for path in module.depth_scaled:
+                    param = module.get_parameter(path)
+                    scaled[id(param)] = param
         for name, p in self.named_parameters():
-            if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight")):
-                with torch.no_grad():
-                    p /= (2 * self.config.n_layers) ** 0.5
+            if name.endswith("down_proj.weight"):
+                scaled[id(p)] = p
+        with torch.no_grad():
+            for p in scaled.values():
+                p /= (2 * self.config.n_layers) ** 0.5
 
     # ------------------------------------------------------------------------------------------------
     def _embed(self, inputs: torch.Tensor) -> torch.Tensor:

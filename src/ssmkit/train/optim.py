@@ -9,10 +9,10 @@ group          which parameters                                                w
                embeddings (and the LM head tied to them), S4/S5 ``C``
 ``no_decay``   vectors and scalars (``ndim < 2``): biases, norm weights,       no            lr
                S4/S4D/S5 ``D``
-``ssm``        the state space parameters: those a mixer marks with            no            lr * ssm_lr_scale
-               ``_no_weight_decay = True`` (Mamba: ``A_log``, ``D``; Mamba-2:
-               ``A_log``, ``D``, ``dt_bias``) and, by name, those listed in
-               :data:`SSM_PARAMETER_NAMES`
+``ssm``        the state space parameters: those each mixer class lists in     no            lr * ssm_lr_scale
+               its ``ssm_parameter_names`` (e.g. Mamba: ``A_log``, ``D``,
+               ``dt_proj.bias``; Mamba-2: ``A_log``, ``D``, ``dt_bias``;
+               S4D: ``log_dt``, ``A_log_re``, ``A_im``, ``B``)
 =============  ==============================================================  ============  ===================
 
 Why these choices. Decay by dimension is the rule of nanoGPT and of mamba_ssm's recipes: norms and biases
@@ -30,22 +30,31 @@ last update ``steps - 1``.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..layers.base import Mixer
+from ..layers.registry import MIXERS
 
-#: State space parameters found by name, per mixer registry name (the one place they are listed). Names are
-#: attribute paths inside the mixer module. Mamba's ``dt_proj.bias`` is the counterpart of Mamba-2's
-#: ``dt_bias`` (the step's offset before softplus), so it joins the group although Mamba does not mark it.
-SSM_PARAMETER_NAMES: Dict[str, Tuple[str, ...]] = {
-    "s4": ("log_dt", "Lambda_log_neg_re", "Lambda_im", "P", "B"),  # DPLR A = Lambda - P P^*, B, Delta
-    "s4d": ("log_dt", "A_log_re", "A_im", "B"),  # diagonal A, B, Delta
-    "s5": ("log_dt", "Lambda_re", "Lambda_im", "B_re", "B_im"),  # diagonal Lambda, B~, Delta
-    "mamba": ("dt_proj.bias",),  # A_log and D are marked _no_weight_decay by the mixer itself
-}
+#: The SSM parameter paths of each registered mixer, read from the classes' ``ssm_parameter_names`` (the one
+#: place they are listed); a view for readers and tests, rebuilt on each access so late registrations count.
+class _SSMParameterNames(Mapping):
+    def _table(self) -> Dict[str, Tuple[str, ...]]:
+        return {name: cls.ssm_parameter_names for name, cls in MIXERS.items() if cls.ssm_parameter_names}
+
+    def __getitem__(self, name: str) -> Tuple[str, ...]:
+        return self._table()[name]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+SSM_PARAMETER_NAMES: Mapping[str, Tuple[str, ...]] = _SSMParameterNames()
 GROUPS = ("decay", "no_decay", "ssm")
 
 
@@ -55,7 +64,7 @@ def classify_parameters(model: nn.Module) -> Dict[str, str]:
     ssm_ids = set()
     for module in model.modules():
         if isinstance(module, Mixer):
-            for path in SSM_PARAMETER_NAMES.get(module.name, ()):
+            for path in module.ssm_parameter_names:
                 owner, _, attr = path.rpartition(".")
                 try:
                     holder = module.get_submodule(owner) if owner else module
@@ -70,7 +79,7 @@ def classify_parameters(model: nn.Module) -> Dict[str, str]:
         if id(param) in seen or not param.requires_grad:
             continue
         seen.add(id(param))
-        if id(param) in ssm_ids or getattr(param, "_no_weight_decay", False):
+        if id(param) in ssm_ids:
             roles[name] = "ssm"
         elif param.ndim >= 2:
             roles[name] = "decay"
