@@ -209,3 +209,19 @@ def test_bad_input_is_refused():
         packed_seq_idx(1, 6, cu_seqlens=torch.tensor([0, 4, 2, 6]))
     with pytest.raises(ValueError, match="mark different sequence boundaries"):
         packed_seq_idx(1, 4, seq_idx=torch.tensor([[0, 0, 1, 1]]), cu_seqlens=torch.tensor([0, 1, 4]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_output_keeps_a_channel_last_layout(backend):
+    """Mamba-2 passes the transposed in_proj output and transposes the result back: a channel-last input gives a
+    channel-last output (no copies on either side, coalesced reads after), channel-first gives channel-first."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    for channel_last in (True, False):
+        base = torch.randn(2, 9, 6, device=device) if channel_last else torch.randn(2, 6, 9, device=device)
+        x = (base.transpose(1, 2) if channel_last else base).requires_grad_()
+        y = causal_conv1d(x, torch.randn(6, 4, device=device), activation="silu", backend=backend)
+        assert y.transpose(1, 2).is_contiguous() == channel_last and y.is_contiguous() != channel_last
+        y.backward(torch.randn(2, 9, 6, device=device).transpose(1, 2) if channel_last else torch.randn_like(y))
+        assert x.grad.shape == x.shape

@@ -170,10 +170,25 @@ def _conv_bwd_dx_kernel(
                  acc.to(ds_ptr.dtype.element_ty), mask=d_mask[:, None] & (p < 0)[None, :])
 
 
+def _channel_last(t: torch.Tensor) -> bool:
+    """Whether a (batch, dim, L) tensor is a transposed view of a contiguous (batch, L, dim) one."""
+    return t.shape[1] > 1 and t.transpose(1, 2).is_contiguous()
+
+
+def _empty_in_layout(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (batch, dim, L) tensor laid out as ``like``: channel-last in, channel-last out. Mamba-2 feeds
+    the transposed in_proj output and reads the result back transposed, so keeping its layout saves two
+    copies and keeps every later read coalesced (the kernels take any strides)."""
+    batch, dim, L = shape
+    if _channel_last(like):
+        return torch.empty(batch, L, dim, device=like.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(batch, dim, L, device=like.device, dtype=dtype)
+
+
 def _launch_fwd(x, w, bias, state, seq, silu):
     batch, dim, L = x.shape
     width = w.shape[1]
-    y = torch.empty(batch, dim, L, device=x.device, dtype=x.dtype)
+    y = _empty_in_layout((batch, dim, L), x, x.dtype)
     grid = (batch, triton.cdiv(L, _BLOCK_L), triton.cdiv(dim, _BLOCK_D))
     _conv_fwd_kernel[grid](
         x, w, bias if bias is not None else w, state if state is not None else x, seq if seq is not None else x,
@@ -200,13 +215,14 @@ class _CausalConv1dFn(torch.autograd.Function):
         width = w.shape[1]
         n_lblocks = triton.cdiv(L, _BLOCK_L)
         f32 = dict(device=x.device, dtype=torch.float32)
-        g = torch.empty(batch, dim, L, **f32)
+        # g (the gradient before the activation) is read with dy's strides: both in dy's layout
+        dy = dy.transpose(1, 2).contiguous().transpose(1, 2) if _channel_last(dy) else dy.contiguous()
+        g = _empty_in_layout((batch, dim, L), dy, torch.float32)
         dw_part = torch.empty(batch * n_lblocks, dim, width, **f32)
         db_part = torch.empty(batch * n_lblocks, dim, **f32) if bias is not None else None
         s_state = state.stride() if state is not None else (0, 0, 0)
         s_seq = seq.stride(0) if seq is not None else 0
         grid = (batch, n_lblocks, triton.cdiv(dim, _BLOCK_D))
-        dy = dy.contiguous()  # read with g's strides
         _conv_bwd_dy_kernel[grid](
             x, w, bias if bias is not None else w, state if state is not None else x, seq if seq is not None else x,
             dy, g, dw_part, db_part if db_part is not None else dw_part,
@@ -215,7 +231,7 @@ class _CausalConv1dFn(torch.autograd.Function):
             SILU=ctx.silu, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, W_PAD=max(2, triton.next_power_of_2(width)),
             num_warps=4,
         )
-        dx = torch.empty(batch, dim, L, device=x.device, dtype=x.dtype)
+        dx = _empty_in_layout((batch, dim, L), x, x.dtype)
         dstate = torch.empty_like(state) if state is not None else None
         grid = (batch, triton.cdiv(L + width - 1, _BLOCK_L), triton.cdiv(dim, _BLOCK_D))
         _conv_bwd_dx_kernel[grid](
