@@ -225,3 +225,23 @@ def test_output_keeps_a_channel_last_layout(backend):
         assert y.transpose(1, 2).is_contiguous() == channel_last and y.is_contiguous() != channel_last
         y.backward(torch.randn(2, 9, 6, device=device).transpose(1, 2) if channel_last else torch.randn_like(y))
         assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float32_weights_beside_half_inputs(backend):
+    """As causal-conv1d: bf16 x with float32 weight and bias; y in bf16 within bf16 rounding of the float64
+    result, each gradient in its argument's dtype."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    x = torch.randn(2, 9, 5, device=device).to(torch.bfloat16).transpose(1, 2).requires_grad_()
+    w = torch.randn(5, 4, device=device, requires_grad=True)
+    b = torch.randn(5, device=device, requires_grad=True)
+    y = causal_conv1d(x, w, b, activation="silu", backend=backend)
+    ref = causal_conv1d_ref(x.detach().double(), w.detach().double(), b.detach().double(), activation="silu")
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    y.float().sum().backward()
+    assert (x.grad.dtype, w.grad.dtype, b.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    with pytest.raises(TypeError, match="weight must have the dtype of x"):
+        causal_conv1d(x.detach().float(), w.detach().half(), backend=backend)

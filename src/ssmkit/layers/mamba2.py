@@ -196,8 +196,13 @@ class Mamba2(Mixer):
         ssm_state = state[self.state_key("ssm")] if state is not None else None
 
         zxbcdt = self.in_proj(x)                                             # (B, L, d_in_proj)
-        with ssm_core_precision(x):  # conv, SSD and the gated norm in float32 under autocast
-            z, xBC, dt = to_core_dtype(zxbcdt).split([self.d_inner, self.conv_dim, H], dim=-1)
+        # Under autocast the core (conv, SSD, gated norm) runs with autocast off. On CUDA its kernels read the
+        # half-precision activations as they come and accumulate in float32, as mamba_ssm's do (a float32
+        # copy would hold the same values, at twice the memory traffic and the slow float32 tensor-core
+        # path); elsewhere the core runs on float32 copies.
+        core = zxbcdt if zxbcdt.is_cuda else to_core_dtype(zxbcdt)
+        with ssm_core_precision(x):
+            z, xBC, dt = core.split([self.d_inner, self.conv_dim, H], dim=-1)
             xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx,
                                 "silu", return_final_state=return_state)
             if return_state:
@@ -212,7 +217,7 @@ class Mamba2(Mixer):
             y, ssm_final = out if return_state else (out, None)
             y = y.reshape(batch, length, self.d_inner)
             if self.rmsnorm:
-                y = self.norm(y, z)
+                y = self.norm(to_core_dtype(y), to_core_dtype(z))
         y = self.out_proj(y)
         if not return_state:
             return y, None

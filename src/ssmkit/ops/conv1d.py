@@ -137,8 +137,11 @@ def _check_common(x, weight, bias, state, activation, state_name):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'silu'; got {activation!r}")
     check_same_device({"x": x, "weight": weight, "bias": bias, state_name: state})
+    half = x.dtype in (torch.float16, torch.bfloat16)
     for name, value in (("weight", weight), ("bias", bias), (state_name, state)):
-        if value is not None and value.dtype != x.dtype:
+        # float32 weight and bias beside half-precision x are accepted, as causal-conv1d accepts them
+        mixed_ok = half and name in ("weight", "bias") and value is not None and value.dtype == torch.float32
+        if value is not None and value.dtype != x.dtype and not mixed_ok:
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}); got {value.dtype}")
     return weight, width
 
@@ -297,6 +300,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
         return causal_conv1d_triton(x, weight, bias, initial_state, seq_idx, activation, return_final_state)
     weight, width = _check_sequence_args(x, weight, bias, initial_state, seq_idx, activation)
+    if weight.dtype != x.dtype:  # float32 weights beside half x: compute in float32, return in x's dtype
+        state32 = initial_state.float() if initial_state is not None else None
+        out = causal_conv1d(x.float(), weight, bias, state32, seq_idx, activation, return_final_state, "torch")
+        return tuple(t.to(x.dtype) for t in out) if return_final_state else out.to(x.dtype)
     keep = _lag_masks(seq_idx, width).to(x.dtype)[..., None] if (seq_idx is not None and width > 1) else None
     state_t = initial_state.transpose(1, 2) if initial_state is not None else None
     y = _CausalConv1dFn.apply(x.transpose(1, 2), weight, bias, state_t, keep).transpose(1, 2)
