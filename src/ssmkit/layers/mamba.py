@@ -188,15 +188,20 @@ class Mamba(Mixer):
         xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))   # (B, 2 d_inner, L)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
-        with ssm_core_precision(x):  # conv, projections to dt/B/C and the scan in float32 under autocast
-            u, z = to_core_dtype(xz).chunk(2, dim=1)                     # (B, d_inner, L) each
+        # Under autocast the core (conv, projections to dt/B/C, scan) runs with autocast off. On CUDA it keeps
+        # the half-precision activations (the Triton kernels accumulate in float32, as mamba_ssm's do, and the
+        # two small projections run in that precision as autocast would run them); elsewhere it runs on
+        # float32 copies.
+        core = xz if xz.is_cuda else to_core_dtype(xz)
+        with ssm_core_precision(x):
+            u, z = core.chunk(2, dim=1)                                  # (B, d_inner, L) each
             u = causal_conv1d(u, self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx, "silu",
                               return_final_state=return_state)
             if return_state:
                 u, conv_final = u
-            x_dbl = torch.matmul(self.x_proj.weight, u)                  # (B, dt_rank + 2N, L)
+            x_dbl = torch.matmul(self.x_proj.weight.to(u.dtype), u)     # (B, dt_rank + 2N, L)
             dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (B, N, L)
-            delta = torch.matmul(self.dt_proj.weight, dt)                # (B, d_inner, L); bias added in the scan
+            delta = torch.matmul(self.dt_proj.weight.to(u.dtype), dt)   # (B, d_inner, L); bias added in the scan
             A = -torch.exp(self.A_log)                                   # (d_inner, N)
 
             if seq_idx is not None and bool((seq_idx[:, 1:] != seq_idx[:, :-1]).any()):
