@@ -38,6 +38,7 @@ from ..models.model import SSMModel
 from . import checkpointing as ckpt
 from . import distributed
 from .config import RunConfig, model_config_for
+from .context import ContextPlan
 from .logging import CURVES_FILE, METRICS_FILE, RunLogger, plot_curves
 from .optim import WarmupCosine, build_optimizer, classify_parameters, clip_gradients
 
@@ -82,17 +83,18 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------
 # Forward, loss and evaluation
 # --------------------------------------------------------------------------------------------------
-def forward_batch(model: torch.nn.Module, batch):
-    """Call an SSMModel (or its wrapper) on a task batch: token ids positionally, real inputs by keyword."""
+def forward_batch(model: torch.nn.Module, batch, **model_kwargs):
+    """Call an SSMModel (or its wrapper) on a task batch: token ids positionally, real inputs by keyword;
+    ``model_kwargs`` go to the model's forward (e.g. ``context`` under context parallelism)."""
     if batch.inputs.is_floating_point():
-        return model(inputs=batch.inputs, lengths=batch.lengths)
-    return model(batch.inputs, lengths=batch.lengths)
+        return model(inputs=batch.inputs, lengths=batch.lengths, **model_kwargs)
+    return model(batch.inputs, lengths=batch.lengths, **model_kwargs)
 
 
-def _forward_checked(model: torch.nn.Module, batch, bf16: bool):
+def _forward_checked(model: torch.nn.Module, batch, bf16: bool, **model_kwargs):
     """:func:`forward_batch`, naming autocast as the likely cause when an op refuses bfloat16 inputs."""
     try:
-        return forward_batch(model, batch)
+        return forward_batch(model, batch, **model_kwargs)
     except (TypeError, RuntimeError) as err:
         if not bf16:
             raise
@@ -200,10 +202,13 @@ def train(run: RunConfig, resume: Union[bool, str, Path] = False, *, task=None) 
 def _train(run: RunConfig, resume, task, ctx: distributed.DistContext) -> TrainResult:
     cfg = run.train
     world, accum = ctx.world_size, cfg.grad_accum
-    micro_batches = world * accum
+    # context parallelism: ranks of one replica share micro-batches, so the data order counts replicas
+    plan = ContextPlan(run.parallel.context, ctx)
+    micro_batches = plan.data_size * accum
     if cfg.batch_size % micro_batches:
-        raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by world_size x train.grad_accum = "
-                         f"{world} x {accum} = {micro_batches} (the micro-batches of one step)")
+        raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by data-parallel replicas x "
+                         f"train.grad_accum = {plan.data_size} x {accum} = {micro_batches} (the micro-batches of "
+                         f"one step; replicas = world_size {world} / parallel.context {plan.size})")
     micro_size = cfg.batch_size // micro_batches
     if task is None:
         from ..tasks import make_task
@@ -223,9 +228,11 @@ def _train(run: RunConfig, resume, task, ctx: distributed.DistContext) -> TrainR
     if source is not None:
         ckpt.load_model_weights(model, source)
     model.to(ctx.device)
+    plan.check(model, task)
     roles = classify_parameters(model)
     num_parameters = model.num_parameters()
-    wrapped = distributed.wrap_model(model, ctx, cfg.distributed, find_unused_parameters=model_config.mlp == "moe")
+    wrapped = distributed.wrap_model(model, ctx, cfg.distributed, find_unused_parameters=model_config.mlp == "moe",
+                                     shard_layers=plan.context is None)
     inner = distributed.unwrap(wrapped)
     optimizer = build_optimizer(inner.named_parameters(), roles, cfg)
     scheduler = WarmupCosine(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
@@ -250,7 +257,7 @@ def _train(run: RunConfig, resume, task, ctx: distributed.DistContext) -> TrainR
     last_good = source  # the newest checkpoint known to hold a finite state
     log({"event": "resume" if source is not None else "start", "step": start_step, "steps": cfg.steps,
          "resumed_from": str(source) if source is not None else None, "threads": torch.get_num_threads(),
-         "device": str(ctx.device), "world_size": world, "grad_accum": accum, "micro_batch_size": micro_size,
+         "device": str(ctx.device), "world_size": world, "context": plan.size, "grad_accum": accum, "micro_batch_size": micro_size,
          "num_parameters": num_parameters, "bf16": cfg.bf16, "distributed": cfg.distributed if world > 1 else None,
          "tensorboard": str(logger.tensorboard_dir) if logger.tensorboard_dir else None,
          "task": task_config, "model": model_config.to_dict(), "torch": torch.__version__})
@@ -309,16 +316,16 @@ def _train(run: RunConfig, resume, task, ctx: distributed.DistContext) -> TrainR
             optimizer.zero_grad(set_to_none=True)
             stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, aux sum, tokens
             for a in range(accum):
-                index = s * micro_batches + ctx.rank * accum + a
-                batch = task.batch("train", index, micro_size).to(ctx.device)
+                index = s * micro_batches + plan.data_rank * accum + a
+                batch = plan.local_batch(task.batch("train", index, micro_size)).to(ctx.device)
                 with distributed.gradient_sync(wrapped, enabled=a == accum - 1):
                     with _autocast(ctx.device, cfg.bf16):
-                        out = _forward_checked(wrapped, batch, cfg.bf16)
-                        loss = task.loss(out.logits, batch)
+                        out = _forward_checked(wrapped, batch, cfg.bf16, **plan.model_kwargs())
+                        loss = plan.loss(task, out.logits, batch)
                         total = loss
                         if out.aux_loss is not None and cfg.aux_loss_weight:
                             total = loss + cfg.aux_loss_weight * out.aux_loss
-                    (total / accum).backward()
+                    (total * plan.gradient_scale / accum).backward()
                 stats[0] += loss.detach().double()
                 stats[1] += 0.0 if out.aux_loss is None else out.aux_loss.detach().double()
                 stats[2] += batch.num_tokens
