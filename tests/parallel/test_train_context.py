@@ -73,6 +73,7 @@ def _close(a, b, rel=1e-5):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
+@pytest.mark.slow  # two torchrun jobs and four short trainings: about 45 s on 2 busy cores
 def test_context_parallel_training_matches_one_process_and_resumes_exactly(tmp_path):
     (tmp_path / "script.py").write_text(textwrap.dedent(SCRIPT))
     first = _torchrun(tmp_path, "first")
