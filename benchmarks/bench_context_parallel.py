@@ -165,16 +165,16 @@ def main(argv=None) -> int:
                "state_numbers_sent_per_forward": None if context is None else context.last_exchanged,
                "oom": seconds is None}
         rows.append(row)
-        if rank == 0:
+        if rank == 0:  # written after every length: a later hang or crash keeps what was measured
             print(json.dumps(row), flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            info = {"mixer": args.mixer, "d_model": args.d_model, "n_layers": args.n_layers,
+                    "parameters": parameters, "checkpoint_blocks": args.checkpoint_blocks,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "rows": rows}
+            (args.out / f"context_parallel-{args.mixer}-R{world}.json").write_text(json.dumps(info, indent=2))
         if seconds is None:
             break
-    if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        info = {"mixer": args.mixer, "d_model": args.d_model, "n_layers": args.n_layers, "parameters": parameters,
-                "checkpoint_blocks": args.checkpoint_blocks, "device": torch.cuda.get_device_name(device)
-                if device.type == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}
-        (args.out / f"context_parallel-{args.mixer}-R{world}.json").write_text(json.dumps(info, indent=2))
     if world > 1:
         dist.destroy_process_group()
     return 0
