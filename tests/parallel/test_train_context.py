@@ -49,6 +49,10 @@ if phase == "first":
                 os._exit(3)
     torch.nn.modules.module.register_module_forward_hook(kill_in_step_5)
     train(load_run_config(None, args + [f"train.out_dir={out}/killed"]))
+elif phase == "grid":
+    result = train(load_run_config(None, args + [f"train.out_dir={out}/grid"]))
+    with open(f"{out}/grid-{rank}.json", "w") as f:
+        json.dump({"losses": result.losses}, f)
 else:
     result = train(load_run_config(None, args + [f"train.out_dir={out}/killed"]), resume=True)
     with open(f"{out}/resumed-{rank}.json", "w") as f:
@@ -57,10 +61,10 @@ dist.destroy_process_group()
 """
 
 
-def _torchrun(tmp_path, phase):
+def _torchrun(tmp_path, phase, processes=2):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(ssmkit.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
            str(tmp_path / "script.py"), json.dumps(ARGS + ["parallel.context=2"]), str(tmp_path), phase]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -98,6 +102,20 @@ def test_context_parallel_training_matches_one_process_and_resumes_exactly(tmp_p
     resumed = json.loads((tmp_path / "resumed-0.json").read_text())
     assert resumed["start_step"] == 3
     assert resumed["losses"] == ranks[0]["ddp"]["losses"][3:]  # bitwise: the killed run continues exactly
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+@pytest.mark.slow  # four processes on a small machine
+def test_data_parallel_replicas_of_context_groups(tmp_path):
+    """4 processes = 2 data-parallel replicas x 2 context ranks == 1 process with grad_accum 2."""
+    (tmp_path / "script.py").write_text(textwrap.dedent(SCRIPT))
+    proc = _torchrun(tmp_path, "grid", processes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"grid-{r}.json").read_text())["losses"] for r in range(4)]
+    assert all(r == ranks[0] for r in ranks)
+    single = train(load_run_config(None, ARGS + [f"train.out_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
+    _close(ranks[0], single.losses)
 
 
 def test_context_parallel_refuses_one_process_and_non_lm_tasks(tmp_path):
