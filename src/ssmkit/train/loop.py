@@ -9,7 +9,9 @@ micro-batches of ``batch_size // S`` rows; micro-batch ``j`` is ``task.batch("tr
 and rank ``r`` computes micro-batches ``j = r * grad_accum ... (r + 1) * grad_accum - 1``. The rows are
 then exactly those of ``task.batch("train", s, batch_size)`` (see :mod:`ssmkit.tasks.base`), the data is a
 pure function of the step (so a resumed run reads what the uninterrupted run read), and one process with
-``grad_accum=2`` computes what two processes with ``grad_accum=1`` compute.
+``grad_accum=2`` computes what two processes with ``grad_accum=1`` compute. Under context parallelism
+(``parallel.context=N``) ``world_size`` and ``r`` count data-parallel replicas of N ranks, which share each
+micro-batch and split its sequences (:mod:`ssmkit.train.context`).
 
 Loss of a step: the mean over its micro-batches of ``task.loss(logits, micro_batch)`` (each itself a mean
 over that micro-batch's scored positions or rows), plus ``aux_loss_weight`` times the MoE load-balancing
