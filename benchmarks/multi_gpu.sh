@@ -5,6 +5,7 @@
 #   bash benchmarks/multi_gpu.sh scaling    # tokens/s of DDP training on 1, 2, 4 (, 8) GPUs, bf16, fixed batch per GPU
 #   bash benchmarks/multi_gpu.sh context    # context parallelism, L = 128k .. 1M on 2 .. G GPUs vs one GPU's longest
 #   bash benchmarks/multi_gpu.sh all
+#   SINGLE_LENGTHS="" CONTEXT_GPUS="8" bash benchmarks/multi_gpu.sh context   # only the 8-GPU context runs
 #
 # Results go to $OUT (default outputs/multi_gpu): the runs' metrics.jsonl, context_parallel-*.json, and
 # summary.md (the tables for docs/benchmarks.md). Model: the Mamba 130M shape (d_model 768, 24 layers) on
@@ -74,8 +75,13 @@ EOF
 context() {
   local args=(--checkpoint-blocks --steps 2 --out "$OUT/context")
   # one GPU: the longest length that fits (doubling until out of memory)
-  "$PY" benchmarks/bench_context_parallel.py "${args[@]}" --lengths 65536 131072 262144 524288 1048576 2097152 || true
-  for n in 2 4 8; do
+  # SINGLE_LENGTHS="" skips it; CONTEXT_GPUS picks the multi-GPU runs (to fit a 10-minute limit per command)
+  local single="${SINGLE_LENGTHS-65536 131072 262144 524288 1048576 2097152}"
+  if [ -n "$single" ]; then
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/bench_context_parallel.py "${args[@]}" --lengths $single || true
+  fi
+  for n in ${CONTEXT_GPUS:-2 4 8}; do
     [ "$n" -le "$G" ] || continue
     # an out-of-memory rank makes the others time out (3 min) rather than hang; the lengths before it are kept
     "$PY" -m torch.distributed.run --standalone --nproc-per-node "$n" benchmarks/bench_context_parallel.py "${args[@]}" \

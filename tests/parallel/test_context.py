@@ -86,6 +86,14 @@ def test_slices_on_ranks_equal_the_whole_sequence(world, pattern, scan_backend, 
         assert sorted(got) == sorted(want)
         for key in want:
             torch.testing.assert_close(got[key], want[key], **tol, msg=lambda m: f"layer {layer} {key}: {m}")
+    # every other rank ends where its slice ends: its states are those of the prefix up to there
+    for r in range(world - 1):
+        stop = ranks[r]["bounds"][1]
+        with torch.no_grad():
+            prefix = model(inputs=_data()[0][:, :stop], return_state=True).state
+        for layer, (got, want) in enumerate(zip(ranks[r]["state"], prefix)):
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], **tol, msg=lambda m: f"rank {r} {key}: {m}")
     # each rank holds the gradient of its slice's loss; their sum is the whole gradient
     for name, want in whole["grads"].items():
         got = sum(r["grads"][name] for r in ranks)
