@@ -14,6 +14,10 @@ on random tokens (speed does not depend on the data). ``--checkpoint-blocks`` re
 backward pass (only the block inputs are kept; the state exchange stays outside the recomputed part, so no
 message is sent twice).
 
+Before timing, with R > 1 ranks, ``--verify L`` checks in float32 at length L that the slices' logits and the
+summed gradients equal one device's on the whole sequence (relative 1e-4: these are the GPU kernels, which
+the CPU tests do not run).
+
 Reported per length: seconds per step (median of ``--steps`` after one warm-up), tokens/s over the whole
 sequence, peak memory per GPU (``torch.cuda.max_memory_allocated``, rank 0 and the maximum over ranks), and
 the numbers each rank sends per forward (the states: 24 x (d_inner x (N + d_conv - 1))). Lengths that do
@@ -119,6 +123,33 @@ def one_length(model, optimizer, length, context, args, device):
     return None if oom else statistics.median(times)
 
 
+def verify(model, context, length, device) -> float:
+    """Float32 check on this machine's kernels (Triton on GPUs): the slices' logits and the summed gradients
+    equal one device running the whole sequence. Returns the largest relative difference (asserted < 1e-4)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, length + 1), generator=g).to(device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_and_grads(ids, tgt, ctx):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, context=ctx)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), tgt.flatten(), reduction="sum") / tgt.numel()
+        loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    whole_logits, whole_grads = loss_and_grads(inputs, targets, None)
+    scale = targets.numel() / context.split(targets).numel()  # the slice's loss is a share of the whole mean
+    logits, grads = loss_and_grads(context.split(inputs), context.split(targets), context)
+    worst = float((logits - context.split(whole_logits)).abs().max() / whole_logits.abs().max())
+    for name, grad in grads.items():
+        grad = grad / scale
+        dist.all_reduce(grad, group=context.group)
+        worst = max(worst, float((grad - whole_grads[name]).abs().max() / whole_grads[name].abs().max().clamp_min(1e-12)))
+    model.zero_grad(set_to_none=True)
+    assert worst < 1e-4, f"context-parallel run differs from the whole sequence by {worst:.2e} (relative)"
+    return worst
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
@@ -128,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--checkpoint-blocks", action="store_true")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--verify", type=int, default=4096, metavar="L",
+                   help="first check, in float32 at length L, that R ranks compute what one does (0: skip)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "outputs")))
     args = p.parse_args(argv)
 
@@ -144,6 +177,10 @@ def main(argv=None) -> int:
     rank = dist.get_rank() if world > 1 else 0
     torch.manual_seed(0)
     model = build_model(args, device)
+    if context is not None and args.verify:
+        worst = verify(model, context, args.verify, device)
+        if rank == 0:
+            print(json.dumps({"verify_length": args.verify, "max_relative_difference": worst}), flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     parameters = sum(p.numel() for p in model.parameters())
     rows = []

@@ -81,7 +81,7 @@ context() {
     # shellcheck disable=SC2086
     "$PY" benchmarks/bench_context_parallel.py "${args[@]}" --lengths $single || true
   fi
-  for n in ${CONTEXT_GPUS:-2 4 8}; do
+  for n in ${CONTEXT_GPUS-2 4 8}; do
     [ "$n" -le "$G" ] || continue
     # an out-of-memory rank makes the others time out (3 min) rather than hang; the lengths before it are kept
     "$PY" -m torch.distributed.run --standalone --nproc-per-node "$n" benchmarks/bench_context_parallel.py "${args[@]}" \
