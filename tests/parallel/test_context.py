@@ -18,9 +18,9 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 # every constant-state mixer of the registry: Mamba (conv + SSM state), Mamba-2, S4D and S5 (complex
-# states), linear attention; d_conv = 3 and 4 so the conv state spans more than one position
+# states), S4 (a dense state update), linear attention; d_conv = 3 and 4, so conv states span several positions
 MIXER_KWARGS = {"mamba": {"d_state": 4, "d_conv": 3}, "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 4},
-                "s4d": {"d_state": 4}, "s5": {"d_state": 4}, "linear_attention": {"n_heads": 2}}
+                "s4d": {"d_state": 4}, "s5": {"d_state": 4}, "s4": {"d_state": 4}, "linear_attention": {"n_heads": 2}}
 LENGTH, BATCH = 13, 2  # 13 positions over 3 ranks: slices of 5, 4, 4
 
 
@@ -71,7 +71,7 @@ def _spawn(world, pattern, scan_backend, tmp_path):
 
 @needs_gloo
 # "torch" scan: the C++ one is held to it by tests/ops, and its first build in a process can take long
-@pytest.mark.parametrize("world, pattern, scan_backend", [(2, "MD", "torch"), (3, "MDS5L", "torch")])
+@pytest.mark.parametrize("world, pattern, scan_backend", [(2, "MD", "torch"), (3, "MDS54L", "torch")])
 def test_slices_on_ranks_equal_the_whole_sequence(world, pattern, scan_backend, tmp_path):
     ranks = _spawn(world, pattern, scan_backend, tmp_path)
     torch.manual_seed(0)
