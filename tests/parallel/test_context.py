@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import ssmkit
 from ssmkit.models import ModelConfig
 from ssmkit.models.model import SSMModel
 from ssmkit.parallel import ContextParallel, check_context_parallel, sequence_bounds
@@ -65,7 +64,8 @@ def _worker(rank, world, rdv, pattern, scan_backend, out_dir):
 
 def _spawn(world, pattern, scan_backend, tmp_path):
     rdv = tempfile.mktemp(dir=tmp_path)
-    mp.start_processes(_worker, args=(world, rdv, pattern, scan_backend, str(tmp_path)), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, rdv, pattern, scan_backend, str(tmp_path)), nprocs=world,
+                       start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
