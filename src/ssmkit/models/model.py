@@ -131,7 +131,7 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs: Optional[torch.Tensor] = None,
                 state: Optional[ModelState] = None, return_state: bool = False,
                 labels: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None,
-                **mixer_kwargs: Any) -> ModelOutput:
+                context: Any = None, **mixer_kwargs: Any) -> ModelOutput:
         """Run the whole sequence in parallel.
 
         Args:
@@ -141,16 +141,29 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
             labels: LM: (B, L) next-token targets are ``labels`` shifted left by one (-100 ignored);
                 classifier: (B,) classes; regression: (B, L, output_dim) targets (MSE).
             lengths: (B,) valid lengths for pooling of right-padded classifier inputs.
+            context: context parallelism (:class:`ssmkit.parallel.ContextParallel`): the inputs are this rank's
+                slice of the sequence, and each layer starts from the state that ``context.receive(i, layer, h)``
+                returns and hands its final state to ``context.send_state(i, h, state)``. Not with ``state``.
             mixer_kwargs: passed to every mixer (e.g. ``seq_idx`` / ``cu_seqlens`` for packed Mamba batches).
         """
         x = self._embed(input_ids if input_ids is not None else inputs)
         if state is not None:
             self._check_model_state(state)
+            if context is not None:
+                raise ValueError("state and context cannot be combined: under context parallelism each layer's "
+                                 "incoming state comes from the previous rank")
         new_states: ModelState = []
         aux = x.new_zeros((), dtype=torch.float32)
         h = x
         for i, layer in enumerate(self.backbone.layers):
-            h, layer_state, layer_aux = layer(h, None if state is None else state[i], return_state, **mixer_kwargs)
+            layer_state = None if state is None else state[i]
+            if context is None:
+                h, layer_state, layer_aux = layer(h, layer_state, return_state, **mixer_kwargs)
+            else:
+                h, layer_state = context.receive(i, layer, h)
+                h, layer_state, layer_aux = layer(h, layer_state, return_state or context.sends_state,
+                                                  **mixer_kwargs)
+                h = context.send_state(i, h, layer_state)
             new_states.append(layer_state)
             aux = aux + layer_aux.float()
         logits = self._head(h, lengths)

@@ -141,12 +141,29 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the processes of a torchrun job share the work (execution only, like ``train.distributed``).
+
+    ``context``: ranks that split each sequence into contiguous slices and pass recurrent states between
+    them (:mod:`ssmkit.parallel.context`); the world is ``world_size / context`` data-parallel replicas of
+    ``context`` consecutive ranks. 1: data parallelism only.
+    """
+
+    context: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 1:
+            raise ValueError(f"context must be a positive int; got {self.context!r}")
+
+
+@dataclass
 class RunConfig:
-    """One training run: ``task``, ``model`` and ``train`` sections (module docstring)."""
+    """One training run: ``task``, ``model``, ``train`` and ``parallel`` sections (module docstring)."""
 
     task: TaskSpec = field(default_factory=TaskSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -109,14 +109,16 @@ def shutdown(ctx: DistContext, clean: bool = True) -> None:
 
 # --------------------------------------------------------------------------------------------------
 def wrap_model(model: nn.Module, ctx: DistContext, kind: str = "ddp", *,
-               find_unused_parameters: bool = False) -> nn.Module:
+               find_unused_parameters: bool = False, shard_layers: bool = True) -> nn.Module:
     """Wrap ``model`` (already on ``ctx.device``) for data-parallel training; unchanged in one process.
 
     ``kind="ddp"``: DistributedDataParallel (a full replica per rank, gradients all-reduced).
     ``kind="fsdp"``: FSDP2 ``fully_shard`` on every block and on the root (parameters, gradients and
     optimiser state sharded over ranks; the module keeps its class and parameter names).
     ``find_unused_parameters`` is needed when some parameters may get no gradient in a step (mixture of
-    experts: an expert that no token chose).
+    experts: an expert that no token chose). ``shard_layers=False`` shards the root only (under context
+    parallelism: a per-block all-gather inside the forward would wait for ranks that are themselves waiting
+    for the previous rank's state, so the gathers happen once, before the layers, instead).
     """
     if not ctx.distributed:
         return model
@@ -128,7 +130,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, kind: str = "ddp", *,
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in getattr(getattr(model, "backbone", None), "layers", []):
+        for layer in getattr(getattr(model, "backbone", None), "layers", []) if shard_layers else []:
             fully_shard(layer)
         fully_shard(model)
         return model

@@ -9,7 +9,9 @@ micro-batches of ``batch_size // S`` rows; micro-batch ``j`` is ``task.batch("tr
 and rank ``r`` computes micro-batches ``j = r * grad_accum ... (r + 1) * grad_accum - 1``. The rows are
 then exactly those of ``task.batch("train", s, batch_size)`` (see :mod:`ssmkit.tasks.base`), the data is a
 pure function of the step (so a resumed run reads what the uninterrupted run read), and one process with
-``grad_accum=2`` computes what two processes with ``grad_accum=1`` compute.
+``grad_accum=2`` computes what two processes with ``grad_accum=1`` compute. Under context parallelism
+(``parallel.context=N``) ``world_size`` and ``r`` count data-parallel replicas of N ranks, which share each
+micro-batch and split its sequences (:mod:`ssmkit.train.context`).
 
 Loss of a step: the mean over its micro-batches of ``task.loss(logits, micro_batch)`` (each itself a mean
 over that micro-batch's scored positions or rows), plus ``aux_loss_weight`` times the MoE load-balancing
@@ -45,6 +47,7 @@ from ..utils.process import process_settings
 from . import checkpointing as ckpt
 from . import distributed
 from .config import RunConfig, model_config_for
+from .context import ContextPlan
 from .logging import CURVES_FILE, METRICS_FILE, RunLogger, plot_curves
 from .optim import WarmupCosine, build_optimizer, classify_parameters, clip_gradients
 
@@ -89,17 +92,18 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------
 # Forward, loss and evaluation
 # --------------------------------------------------------------------------------------------------
-def forward_batch(model: torch.nn.Module, batch):
-    """Call an SSMModel (or its wrapper) on a task batch: token ids positionally, real inputs by keyword."""
+def forward_batch(model: torch.nn.Module, batch, **model_kwargs):
+    """Call an SSMModel (or its wrapper) on a task batch: token ids positionally, real inputs by keyword;
+    ``model_kwargs`` go to the model's forward (e.g. ``context`` under context parallelism)."""
     if batch.inputs.is_floating_point():
-        return model(inputs=batch.inputs, lengths=batch.lengths)
-    return model(batch.inputs, lengths=batch.lengths)
+        return model(inputs=batch.inputs, lengths=batch.lengths, **model_kwargs)
+    return model(batch.inputs, lengths=batch.lengths, **model_kwargs)
 
 
-def _forward_checked(model: torch.nn.Module, batch, bf16: bool):
+def _forward_checked(model: torch.nn.Module, batch, bf16: bool, **model_kwargs):
     """:func:`forward_batch`, naming autocast as the likely cause when an op refuses bfloat16 inputs."""
     try:
-        return forward_batch(model, batch)
+        return forward_batch(model, batch, **model_kwargs)
     except (TypeError, RuntimeError) as err:
         if not bf16:
             raise
@@ -214,7 +218,8 @@ class _Session:
     task_config: Dict[str, Any]
     out_dir: Path
     source: Optional[Path]  # the checkpoint resumed from, or None
-    micro_batches: int  # world_size x grad_accum: the micro-batches of one step
+    plan: ContextPlan  # context parallelism (a plan of one rank per replica without it)
+    micro_batches: int  # data-parallel replicas x grad_accum: the micro-batches of one step
     micro_size: int  # rows per micro-batch
     fsdp: bool
     wrapped: torch.nn.Module  # what the forward runs (DDP/FSDP wrapper, or the model)
@@ -268,11 +273,14 @@ class _Throughput:
         self.window_loss, self.window_steps, self.window_tokens, self.window_seconds = 0.0, 0, 0, 0.0
 
 
-def _micro_batch_size(batch_size: int, world: int, accum: int) -> int:
-    micro_batches = world * accum
+def _micro_batch_size(batch_size: int, plan: ContextPlan, world: int, accum: int) -> int:
+    """Rows per micro-batch: ranks of one context-parallel replica share micro-batches, so the data order
+    counts replicas."""
+    micro_batches = plan.data_size * accum
     if batch_size % micro_batches:
-        raise ValueError(f"train.batch_size={batch_size} must be divisible by world_size x train.grad_accum = "
-                         f"{world} x {accum} = {micro_batches} (the micro-batches of one step)")
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by data-parallel replicas x "
+                         f"train.grad_accum = {plan.data_size} x {accum} = {micro_batches} (the micro-batches of "
+                         f"one step; replicas = world_size {world} / parallel.context {plan.size})")
     return batch_size // micro_batches
 
 
@@ -280,8 +288,9 @@ def _set_up(run: RunConfig, resume, task, ctx: distributed.DistContext) -> _Sess
     """Task, model (the same initialisation on every rank), optimiser and scheduler, restored from the
     checkpoint to resume from if any; the logger is opened by :func:`_open_log`."""
     cfg = run.train
-    micro_size = _micro_batch_size(cfg.batch_size, ctx.world_size, cfg.grad_accum)
-    micro_batches = ctx.world_size * cfg.grad_accum
+    plan = ContextPlan(run.parallel.context, ctx)
+    micro_size = _micro_batch_size(cfg.batch_size, plan, ctx.world_size, cfg.grad_accum)
+    micro_batches = plan.data_size * cfg.grad_accum
     if task is None:
         task = make_task(run.task.name, **run.task.kwargs)
     model_config: ModelConfig = model_config_for(task, run.model)
@@ -297,15 +306,18 @@ def _set_up(run: RunConfig, resume, task, ctx: distributed.DistContext) -> _Sess
     if source is not None:
         ckpt.load_model_weights(model, source)
     model.to(ctx.device)
+    plan.check(model, task)
     roles = classify_parameters(model)
     num_parameters = model.num_parameters()
-    wrapped = distributed.wrap_model(model, ctx, cfg.distributed, find_unused_parameters=model_config.mlp == "moe")
+    wrapped = distributed.wrap_model(model, ctx, cfg.distributed, find_unused_parameters=model_config.mlp == "moe",
+                                     shard_layers=plan.context is None)
     inner = distributed.unwrap(wrapped)
     optimizer = build_optimizer(inner.named_parameters(), roles, cfg)
     scheduler = WarmupCosine(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              min_lr_ratio=cfg.min_lr_ratio)
     session = _Session(run=run, ctx=ctx, task=task, model_config=model_config, task_config=task_config,
-                       out_dir=out_dir, source=source, micro_batches=micro_batches, micro_size=micro_size, fsdp=fsdp,
+                       out_dir=out_dir, source=source, plan=plan, micro_batches=micro_batches, micro_size=micro_size,
+                       fsdp=fsdp,
                        wrapped=wrapped, inner=inner, optimizer=optimizer, scheduler=scheduler,
                        num_parameters=num_parameters, last_good=source)
     if source is not None:
@@ -333,7 +345,7 @@ def _open_log(session: _Session) -> None:
     session.log({"event": "resume" if source is not None else "start", "step": session.start_step,
                  "steps": cfg.steps, "resumed_from": str(source) if source is not None else None,
                  "threads": torch.get_num_threads(), "device": str(ctx.device), "world_size": world,
-                 "grad_accum": accum, "micro_batch_size": session.micro_size,
+                 "context": session.plan.size, "grad_accum": accum, "micro_batch_size": session.micro_size,
                  "num_parameters": session.num_parameters, "bf16": cfg.bf16,
                  "distributed": cfg.distributed if world > 1 else None,
                  "tensorboard": str(logger.tensorboard_dir) if logger.tensorboard_dir else None,
@@ -353,16 +365,17 @@ def _train_step(session: _Session, s: int) -> _StepResult:
     session.optimizer.zero_grad(set_to_none=True)
     stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, aux sum, tokens
     for a in range(accum):
-        index = s * session.micro_batches + ctx.rank * accum + a
-        batch = session.task.batch("train", index, session.micro_size).to(ctx.device)
+        plan = session.plan
+        index = s * session.micro_batches + plan.data_rank * accum + a
+        batch = plan.local_batch(session.task.batch("train", index, session.micro_size)).to(ctx.device)
         with distributed.gradient_sync(session.wrapped, enabled=a == accum - 1):
             with _autocast(ctx.device, cfg.bf16):
-                out = _forward_checked(session.wrapped, batch, cfg.bf16)
-                loss = session.task.loss(out.logits, batch)
+                out = _forward_checked(session.wrapped, batch, cfg.bf16, **plan.model_kwargs())
+                loss = plan.loss(session.task, out.logits, batch)
                 total = loss
                 if out.aux_loss is not None and cfg.aux_loss_weight:
                     total = loss + cfg.aux_loss_weight * out.aux_loss
-            (total / accum).backward()
+            (total * plan.gradient_scale / accum).backward()
         stats[0] += loss.detach().double()
         stats[1] += 0.0 if out.aux_loss is None else out.aux_loss.detach().double()
         stats[2] += batch.num_tokens
