@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,10 +65,15 @@ def test_serve_command(checkpoint, tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.2)
-        r = httpx.post(url + "/v1/completions", json={"prompt": "abc", "max_tokens": 5, "temperature": 0}, timeout=60)
+        # the README's curl call, as written there
+        readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+        body = json.loads(re.search(r"curl -s localhost:8000/v1/completions .* -d '(\{.*?\})'", readme).group(1))
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
-        expected = model.generate(torch.tensor([list(b"abc")]), 5).new_tokens[0].tolist()
+        prompt = torch.tensor([list(body["prompt"].encode())])
+        expected = model.generate(prompt, body["max_tokens"]).new_tokens[0].tolist()
         assert r.json()["choices"][0]["token_ids"] == expected
+        assert (tmp_path / "sessions" / f"{body['session_id']}.safetensors").exists()
         assert json.loads(httpx.get(url + "/health", timeout=5).text)["status"] == "ok"
     finally:
         proc.terminate()
