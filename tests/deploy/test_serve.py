@@ -180,9 +180,28 @@ def test_failed_write_keeps_the_previous_version(tmp_path, monkeypatch):
 
 
 WRITER = textwrap.dedent("""
-    import sys, torch
-    from ssmkit.deploy.sessions import SessionStore
-    store = SessionStore(sys.argv[1], "fp")
+    import builtins, sys, time, torch
+    from ssmkit.deploy import sessions
+
+    class SlowFile:  # says when it is half-way through a write, and waits there to be killed
+        def __init__(self, f):
+            self.f = f
+        def write(self, data):
+            half = len(data) // 2
+            self.f.write(data[:half])
+            self.f.flush()
+            print("writing", flush=True)
+            time.sleep(0.01 if version < 3 else 60)
+            self.f.write(data[half:])
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+
+    sessions.open = lambda *args, **kwargs: SlowFile(builtins.open(*args, **kwargs))
+    store = sessions.SessionStore(sys.argv[1], "fp")
     version = 0
     while True:
         version += 1
@@ -192,19 +211,22 @@ WRITER = textwrap.dedent("""
 
 
 def test_killed_mid_spill_loses_no_committed_session(tmp_path):
-    """SIGKILL a process that rewrites a session in a loop: what is on disk is a whole version, at least the
-    last one the writer reported as committed."""
+    """SIGKILL a process half-way through rewriting a session: what is on disk is the last committed version,
+    whole (with a write in place instead of temp file + rename this fails: the file is half new, half cut)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         committed = 0
-        while committed < 5:
-            line = proc.stdout.readline()
+        while True:
+            line = proc.stdout.readline().strip()
             assert line, "the writer died"
-            committed = int(line)
+            if line == "writing" and committed >= 2:
+                break  # half of version 3 is written: kill it now
+            if line != "writing":
+                committed = int(line)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(TIMEOUT)
     state = SessionStore(tmp_path, "fp").get("s")
     values = state[0]["big"].unique()
-    assert values.numel() == 1 and int(values) >= committed
+    assert values.numel() == 1 and int(values) == committed == 2

@@ -87,7 +87,10 @@ class _Job:
     created: float = field(default_factory=time.monotonic)
 
     def emit(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the server's event loop has closed (shutdown): nobody is listening
+            pass
 
 
 class Engine:
