@@ -38,7 +38,7 @@ def max_diff(a, b):
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "hybrid" else n for n in MODELS])
 def test_exported_generation_matches_eager(name, fmt, tmp_path):
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
@@ -67,6 +67,27 @@ def test_exported_generation_matches_eager(name, fmt, tmp_path):
     # and the runner's own greedy loop gives the eager model's tokens
     tokens, _ = runner.generate(prompt, 20)
     assert torch.equal(tokens, model.generate(prompt, 20).new_tokens)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+@pytest.mark.parametrize("mixer", ["s4", "s5", "linear_attention"])
+def test_other_constant_state_mixers_export(mixer, fmt, tmp_path):
+    """The remaining constant-state mixers: 50 greedy tokens and the final state, relative to its size
+    (linear attention's state is a running sum that grows)."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    model = from_config(ModelConfig(d_model=32, n_layers=1, vocab_size=50, mixer=mixer)).eval()
+    manifest = export_recurrence(model, tmp_path, format=fmt, prefill_chunk=8)
+    runner = ExportedRecurrence(tmp_path)
+    # ONNX reads S4/S5 prompts with the step (their parallel forms compute in complex numbers); pt2 has both
+    assert runner.prompt_mode == ("step" if fmt == "onnx" and mixer != "linear_attention" else "prefill+step")
+    assert ("prefill" in manifest["not_exported"]) == (runner.prompt_mode == "step")
+    prompt = torch.randint(0, 50, (1, 11))
+    tokens, state = runner.generate(prompt, 50)
+    reference = model.generate(prompt, 50, return_state=True)
+    assert torch.equal(tokens, reference.new_tokens)
+    for got, want in zip(state, flat(reference.state)):
+        assert float((got - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
 
 
 def test_export_regression_model_pt2(tmp_path):

@@ -15,6 +15,10 @@ trailing axis of 2 (real, imaginary), and everything computed from the parameter
 exp(dt A), Mamba's A = -exp(A_log), ...) is evaluated once at export time and stored as a constant
 (:func:`fold_parameter_subgraphs`).
 
+S4, S4D and S5 prefills compute in complex numbers from the inputs, which the ONNX exporter cannot lower: their
+ONNX exports hold the step only and prompts are read token by token (``manifest["not_exported"]``); their pt2
+exports have both programs.
+
 What cannot be exported: a state that grows with the sequence (attention's KV cache: a stream would need a
 fixed maximum length, which the attention mixer does not offer, so those models are refused), bidirectional
 models and classifier heads (they read the whole sequence; there is no recurrence to export).
@@ -191,13 +195,29 @@ def fold_parameter_subgraphs(gm: torch.fx.GraphModule) -> int:
             continue
         name = f"_folded_{folded}"
         folded += 1
-        gm.register_buffer(name, value.detach().clone())
+        gm.register_buffer(name, value.detach().clone(memory_format=torch.contiguous_format))
         with graph.inserting_before(node):
             replacement = graph.get_attr(name)
         node.replace_all_uses_with(replacement)
     graph.eliminate_dead_code()
     gm.recompile()
     return folded
+
+
+def complex_values_on_inputs(gm: torch.fx.GraphModule) -> bool:
+    """Whether a node left after :func:`fold_parameter_subgraphs` computes a complex tensor.
+
+    S4D's and S5's parallel forms (Vandermonde kernel with the state, final state, scan) and S4's prefill from
+    a state compute in complex numbers from the inputs; the ONNX exporter lowers only a few complex
+    operations (products, sums, views), so ONNX exports of these prefills are not attempted: their prompts are
+    read with the step (``manifest["not_exported"]`` says so, and ``ExportedRecurrence.prompt_mode``).
+    """
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if node.op == "call_function" and any(isinstance(v, torch.Tensor) and v.is_complex() for v in values):
+            return True
+    return False
 
 
 def _example_inputs(model, batch_size: int, length: Optional[int]) -> torch.Tensor:
@@ -244,11 +264,6 @@ def export_recurrence(model, directory, format: str = "onnx", batch_size: int = 
     model = model.eval().cpu()
     layout = state_layout(model, batch_size)
     state = tuple(t for layer in model.init_state(batch_size, device="cpu") for t in layer.values())
-    # The parallel forms of the complex-state mixers (S4D's Vandermonde kernel and final state, S5's scan)
-    # apply complex operations to the input itself; the ONNX exporter lowers only a few complex operations,
-    # so for these models the ONNX export has no prefill program and prompts are read with the step
-    # (written in the manifest, and said by the runner). The pt2 export has both programs for every model.
-    complex_state = any(e.dtype.startswith("complex") for e in layout)
     names_in = ["inputs"] + [e.name for e in layout]
     names_out = ["outputs"] + [e.name + ".next" for e in layout]
 
@@ -261,18 +276,25 @@ def export_recurrence(model, directory, format: str = "onnx", batch_size: int = 
     try:
         programs = {"step": (RecurrentStep(model, layout), _example_inputs(model, batch_size, None)),
                     "prefill": (ChunkPrefill(model, layout), _example_inputs(model, batch_size, prefill_chunk))}
-        if format == "onnx" and complex_state:
-            del programs["prefill"]
+        skipped = {}
         for name, (module, inputs) in programs.items():
-            with torch.no_grad():
-                exported = torch.export.export(module, (inputs,) + state)
-            if format == "pt2":
-                torch.export.save(exported, directory / f"{name}.pt2")
-                continue
+            # traced with autograd on: S4 caches its discrete system under no_grad keyed on data pointers,
+            # which a trace cannot read; with autograd on it builds it from the parameters, and the folding
+            # below turns that into constants anyway
+            exported = torch.export.export(module, (inputs,) + state)
             # the inference IR inlines autocast regions (the SSM cores run with autocast off), so that the
             # parameter-only parts inside them can be folded too
             folded = exported.run_decompositions({}).module()
             fold_parameter_subgraphs(folded)
+            if format == "pt2":
+                with torch.no_grad():
+                    program = torch.export.export(folded, (inputs,) + state)
+                torch.export.save(program, directory / f"{name}.pt2")
+                continue
+            if name == "prefill" and complex_values_on_inputs(folded):
+                skipped["prefill"] = ("the parallel form computes in complex numbers from the inputs, and the ONNX "
+                                      "exporter lowers too few complex operations; prompts are read with the step")
+                continue
             with torch.no_grad(), warnings.catch_warnings():
                 # the unlifted module says it is in training mode; the model was put in eval mode above
                 warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
@@ -284,9 +306,9 @@ def export_recurrence(model, directory, format: str = "onnx", batch_size: int = 
             mixer.backend = backend
 
     config = model.config
-    has_prefill = not (format == "onnx" and complex_state)
+    has_prefill = "prefill" not in skipped
     manifest = {"format": format, "batch_size": batch_size, "prefill_chunk": prefill_chunk if has_prefill else None,
-                "programs": ["step", "prefill"] if has_prefill else ["step"],
+                "programs": ["step", "prefill"] if has_prefill else ["step"], "not_exported": skipped,
                 "vocab_size": config.vocab_size, "input_dim": config.input_dim, "head": config.head,
                 "dtype": _dtype_name(next(model.parameters()).dtype),
                 "complex_state_as_real": format == "onnx",
