@@ -1,10 +1,12 @@
-"""The ``ssmkit`` command: train, eval, generate, compare, bench, convert, info.
+"""The ``ssmkit`` command: train, eval, generate, compare, bench, convert, export, serve, info.
 
     ssmkit compare                                   # the main job: architectures side by side on one task
     ssmkit train --config configs/induction.yaml train.steps=500 model.mixer=mamba2
     ssmkit eval --checkpoint outputs/induction/final --length 512
     ssmkit generate --checkpoint outputs/bytes_mamba/final --prompt "def " --max-new-tokens 200 --temperature 0.8
     ssmkit convert outputs/bytes_mamba/final outputs/hf --to hf      # a directory transformers loads
+    ssmkit export --checkpoint outputs/bytes_mamba/final --format onnx outputs/onnx   # step + prefill programs
+    ssmkit serve --checkpoint outputs/bytes_mamba/final --port 8000                   # /v1/completions
     ssmkit info                                      # versions, backends, threads
     torchrun --nproc-per-node 2 -m ssmkit train --config configs/bytes_mamba.yaml
 
@@ -112,6 +114,28 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .deploy.export import export_recurrence
+    from .models import from_pretrained
+
+    model = from_pretrained(args.checkpoint)
+    manifest = export_recurrence(model, args.out, format=args.format, batch_size=args.batch_size,
+                                 prefill_chunk=args.prefill_chunk)
+    print(f"wrote {', '.join(manifest['programs'])} ({args.format}) and manifest.json to {args.out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .deploy.serve import ServerLimits, serve
+
+    limits = ServerLimits(max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
+                          max_sessions=args.max_sessions, max_sessions_in_memory=args.max_sessions_in_memory,
+                          request_timeout_s=args.timeout)
+    serve(args.checkpoint, host=args.host, port=args.port, session_dir=args.session_dir, limits=limits,
+          eos_token_id=args.eos, threads=args.threads)
+    return 0
+
+
 def info() -> dict:
     import numpy
 
@@ -216,6 +240,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["hf", "ssmkit"], required=True)
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("export", help="export the one-token step and the chunked prefill (ONNX or torch.export)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prefill-chunk", type=int, default=64, help="tokens the prefill program reads at once")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve a language model: OpenAI-style /v1/completions with sessions")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--session-dir", default=None, help="where session states are kept (default: CHECKPOINT-sessions)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-sessions", type=int, default=10_000)
+    p.add_argument("--max-sessions-in-memory", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
+    p.add_argument("--eos", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("info", help="versions, available backends, threads")
     p.set_defaults(func=cmd_info)
     return parser
@@ -231,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+    except (ValueError, ImportError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
         if os.environ.get("SSMKIT_DEBUG"):
             raise
         print(f"ssmkit {args.command}: error: {err}", file=sys.stderr)
