@@ -41,9 +41,9 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from ssmkit.layers.mamba import Mamba  # noqa: E402
-from ssmkit.ops import triton as tk  # noqa: E402
-from ssmkit.ops.selective_scan import selective_scan  # noqa: E402
-from ssmkit.ops.ssd import ssd  # noqa: E402
+from ssmkit.ops import _triton as tk  # noqa: E402
+from ssmkit.ops import selective_scan  # noqa: E402
+from ssmkit.ops import ssd  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16

@@ -132,7 +132,7 @@ def info() -> dict:
     except Exception as err:  # noqa: BLE001
         backends["ssd"] = f"unavailable: {err}"
     try:
-        from .ops.triton import triton_available
+        from .ops._triton import triton_available
 
         backends["triton"] = triton_available()
     except Exception as err:  # noqa: BLE001

@@ -21,8 +21,8 @@ import torch
 
 import ssmkit
 from ssmkit.layers import MIXERS, build_mixer
-from ssmkit.ops.selective_scan import cpp as scan_cpp
-from ssmkit.ops.triton import triton_available
+from ssmkit.ops.mamba import cpp as scan_cpp
+from ssmkit.ops._triton import triton_available
 
 from ..helpers import assert_close_scaled
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ssmkit.layers import build_mixer
-from ssmkit.ops.selective_scan import cpp as scan_cpp
-from ssmkit.ops.triton import triton_available
+from ssmkit.ops.mamba import cpp as scan_cpp
+from ssmkit.ops._triton import triton_available
 
 ON_GPU = torch.cuda.is_available()
 REQUIRE_CPP = os.environ.get("SSMKIT_REQUIRE_CPP") == "1"

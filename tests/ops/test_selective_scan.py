@@ -1,7 +1,7 @@
 """Selective scan backends against the sequential reference: outputs, final states and every gradient.
 
 The C++ backend is compiled on first use (about a minute, cached on disk; see
-``ssmkit.ops.selective_scan.cpp.build_directory()``). If it cannot be built its tests are skipped with the
+``ssmkit.ops.mamba.cpp.build_directory()``). If it cannot be built its tests are skipped with the
 reason, unless ``SSMKIT_REQUIRE_CPP=1``, which turns that into a failure (CI sets it).
 """
 
@@ -16,13 +16,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssmkit.ops.selective_scan import (available_backends, last_backend, selective_scan, selective_scan_ref,
+from ssmkit.ops.mamba import (available_backends, last_backend, selective_scan, selective_scan_ref,
                                        selective_state_update)
-from ssmkit.ops.selective_scan import cpp as cpp_backend
-from ssmkit.ops.selective_scan.chunked import _flush_enabled, selective_scan_chunked
+from ssmkit.ops.mamba import cpp as cpp_backend
+from ssmkit.ops.mamba.chunked import _flush_enabled, selective_scan_chunked
 
 # the subpackage itself (``ssmkit.ops`` may re-export the function under the same name)
-scan_pkg = importlib.import_module("ssmkit.ops.selective_scan")
+scan_pkg = importlib.import_module("ssmkit.ops.mamba")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 

@@ -1,4 +1,4 @@
-"""Triton kernels (ssmkit.ops.triton) against the sequential references, on outputs, final states and every
+"""Triton kernels (ssmkit.ops._triton) against the sequential references, on outputs, final states and every
 gradient, in float32 (relative error <= 1e-3) and bfloat16 (<= 2e-2), at awkward sizes.
 
 Without a GPU the kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
@@ -19,9 +19,9 @@ ON_GPU = torch.cuda.is_available()
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 from ssmkit.ops.conv1d import causal_conv1d_ref, causal_conv1d_update  # noqa: E402
-from ssmkit.ops.selective_scan import selective_scan_ref, selective_state_update_ref  # noqa: E402
-from ssmkit.ops.ssd import ssd_ref, ssd_state_update_ref  # noqa: E402
-from ssmkit.ops import triton as tk  # noqa: E402
+from ssmkit.ops.mamba import selective_scan_ref, selective_state_update_ref  # noqa: E402
+from ssmkit.ops.mamba2 import ssd_ref, ssd_state_update_ref  # noqa: E402
+from ssmkit.ops import _triton as tk  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
@@ -307,7 +307,7 @@ def test_import_is_lazy_and_cpu_without_interpreter_is_refused():
         import os, sys
         os.environ.pop("TRITON_INTERPRET", None)
         import torch, ssmkit
-        import ssmkit.ops.triton as tk
+        import ssmkit.ops._triton as tk
         assert "triton" not in sys.modules, "importing ssmkit imported triton"
         assert not tk.triton_available("cpu")
         try:
@@ -327,9 +327,9 @@ def test_import_is_lazy_and_cpu_without_interpreter_is_refused():
 
 def test_backend_argument_dispatches_to_triton_explicitly():
     """backend="triton" reaches the kernels through the public ops, and last_backend() says so."""
-    from ssmkit.ops.selective_scan import last_backend, selective_scan
-    from ssmkit.ops.ssd import last_backend as ssd_last_backend
-    from ssmkit.ops.ssd import ssd, ssd_ref
+    from ssmkit.ops.mamba import last_backend, selective_scan
+    from ssmkit.ops.mamba2 import last_backend as ssd_last_backend
+    from ssmkit.ops.mamba2 import ssd, ssd_ref
 
     g = torch.Generator().manual_seed(0)
     on = dict(device=DEVICE)  # CUDA tensors on a GPU machine, CPU tensors under the interpreter elsewhere
@@ -351,7 +351,7 @@ def test_backend_argument_dispatches_to_triton_explicitly():
 def test_interpreter_runs_the_real_associative_scan_combine():
     """The vectorised shim stands in for ``tl.associative_scan`` in the other interpreter tests; here the
     scan kernels run Triton's own element-by-element path with our real ``linear_combine`` (tiny sizes)."""
-    from ssmkit.ops.triton import real_associative_scan
+    from ssmkit.ops._triton import real_associative_scan
 
     case = dict(batch=1, dim=2, groups=None, L=5, N=2, full=True, cfg=dict(T=16, BLOCK_N=2, BLOCK_D=2))
     ins = _scan_inputs(case, torch.float32)
@@ -366,7 +366,7 @@ def test_interpreter_shims_refuse_an_unknown_triton(monkeypatch):
     """The shims patch private Triton classes: an unknown release gets one clear error, not silent damage."""
     import triton
 
-    from ssmkit.ops.triton import _check_interpreter_version
+    from ssmkit.ops._triton import _check_interpreter_version
 
     monkeypatch.setattr(triton, "__version__", "9.9.0")
     with pytest.raises(RuntimeError, match=r"known to work with triton 3\.6\.x; found triton 9\.9\.0"):

@@ -4,7 +4,7 @@ Each op keeps a naive reference (a plain sequential loop, the readable specifica
 paths; tests compare the two on outputs, final states and gradients.
 
 ``ssmkit.ops.selective_scan`` and ``ssmkit.ops.ssd`` are the functions (mamba_ssm-compatible signatures);
-their packages stay importable as ``from ssmkit.ops.ssd.reference import ssd_ref``.
+their packages stay importable as ``from ssmkit.ops.mamba2.reference import ssd_ref``.
 """
 
 from .backends import last_backend, record_backends, use_backend
@@ -14,5 +14,5 @@ from .dplr import kernel_dplr
 from .fftconv import direct_conv_reference, fft_conv
 from .hippo import hippo, nplr_legs, s4d_init
 from .lti_kernels import kernel_naive, kernel_vandermonde
-from .ssd import ssd, ssd_ref, ssd_state_update, ssd_state_update_ref
-from .selective_scan import selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref
+from .mamba2 import ssd, ssd_ref, ssd_state_update, ssd_state_update_ref
+from .mamba import selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref

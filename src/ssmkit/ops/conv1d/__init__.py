@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_same_device, check_shape, check_tensor
-from .backends import register_op, resolve
-from .triton import triton_available
+from ..._checks import check_same_device, check_shape, check_tensor
+from ..backends import register_op, resolve
+from .._triton import triton_available
 
 register_op("causal_conv1d", ("torch", "triton"))
 register_op("causal_conv1d_update", ("torch", "triton"))
@@ -286,14 +286,14 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         activation: None or "silu", applied to the output.
         return_final_state: also return the state after the last step.
         backend: "torch" (shifted multiply-adds, any device), "triton" (GPU kernel of
-            :mod:`ssmkit.ops.triton`), or None / "auto": the :func:`ssmkit.ops.use_backend` context, else
+            :mod:`ssmkit.ops._triton`), or None / "auto": the :func:`ssmkit.ops.use_backend` context, else
             "triton" for CUDA tensors when triton imports, else "torch".
 
     Returns:
         y (batch, dim, L), and the final state (batch, dim, width-1) when ``return_final_state``.
     """
     if resolve("causal_conv1d", backend, lambda: "triton" if x.is_cuda and triton_available() else "torch") == "triton":
-        from .triton import causal_conv1d_triton
+        from .._triton import causal_conv1d_triton
 
         return causal_conv1d_triton(x, weight, bias, initial_state, seq_idx, activation, return_final_state)
     weight, width = _check_sequence_args(x, weight, bias, initial_state, seq_idx, activation)
@@ -317,7 +317,7 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     """
     if resolve("causal_conv1d_update", backend, lambda: "triton" if x.is_cuda and not torch.is_grad_enabled()
                and triton_available() else "torch") == "triton":
-        from .triton import causal_conv1d_update_triton
+        from .._triton import causal_conv1d_update_triton
 
         return causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
     check_tensor("x", x)

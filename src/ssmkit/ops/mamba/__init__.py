@@ -10,7 +10,7 @@ Backends of :func:`selective_scan` (argument ``backend``):
 ``"torch"``     :mod:`.chunked`, pure PyTorch, chunked over time, any device and dtype
 ``"cpp"``       :mod:`.cpp`, a C++ scan compiled at first use (CPU, float32/float64); raises if the
                 extension cannot be built
-``"triton"``    :mod:`ssmkit.ops.triton`, GPU kernels (CUDA tensors; float32, bfloat16, float16);
+``"triton"``    :mod:`ssmkit.ops._triton`, GPU kernels (CUDA tensors; float32, bfloat16, float16);
                 raises if triton is not installed
 ``"auto"``      ``"triton"`` for CUDA tensors when triton imports; ``"cpp"`` for CPU float32/float64
                 tensors when the extension builds; else ``"torch"``; a failed build is reported once
@@ -25,7 +25,7 @@ C++ backend is several times faster than the torch one (see the benchmark table 
 ``$SSMKIT_SCAN_BACKEND`` if set, then the "auto" rule; :func:`last_backend` names the backend that ran the most recent call, so "auto" is never silent.
 
 Note: where ``ssmkit.ops`` re-exports the function ``selective_scan``, it hides this subpackage's name
-there; import helpers from here (``from ssmkit.ops.selective_scan import last_backend``). The function
+there; import helpers from here (``from ssmkit.ops.mamba import last_backend``). The function
 also carries them as attributes (``selective_scan.last_backend()``), so both spellings work.
 """
 
@@ -37,7 +37,7 @@ import torch
 
 from ..backends import last_backend as _last_backend
 from ..backends import register_op, resolve
-from ..triton import triton_available
+from .._triton import triton_available
 from . import cpp as _cpp
 from .chunked import flush_denormals, selective_scan_chunked
 from .reference import mixed_precision, selective_scan_ref, selective_state_update_ref
@@ -118,7 +118,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                              return_last_state=return_last_state, initial_state=f32[8], backend=name)
         return tuple(t.to(u.dtype) for t in out) if return_last_state else out.to(u.dtype)
     if name == "triton":
-        from ..triton import selective_scan_triton
+        from .._triton import selective_scan_triton
 
         out = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                     initial_state)
@@ -152,13 +152,13 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     name = resolve("selective_state_update", backend,
                    lambda: "triton" if x.is_cuda and not torch.is_grad_enabled() and triton_available() else "torch")
     if name == "triton":
-        from ..triton import selective_state_update_triton
+        from .._triton import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 # ``ssmkit.ops`` re-exports the function under the subpackage's name; these attributes keep
-# ``ssmkit.ops.selective_scan.last_backend()`` working there too.
+# ``ssmkit.ops.mamba.last_backend()`` working there too.
 selective_scan.last_backend = last_backend
 selective_scan.available_backends = available_backends

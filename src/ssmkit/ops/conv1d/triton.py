@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..conv1d import _check_sequence_args, _final_state, _weight_2d
+from . import _check_sequence_args, _final_state, _weight_2d
 from ..._checks import check_choice, check_same_device, check_shape, check_tensor
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
@@ -243,7 +243,7 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None,
         y (batch, dim, L) in x's dtype, and the final state when asked; differentiable in x, weight, bias
         and initial_state.
     """
-    from . import _check_runnable
+    from .._triton import _check_runnable
 
     weight, width = _check_sequence_args(x, weight, bias, initial_state, seq_idx, activation)
     _check_runnable("causal_conv1d_triton", x)
@@ -324,7 +324,7 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
     ``inplace``: write the new window into ``conv_state`` and return it; otherwise a new (batch, dim, width-1)
     tensor is returned and ``conv_state`` is left as it was. Inference-only.
     """
-    from . import _check_runnable
+    from .._triton import _check_runnable
 
     check_tensor("x", x)
     if x.dim() != 2:

@@ -7,7 +7,7 @@ only its import. The shapes, the glossary and the recurrence are in ``reference.
 Backends of :func:`ssd` (``backend=``):
     ``"torch"``      the chunked SSD algorithm in pure PyTorch (``chunked.py``, paper Sec. 6);
     ``"reference"``  the sequential loop over time (``reference.py``), the specification;
-    ``"triton"``     :mod:`ssmkit.ops.triton` GPU kernels (CUDA tensors; raises if triton is missing).
+    ``"triton"``     :mod:`ssmkit.ops._triton` GPU kernels (CUDA tensors; raises if triton is missing).
     ``"auto"``       ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``.
 ``backend=None`` (or "auto") defers to the innermost :func:`ssmkit.ops.use_backend` context, then to the
 "auto" rule; :func:`last_backend` names the backend that ran last, so "auto" is never a silent choice.
@@ -19,7 +19,7 @@ import torch
 
 from ..backends import last_backend as _last_backend
 from ..backends import register_op, resolve
-from ..triton import triton_available
+from .._triton import triton_available
 from .chunked import ssd_chunked, ssd_state_update_torch
 from .reference import DEFAULT_DT_LIMIT, ssd_ref, ssd_state_update_ref
 
@@ -62,7 +62,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
     chosen = resolve("ssd", backend, lambda: "triton" if isinstance(x, torch.Tensor) and x.is_cuda
                      and triton_available() else "torch")
     if chosen == "triton":
-        from ..triton import ssd_triton as fn
+        from .._triton import ssd_triton as fn
     else:
         fn = ssd_chunked if chosen == "torch" else ssd_ref
     out = fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
@@ -84,7 +84,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     chosen = resolve("ssd_state_update", backend, lambda: "triton" if x.is_cuda and not torch.is_grad_enabled()
                      and triton_available() else "torch")
     if chosen == "triton":
-        from ..triton import ssd_state_update_triton
+        from .._triton import ssd_state_update_triton
 
         return ssd_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                        dt_limit=dt_limit)

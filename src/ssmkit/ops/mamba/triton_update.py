@@ -8,7 +8,7 @@ Mamba-2 (Dao & Gu 2024, the recurrent form of SSD), per head with a scalar A and
 
     Delta = clamp(softplus(dt + dt_bias), dt_limit)   h = exp(Delta A) h + Delta x B^T   y = h C + D x
 
-Names as :mod:`ssmkit.ops.selective_scan.reference` and :mod:`ssmkit.ops.ssd.reference`. A decoding step
+Names as :mod:`ssmkit.ops.mamba.reference` and :mod:`ssmkit.ops.mamba2.reference`. A decoding step
 moves each state once through memory (read, update in registers, write), so the kernel is as fast as the
 state's bytes allow; ``state_batch_indices`` lets a batch read and write any rows of a larger cache, and
 ``inplace`` skips the copy of the new state (the form a serving loop or a CUDA graph wants).
@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..selective_scan.reference import check_state_update_args
-from ..ssd.reference import DEFAULT_DT_LIMIT, _check_dt_limit, check_state_update_inputs
-from .conv1d import check_inference_only, check_state_batch_indices
+from .reference import check_state_update_args
+from ..mamba2.reference import DEFAULT_DT_LIMIT, _check_dt_limit, check_state_update_inputs
+from ..conv1d.triton import check_inference_only, check_state_batch_indices
 
 __all__ = ["selective_state_update_triton", "ssd_state_update_triton"]
 
@@ -136,7 +136,7 @@ def _rows_view(state, batch):
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
                                   state_batch_indices=None, inplace=False):
-    """One Mamba decoding step on Triton; arguments as :func:`ssmkit.ops.selective_scan.selective_state_update`.
+    """One Mamba decoding step on Triton; arguments as :func:`ssmkit.ops.mamba.selective_state_update`.
 
     Args:
         state: (batch, dim, N), or (rows, dim, N) with ``state_batch_indices`` (batch,) naming the row of
@@ -148,7 +148,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     Returns:
         ``(y (batch, dim) in x's dtype, new_state in state's dtype)``.
     """
-    from . import _check_runnable
+    from .._triton import _check_runnable
 
     if state_batch_indices is not None:
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -184,7 +184,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
 
 def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                             dt_limit=DEFAULT_DT_LIMIT, *, state_batch_indices=None, inplace=False):
-    """One Mamba-2 decoding step on Triton; arguments as :func:`ssmkit.ops.ssd.ssd_state_update`.
+    """One Mamba-2 decoding step on Triton; arguments as :func:`ssmkit.ops.mamba2.ssd_state_update`.
 
     Args:
         state: (batch, heads, headdim, N), or (rows, heads, headdim, N) with ``state_batch_indices`` (batch,);
@@ -195,7 +195,7 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     Returns:
         ``(y (batch, heads, headdim) in x's dtype, new_state in state's dtype)``.
     """
-    from . import _check_runnable
+    from .._triton import _check_runnable
 
     if state_batch_indices is not None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3:

@@ -196,7 +196,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
                            return_last_state=False, initial_state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """Selective scan, chunked over time, differentiable (checkpointed backward, see the module docstring).
 
-    Arguments and returns as :func:`ssmkit.ops.selective_scan.selective_scan_ref`; ``chunk_size`` (>= 1)
+    Arguments and returns as :func:`ssmkit.ops.mamba.selective_scan_ref`; ``chunk_size`` (>= 1)
     sets the number of time steps whose operands are formed together (and between stored states).
     """
     args = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)

@@ -155,7 +155,7 @@ def apply_skip_and_gate(y: torch.Tensor, x: torch.Tensor, D: Optional[torch.Tens
 # --------------------------------------------------------------------------------------------------
 def ssd_ref(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, dt_softplus=False,
             dt_limit=DEFAULT_DT_LIMIT, initial_states=None, seq_idx=None, return_final_states=False):
-    """Sequential-loop SSD (the specification of :func:`ssmkit.ops.ssd.ssd`).
+    """Sequential-loop SSD (the specification of :func:`ssmkit.ops.mamba2.ssd`).
 
     Args:
         x: (batch, L, heads, headdim).

@@ -5,10 +5,10 @@ same function (tests compare both against the sequential references, on outputs,
 gradients):
 
 ===================================  ===============================================================
-``selective_scan_triton``            :func:`ssmkit.ops.selective_scan.selective_scan`
-``selective_state_update_triton``    :func:`ssmkit.ops.selective_scan.selective_state_update`
-``ssd_triton``                       :func:`ssmkit.ops.ssd.ssd`
-``ssd_state_update_triton``          :func:`ssmkit.ops.ssd.ssd_state_update`
+``selective_scan_triton``            :func:`ssmkit.ops.mamba.selective_scan`
+``selective_state_update_triton``    :func:`ssmkit.ops.mamba.selective_state_update`
+``ssd_triton``                       :func:`ssmkit.ops.mamba2.ssd`
+``ssd_state_update_triton``          :func:`ssmkit.ops.mamba2.ssd_state_update`
 ``causal_conv1d_triton``             :func:`ssmkit.ops.conv1d.causal_conv1d`
 ``causal_conv1d_update_triton``      :func:`ssmkit.ops.conv1d.causal_conv1d_update`
 ===================================  ===============================================================
@@ -83,10 +83,19 @@ def _check_runnable(op: str, tensor: torch.Tensor) -> None:
                         "(use backend='torch' or 'reference' for float64)")
 
 
+#: kernel family -> the module beside its op that holds the Triton kernels
+_KERNEL_MODULES = {
+    "selective_scan": "ssmkit.ops.mamba.triton",
+    "state_update": "ssmkit.ops.mamba.triton_update",
+    "ssd": "ssmkit.ops.mamba2.triton",
+    "conv1d": "ssmkit.ops.conv1d.triton",
+}
+
+
 def _kernels(name: str):
     if _interpreting():
         _patch_interpreter()
-    return importlib.import_module(f"{__name__}.{name}")
+    return importlib.import_module(_KERNEL_MODULES[name])
 
 
 _interpreter_patched = False
@@ -215,7 +224,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                           return_last_state=False, initial_state=None):
     """Selective scan (Mamba, Gu & Dao 2023, Alg. 2) on Triton; see :mod:`.selective_scan`.
 
-    Shapes as :func:`ssmkit.ops.selective_scan.selective_scan`: u, delta, z (batch, dim, L); A (dim, N);
+    Shapes as :func:`ssmkit.ops.mamba.selective_scan`: u, delta, z (batch, dim, L); A (dim, N);
     B, C (batch, N, L) or (batch, groups, N, L); D, delta_bias (dim,); initial_state (batch, dim, N).
     Returns y (batch, dim, L), or ``(y, last_state (batch, dim, N))``; differentiable in every tensor.
     """
@@ -229,7 +238,7 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_soft
                dt_limit=(0.0, float("inf")), initial_states=None, seq_idx=None, return_final_states=False):
     """Mamba-2 SSD, chunked (Dao & Gu 2024, Sec. 6) on Triton; see :mod:`.ssd`.
 
-    Shapes as :func:`ssmkit.ops.ssd.ssd`: x, z (batch, L, heads, headdim); dt (batch, L, heads); A, dt_bias
+    Shapes as :func:`ssmkit.ops.mamba2.ssd`: x, z (batch, L, heads, headdim); dt (batch, L, heads); A, dt_bias
     (heads,); B, C (batch, L, groups, N); D (heads,) or (heads, headdim); initial_states
     (batch, heads, headdim, N); seq_idx (batch, L). Returns y, or ``(y, final_states)`` (float32).
     """
@@ -262,7 +271,7 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
                                   state_batch_indices=None, inplace=False):
-    """One Mamba decoding step, as :func:`ssmkit.ops.selective_scan.selective_state_update`:
+    """One Mamba decoding step, as :func:`ssmkit.ops.mamba.selective_state_update`:
     state (batch, dim, N), x, dt, z (batch, dim), A (dim, N), B, C (batch, N) or (batch, groups, N),
     D, dt_bias (dim,) -> ``(y (batch, dim), new_state)``."""
     _check_runnable("selective_state_update_triton", x)
@@ -273,7 +282,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
 
 def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                             dt_limit=(0.0, float("inf")), *, state_batch_indices=None, inplace=False):
-    """One Mamba-2 decoding step, as :func:`ssmkit.ops.ssd.ssd_state_update`: state
+    """One Mamba-2 decoding step, as :func:`ssmkit.ops.mamba2.ssd_state_update`: state
     (batch, heads, headdim, N), x, z (batch, heads, headdim), dt (batch, heads), A, dt_bias (heads,),
     B, C (batch, groups, N), D (heads,) or (heads, headdim) -> ``(y, new_state)``."""
     _check_runnable("ssd_state_update_triton", x)

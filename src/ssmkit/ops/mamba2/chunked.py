@@ -214,7 +214,7 @@ def _sequence_masks(seq_idx: torch.Tensor, chunks: int, T: int, extra: int, dtyp
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
                 dt_limit=DEFAULT_DT_LIMIT, initial_states=None, seq_idx=None, return_final_states=False):
-    """Chunked SSD; arguments, shapes and results as :func:`ssmkit.ops.ssd.ssd` (backend "torch").
+    """Chunked SSD; arguments, shapes and results as :func:`ssmkit.ops.mamba2.ssd` (backend "torch").
 
     Any L: the sequence is padded to a multiple of the chunk with dt = 0 steps, which neither decay nor
     feed the state, so the final state is exact. A chunk longer than L is shortened to L.
@@ -246,7 +246,7 @@ def ssd_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                            dt_limit=DEFAULT_DT_LIMIT):
     """One token, all heads at once (heads grouped as (groups, R) so B and C are broadcast, not copied).
 
-    Shapes and results as :func:`ssmkit.ops.ssd.ssd_state_update`.
+    Shapes and results as :func:`ssmkit.ops.mamba2.ssd_state_update`.
     """
     batch, heads, headdim, groups, N = check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
     ctype = compute_dtype(x)
