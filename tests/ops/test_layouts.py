@@ -195,8 +195,8 @@ def test_causal_conv1d_update_on_views(backend):
     w = torch.randn(width, dim, device=DEVICE).t()
     bias = torch.randn(dim, device=DEVICE)
     if backend == "triton":
-        from ssmkit.ops import _triton as tk
-        fast = tk.causal_conv1d_update_triton
+        from ssmkit.ops.conv1d import causal_conv1d_update_triton
+        fast = causal_conv1d_update_triton
     else:
         fast = causal_conv1d_update
     _check_step(lambda *a: fast(*a, activation="silu"), lambda *a: causal_conv1d_update(*a, activation="silu"),

@@ -32,7 +32,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .reference import check_scan_args, compute_dtype
+from .._precision import compute_dtype
+from .args import check_scan_args
 
 #: steps per chunk: long enough to amortise the per-chunk calls, short enough that the
 #: (chunk, batch, dim, N) buffers stay cache-sized

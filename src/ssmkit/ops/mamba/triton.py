@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_scan_args
+from .args import check_scan_args
 
 __all__ = ["selective_scan_triton", "override_config"]
 

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .reference import DEFAULT_DT_LIMIT, check_ssd_inputs, process_dt
+from .args import DEFAULT_DT_LIMIT, check_ssd_inputs
+from .reference import process_dt
 
 __all__ = ["ssd_triton", "override_config"]
 
