@@ -178,3 +178,8 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     return load_kernels("ssmkit.ops.mamba.triton_update").selective_state_update_triton(
         state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
         state_batch_indices=state_batch_indices, inplace=inplace)
+
+
+# Also reachable from the function, for code that holds only ``from ssmkit.ops import selective_scan``.
+selective_scan.last_backend = last_backend
+selective_scan.available_backends = available_backends
