@@ -91,6 +91,7 @@ def test_state_is_the_projection_onto_the_basis(noise, measure, N, bound):
 # --------------------------------------------------------------------------------------------------
 # Reconstruction from the final state
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~3.5 s on 2 shared cores
 def test_legs_reconstructs_the_whole_history(noise):
     bilinear = hippo_reconstruct(noise, DT, "legs", 64)
     assert bilinear.states.shape == (3000, 64)

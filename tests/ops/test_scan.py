@@ -122,6 +122,7 @@ def test_h0_broadcasts_and_outputs_are_fresh():
     assert b1.eq(1).all(), "a fast scan of length 1 must not return the caller's tensor"
 
 
+@pytest.mark.slow  # ~3 s on 2 shared cores
 def test_gradcheck_and_double_backward():
     g = torch.Generator().manual_seed(11)
     a = (_stable_a((2, 6), g) * 0.9).requires_grad_()

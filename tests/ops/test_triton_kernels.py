@@ -25,6 +25,9 @@ from ssmkit.ops.mamba import (selective_scan_ref, selective_scan_triton, selecti
                               selective_state_update_triton)
 from ssmkit.ops.mamba2 import ssd_ref, ssd_state_update_ref, ssd_state_update_triton, ssd_triton  # noqa: E402
 
+#: on the CPU, Triton's interpreter runs the kernels in Python (~70 s for this file on 2 cores)
+pytestmark = pytest.mark.slow
+
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
