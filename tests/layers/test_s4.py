@@ -11,7 +11,7 @@ from ssmkit.layers import build_mixer
 from ssmkit.layers.s4 import S4
 from ssmkit.ops.dplr import dplr_real_system, kernel_dplr
 from ssmkit.ops.fftconv import direct_conv_ref
-from ssmkit.ops.hippo import conjugate_half, hippo, nplr_legs
+from ssmkit.ops.hippo_operators import conjugate_half, hippo, nplr_legs
 from ssmkit.ops.lti_kernels import kernel_ref
 
 from ..helpers import assert_close_scaled

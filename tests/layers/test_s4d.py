@@ -8,7 +8,7 @@ import torch
 
 from ssmkit.layers import get_mixer
 from ssmkit.layers.s4d import S4D
-from ssmkit.ops.hippo import s4d_init
+from ssmkit.ops.hippo_operators import s4d_init
 from ssmkit.ops.lti_kernels import diagonal_ssm_ref
 
 from ..helpers import assert_close_scaled

@@ -8,7 +8,7 @@ import torch
 from ssmkit.ops.discretize import discretize_dense
 from ssmkit.ops.dplr import (cauchy, cauchy_ref, complex_to_real, discretize_dplr, dplr_real_system,
                              dplr_state_input, final_state_dense, kernel_dplr, output_to_real, real_to_complex)
-from ssmkit.ops.hippo import conjugate_half, hippo, nplr_legs
+from ssmkit.ops.hippo_operators import conjugate_half, hippo, nplr_legs
 from ssmkit.ops.lti_kernels import kernel_ref
 
 CD = torch.complex128

@@ -24,7 +24,7 @@ from .conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
 from .discretize import discretize_dense, discretize_diag
 from .dplr import kernel_dplr
 from .fftconv import direct_conv_ref, fft_conv
-from .hippo import hippo, nplr_legs, s4d_init
+from .hippo_operators import hippo, nplr_legs, s4d_init
 from .lti_kernels import kernel_ref, kernel_vandermonde
 from .mamba2 import ssd, ssd_ref, ssd_state_update, ssd_state_update_ref
 from .mamba import selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref
