@@ -60,7 +60,7 @@ def _naive_kernel(s, L):
 # ------------------------------------------------------------------------------------------------------
 # Cauchy sums
 # ------------------------------------------------------------------------------------------------------
-def test_cauchy_naive_is_the_sum():
+def test_cauchy_ref_is_the_sum():
     v, z, w = torch.randn(5, dtype=CD), torch.randn(7, dtype=CD), torch.randn(5, dtype=CD)
     want = torch.stack([sum(v[n] / (z[l] - w[n]) for n in range(5)) for l in range(7)])
     torch.testing.assert_close(cauchy_ref(v, z, w), want)
