@@ -22,7 +22,7 @@ hippo-demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
-# everything but the tests marked slow (@pytest.mark.slow, or SLOW_ELSEWHERE in tests/conftest.py): under 90 s
+# everything but the tests marked slow (@pytest.mark.slow, pytestmark or pytest.param marks): under 90 s
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow"
 

@@ -41,9 +41,12 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from ssmkit.layers.mamba import Mamba  # noqa: E402
-from ssmkit.ops import triton as tk  # noqa: E402
-from ssmkit.ops.selective_scan import selective_scan  # noqa: E402
-from ssmkit.ops.ssd import ssd  # noqa: E402
+from ssmkit.ops import conv1d as conv_ops  # noqa: E402
+from ssmkit.ops import mamba as mamba_ops  # noqa: E402
+from ssmkit.ops import mamba2 as mamba2_ops  # noqa: E402
+from ssmkit.ops._triton import load_kernels  # noqa: E402
+from ssmkit.ops import selective_scan  # noqa: E402
+from ssmkit.ops import ssd  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -118,7 +121,7 @@ def scan_inputs(batch, L, N, dim=2048):
 
 
 def scan_triton(u, delta, A, B, C, D, z, bias):
-    return tk.selective_scan_triton(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    return mamba_ops.selective_scan_triton(u, delta, A, B, C, D, z, bias, delta_softplus=True)
 
 
 def scan_torch(u, delta, A, B, C, D, z, bias):
@@ -133,7 +136,7 @@ def ssd_inputs(batch, L, N, heads=32, hd=64):
 
 
 def ssd_triton(x, dt, A, B, C, D, dt_bias):
-    return tk.ssd_triton(x, dt, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True)
+    return mamba2_ops.ssd_triton(x, dt, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True)
 
 
 def ssd_torch(x, dt, A, B, C, D, dt_bias):
@@ -163,7 +166,7 @@ SSD_CFGS = [dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, bwd_warps=4),
 
 def section_tune(args, results):
     L, batch = 8192, args.batch
-    scan_mod, ssd_mod = tk._kernels("selective_scan"), tk._kernels("ssd")
+    scan_mod, ssd_mod = load_kernels("ssmkit.ops.mamba.triton"), load_kernels("ssmkit.ops.mamba2.triton")
     tuned = {}
     print(f"\n== tune (bf16, batch {batch}, L {L}) ==")
     inputs = scan_inputs(batch, L, 16)
@@ -299,12 +302,12 @@ class MambaLM(nn.Module):
         for i, (norm, m) in enumerate(zip(self.norms, self.layers)):
             xz = m.in_proj(norm(h))
             u, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))         # (B, d_inner, L) views
-            u, conv_final = tk.causal_conv1d_triton(u, m.conv1d.weight, m.conv1d.bias, activation="silu",
+            u, conv_final = conv_ops.causal_conv1d_triton(u, m.conv1d.weight, m.conv1d.bias, activation="silu",
                                                     return_final_state=True)
             dt, B, C = m.x_proj(u.transpose(1, 2)).split([m.dt_rank, m.d_state, m.d_state], dim=-1)
             delta = F.linear(dt, m.dt_proj.weight).transpose(1, 2)
             A = self.A[i]
-            y, last = tk.selective_scan_triton(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), m.D, z,
+            y, last = mamba_ops.selective_scan_triton(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), m.D, z,
                                                m.dt_proj.bias, delta_softplus=True, return_last_state=True)
             h = h + m.out_proj(y.transpose(1, 2))
             conv_states[i].copy_(conv_final)
@@ -317,12 +320,12 @@ class MambaLM(nn.Module):
         h = self.embedding(token)                                            # (B, d)
         for i, (norm, m) in enumerate(zip(self.norms, self.layers)):
             u, z = m.in_proj(norm(h)).chunk(2, dim=-1)
-            u, _ = tk.causal_conv1d_update_triton(u, conv_states[i], m.conv1d.weight, m.conv1d.bias, "silu",
+            u, _ = conv_ops.causal_conv1d_update_triton(u, conv_states[i], m.conv1d.weight, m.conv1d.bias, "silu",
                                                   inplace=True)
             dt, B, C = m.x_proj(u).split([m.dt_rank, m.d_state, m.d_state], dim=-1)
             delta = F.linear(dt, m.dt_proj.weight)
             A = self.A[i]
-            y, _ = tk.selective_state_update_triton(ssm_states[i], u, delta, A, B, C, m.D, z, m.dt_proj.bias,
+            y, _ = mamba_ops.selective_state_update_triton(ssm_states[i], u, delta, A, B, C, m.D, z, m.dt_proj.bias,
                                                     dt_softplus=True, inplace=True)
             h = h + m.out_proj(y)
         return self.logits(h)

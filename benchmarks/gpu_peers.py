@@ -78,7 +78,7 @@ def leaf(*shape, scale=1.0, dtype=BF16):
 def section_scan(args, results):
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    from ssmkit.ops.selective_scan import selective_scan
+    from ssmkit.ops import selective_scan
 
     N = 16
     for dim in args.dims:
@@ -100,7 +100,7 @@ def section_scan(args, results):
 def section_ssd(args, results):
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    from ssmkit.ops.ssd import ssd
+    from ssmkit.ops import ssd
 
     heads, hd = 32, 64
     for N in (64, 128):

@@ -21,15 +21,9 @@ import pytest  # noqa: E402
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
 
-#: known leaks in code owned by other work, to be fixed there (issue 10, item 5) and then removed from here:
-#: node id prefix -> what it leaks. The state is still restored after these tests; they only do not fail.
-KNOWN_LEAKS = {
-    # its finally: sets flush-denormal False whatever the conftest had set (tests/ops is the ops work's)
-    "tests/ops/test_selective_scan.py::test_denormal_mode_is_restored": "flush_denormal",
-    # transformers_mamba() sets HF_HUB_OFFLINE / USE_HUB_KERNELS with os.environ.setdefault (tests/layers)
-    "tests/layers/test_mamba.py::": "environment",
-    "tests/layers/test_mamba2.py::": "environment",
-}
+#: known leaks, to be fixed where they happen: node id prefix -> what it leaks ("threads", "flush_denormal",
+#: "default_dtype", "environment"). The state is still restored after these tests; they only do not fail.
+KNOWN_LEAKS = {}
 #: test modules known to change the environment when imported (same rule as KNOWN_LEAKS)
 KNOWN_IMPORT_LEAKS = {}
 #: not checked: pytest sets the first for each phase of each test; libraries set the others once, when
@@ -94,23 +88,6 @@ def pytest_make_collect_report(collector):
         report.longrepr = (f"importing {collector.nodeid} changed the environment for every later test of this "
                            f"process: {', '.join(changes)}; set it inside a fixture (monkeypatch) or a subprocess")
     return report
-
-
-#: slow tests in files owned by other work (tests/ops, tests/layers: issue 10 item 5), marked here so that
-#: those files are not edited concurrently; the lead moves these into @pytest.mark.slow decorators.
-#: node id prefix -> why it is slow (seconds measured with --durations on 2 shared cores).
-SLOW_ELSEWHERE = {
-    "tests/ops/test_triton_kernels.py::": "Triton's interpreter runs kernels in Python (~70 s in all)",
-    "tests/layers/test_mamba.py::test_matches_transformers_mixer": "imports transformers (~8 s)",
-    "tests/ops/test_hippo_reconstruction.py::test_legs_reconstructs_the_whole_history": "~3.5 s",
-    "tests/ops/test_scan.py::test_gradcheck_and_double_backward": "~3 s",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if any(item.nodeid.startswith(prefix) for prefix in SLOW_ELSEWHERE):
-            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

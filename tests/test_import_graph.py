@@ -138,3 +138,59 @@ def test_models_depend_one_way():
         for member in members:
             reached = {t for t in graph[member] if t in later or any(t.startswith(x + ".") for x in later)}
             assert not reached, f"{member} imports {sorted(reached)}, later in the models/ chain"
+
+
+# --------------------------------------------------------------------------------------------------
+# ops/ is the bottom layer, and its functions never hide its modules
+# --------------------------------------------------------------------------------------------------
+#: what ops/ must never import: the layers and models built on top of it
+ABOVE_OPS = ("ssmkit.layers", "ssmkit.models")
+
+
+def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    """``"importer -> imported"`` for every module of ssmkit.ops that imports one of :data:`ABOVE_OPS`."""
+    found = []
+    for module in sorted(graph):
+        if module != "ssmkit.ops" and not module.startswith("ssmkit.ops."):
+            continue
+        for target in sorted(graph[module]):
+            if any(target == above or target.startswith(above + ".") for above in ABOVE_OPS):
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def shadowed_modules() -> List[str]:
+    """Modules of ssmkit.ops (and of its subpackages) hidden by another object bound to the same name in
+    their package, e.g. a function ``ssmkit.ops.hippo`` over the module ``ssmkit/ops/hippo.py``: then
+    ``import ssmkit.ops.hippo as h`` and ``ssmkit.ops.hippo.x`` reach the function, not the module."""
+    import importlib
+    import types
+
+    modules = _modules()
+    found = []
+    for name in sorted(modules):
+        if not name.startswith("ssmkit.ops."):
+            continue
+        parent_name, child = name.rsplit(".", 1)
+        parent = importlib.import_module(parent_name)
+        bound = getattr(parent, child, None)  # kernel modules not imported yet are simply absent
+        if bound is not None and not (isinstance(bound, types.ModuleType) and bound.__name__ == name):
+            found.append(f"{name} is hidden by {parent_name}.{child} = {bound!r}")
+    return found
+
+
+def test_upward_import_finder_finds_one():
+    graph = {"ssmkit.ops.a": {"ssmkit.layers.mamba", "ssmkit._checks"}, "ssmkit.layers.mamba": {"ssmkit.ops.a"},
+             "ssmkit.ops": {"ssmkit.models"}}
+    assert upward_imports(graph) == ["ssmkit.ops -> ssmkit.models", "ssmkit.ops.a -> ssmkit.layers.mamba"]
+
+
+def test_ops_import_nothing_from_layers_or_models():
+    found = upward_imports(import_graph())
+    assert not found, "ops/ is the bottom layer; these imports point up:\n    " + "\n    ".join(found)
+
+
+def test_no_module_of_ops_is_shadowed_by_a_function():
+    found = shadowed_modules()
+    assert not found, ("name the op packages apart from the functions they export (see ssmkit/ops/__init__.py):"
+                       "\n    " + "\n    ".join(found))

@@ -144,19 +144,19 @@ def info() -> dict:
 
     backends = {}
     try:
-        from .ops import selective_scan
+        from .ops import mamba
 
-        backends["selective_scan"] = selective_scan.available_backends()
+        backends["selective_scan"] = mamba.available_backends()
     except Exception as err:  # noqa: BLE001 - info reports, never fails
         backends["selective_scan"] = f"unavailable: {err}"
     try:
-        from .ops import ssd
+        from .ops import mamba2
 
-        backends["ssd"] = list(getattr(ssd, "BACKENDS", ["torch", "reference"]))
+        backends["ssd"] = mamba2.available_backends()
     except Exception as err:  # noqa: BLE001
         backends["ssd"] = f"unavailable: {err}"
     try:
-        from .ops.triton import triton_available
+        from .ops._triton import triton_available
 
         backends["triton"] = triton_available()
     except Exception as err:  # noqa: BLE001

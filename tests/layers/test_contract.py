@@ -21,8 +21,8 @@ import torch
 
 import ssmkit
 from ssmkit.layers import MIXERS, build_mixer
-from ssmkit.ops.selective_scan import cpp as scan_cpp
-from ssmkit.ops.triton import triton_available
+from ssmkit.ops.mamba import cpp as scan_cpp
+from ssmkit.ops._triton import triton_available
 
 from ..helpers import assert_close_scaled
 
@@ -44,6 +44,8 @@ def _row(name, backend):
     marks = []
     if backend == "triton":
         marks.append(pytest.mark.skipif(not triton_available(), reason="triton is not installed"))
+        if not ON_GPU:
+            marks.append(pytest.mark.slow)  # Triton's CPU interpreter runs the kernels in Python
     if backend == "cpp":
         marks.append(pytest.mark.skipif(not REQUIRE_CPP and not scan_cpp.is_available(),
                                         reason="the C++ scan could not be built here"))

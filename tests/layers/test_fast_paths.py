@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ssmkit.layers import build_mixer
-from ssmkit.ops.selective_scan import cpp as scan_cpp
-from ssmkit.ops.triton import triton_available
+from ssmkit.ops.mamba import cpp as scan_cpp
+from ssmkit.ops._triton import triton_available
 
 ON_GPU = torch.cuda.is_available()
 REQUIRE_CPP = os.environ.get("SSMKIT_REQUIRE_CPP") == "1"
@@ -40,6 +40,8 @@ def _cases():
                 marks = []
                 if backend == "triton":
                     marks.append(pytest.mark.skipif(not triton_available(), reason="triton is not installed"))
+                    if not ON_GPU:
+                        marks.append(pytest.mark.slow)  # Triton's CPU interpreter runs the kernels in Python
                 if backend == "cpp":
                     marks.append(pytest.mark.skipif(ON_GPU or (not REQUIRE_CPP and not scan_cpp.is_available()),
                                                     reason="the C++ scan could not be built here"))

@@ -47,10 +47,17 @@ def assert_states_close(a, b, tol, what):
 # --------------------------------------------------------------------------------------------------
 # Against transformers (torch path)
 # --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """transformers never touches the network nor fetches hub kernels, for this test only (monkeypatch
+    restores the environment afterwards); a value the user set is kept."""
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("USE_HUB_KERNELS", "0")):
+        if key not in os.environ:
+            monkeypatch.setenv(key, value)
+
+
 def transformers_mamba():
-    """transformers' modules, on their pure-PyTorch path, never touching the network."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("USE_HUB_KERNELS", "0")
+    """transformers' modules, on their pure-PyTorch path (the test uses the ``hub_offline`` fixture)."""
     transformers = pytest.importorskip("transformers")
     import importlib.util
 
@@ -85,6 +92,8 @@ def hf_pair(case):
     return config, theirs, ours
 
 
+@pytest.mark.slow  # imports transformers (~8 s)
+@pytest.mark.usefixtures("hub_offline")
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_matches_transformers_mixer(case):
     _, theirs, ours = hf_pair(case)
@@ -96,6 +105,7 @@ def test_matches_transformers_mixer(case):
             assert_close_scaled(ours(x), expected, 1e-5, f"{backend} backend vs transformers")
 
 
+@pytest.mark.usefixtures("hub_offline")
 def test_matches_transformers_decoding():
     """Prefill then token-by-token decoding with transformers' cache == our forward(return_state) + step;
     their conv cache keeps d_conv columns, ours the d_conv - 1 that are read again."""

@@ -46,9 +46,17 @@ def assert_states_close(a, b, tol, what):
 # --------------------------------------------------------------------------------------------------
 # Against transformers (torch path)
 # --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """transformers never touches the network nor fetches hub kernels, for this test only (monkeypatch
+    restores the environment afterwards); a value the user set is kept."""
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("USE_HUB_KERNELS", "0")):
+        if key not in os.environ:
+            monkeypatch.setenv(key, value)
+
+
 def hf_pair(ngroups, d_conv=3, bias=False, conv_bias=True):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("USE_HUB_KERNELS", "0")
+    """transformers' Mamba2Mixer and ours with its weights (the test uses the ``hub_offline`` fixture)."""
     transformers = pytest.importorskip("transformers")
     if importlib.util.find_spec("mamba_ssm") or importlib.util.find_spec("causal_conv1d"):
         pytest.skip("mamba_ssm / causal_conv1d installed: transformers would not take its torch path")
@@ -71,6 +79,7 @@ def hf_pair(ngroups, d_conv=3, bias=False, conv_bias=True):
     return config, theirs, ours
 
 
+@pytest.mark.usefixtures("hub_offline")
 @pytest.mark.parametrize("ngroups, d_conv, bias", [(1, 4, False), (3, 3, False), (2, 2, True)])
 def test_matches_transformers_mixer(ngroups, d_conv, bias):
     _, theirs, ours = hf_pair(ngroups, d_conv, bias=bias, conv_bias=not bias)
@@ -82,6 +91,7 @@ def test_matches_transformers_mixer(ngroups, d_conv, bias):
         assert_close_scaled(ours(x), expected, 1e-5, "reference backend vs transformers")
 
 
+@pytest.mark.usefixtures("hub_offline")
 def test_matches_transformers_decoding():
     config, theirs, ours = hf_pair(ngroups=3)
     from transformers import DynamicCache

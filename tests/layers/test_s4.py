@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from ssmkit.layers import build_mixer
 from ssmkit.layers.s4 import S4
 from ssmkit.ops.dplr import dplr_real_system, kernel_dplr
-from ssmkit.ops.fftconv import direct_conv_reference
-from ssmkit.ops.hippo import conjugate_half, hippo, nplr_legs
-from ssmkit.ops.lti_kernels import kernel_naive
+from ssmkit.ops.fftconv import direct_conv_ref
+from ssmkit.ops.hippo_operators import conjugate_half, hippo, nplr_legs
+from ssmkit.ops.lti_kernels import kernel_ref
 
 from ..helpers import assert_close_scaled
 
@@ -80,7 +80,7 @@ def test_kernel_and_recurrence_come_from_one_source():
     layer.rate = 0.7
     K = layer.kernel(40)
     d = layer.discrete_parameters()
-    assert_close_scaled(K, kernel_naive(d.dA, d.dB, d.C, 40), 1e-11, "kernel vs powering")
+    assert_close_scaled(K, kernel_ref(d.dA, d.dB, d.C, 40), 1e-11, "kernel vs powering")
     p = layer.ssm_parameters()
     torch.testing.assert_close(p.dt, torch.exp(layer.log_dt) * 0.7)
     assert (p.Lambda.real < 0).all()
@@ -160,7 +160,7 @@ def test_bidirectional_sees_the_future_and_has_no_recurrence():
     # the output is the documented two-sided convolution with the look-back and look-ahead kernels
     K = layer.kernel(30)
     assert K.shape == (2, 6, 30)
-    s = direct_conv_reference(x.transpose(1, 2), K, D=layer.D, bidirectional=True).transpose(1, 2)
+    s = direct_conv_ref(x.transpose(1, 2), K, D=layer.D, bidirectional=True).transpose(1, 2)
     assert_close_scaled(y, F.glu(layer.output_linear(F.gelu(s)), dim=-1), 1e-10, "bidirectional output")
     p = layer.ssm_parameters()
     look_back = kernel_dplr(p.Lambda, p.P, p.B, p.C[0], p.dt, 30)

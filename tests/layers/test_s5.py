@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssmkit.layers.s5 import S5, hippo_n_diagonal
-from ssmkit.ops.hippo import nplr_legs
+from ssmkit.ops.hippo_operators import nplr_legs
 
 torch.set_flush_denormal(True)
 

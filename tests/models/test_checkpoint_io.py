@@ -95,7 +95,7 @@ def test_ssmkit_config_dict_is_built_in_one_place(tmp_path):
 
 
 def test_a_format_registered_in_the_table_is_read_by_from_pretrained(tmp_path):
-    """What docs/contributing_checkpoint_format.md promises: one registration makes a format loadable."""
+    """What CONTRIBUTING.md ("Add a checkpoint format") promises: one registration makes a format loadable."""
     model = tiny()
     renamed = {k.replace("backbone.", "body."): v for k, v in io.unique_state_dict(model).items()}
     save_file({k: v.contiguous() for k, v in renamed.items()}, str(tmp_path / "model.safetensors"))

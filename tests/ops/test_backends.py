@@ -12,8 +12,8 @@ from ssmkit.ops import record_backends, use_backend
 from ssmkit.ops.backends import OPS, last_backend
 from ssmkit.ops.conv1d import causal_conv1d
 from ssmkit.ops.scan import linear_recurrence
-from ssmkit.ops.selective_scan import selective_scan
-from ssmkit.ops.ssd import ssd
+from ssmkit.ops.mamba import selective_scan
+from ssmkit.ops.mamba2 import ssd
 
 
 def scan_inputs():
@@ -49,7 +49,7 @@ def test_a_default_applies_only_to_ops_that_have_that_backend():
     with use_backend("cpp"), record_backends() as ran:             # causal_conv1d has no "cpp"
         causal_conv1d(x, torch.randn(3, 4))
         linear_recurrence(torch.rand(5, 2), torch.randn(5, 2), dim=0)
-        if "cpp" in ssmkit.ops.selective_scan.available_backends():
+        if "cpp" in ssmkit.ops.mamba.available_backends():
             selective_scan(**ins)
     assert dict(ran)["causal_conv1d"] == "torch"
     assert dict(ran)["linear_recurrence"] == "associative"

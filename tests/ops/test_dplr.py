@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ssmkit.ops.discretize import discretize_dense
-from ssmkit.ops.dplr import (cauchy, cauchy_naive, complex_to_real, discretize_dplr, dplr_real_system,
+from ssmkit.ops.dplr import (cauchy, cauchy_ref, complex_to_real, discretize_dplr, dplr_real_system,
                              dplr_state_input, final_state_dense, kernel_dplr, output_to_real, real_to_complex)
-from ssmkit.ops.hippo import conjugate_half, hippo, nplr_legs
-from ssmkit.ops.lti_kernels import kernel_naive
+from ssmkit.ops.hippo_operators import conjugate_half, hippo, nplr_legs
+from ssmkit.ops.lti_kernels import kernel_ref
 
 CD = torch.complex128
 
@@ -54,16 +54,16 @@ def _full_complex_system(s):
 
 def _naive_kernel(s, L):
     d = discretize_dplr(s["Lambda"], s["P"], s["B"], s["C"], s["dt"], Q=s["Q"])
-    return kernel_naive(d.dA, d.dB, d.C, L)
+    return kernel_ref(d.dA, d.dB, d.C, L)
 
 
 # ------------------------------------------------------------------------------------------------------
 # Cauchy sums
 # ------------------------------------------------------------------------------------------------------
-def test_cauchy_naive_is_the_sum():
+def test_cauchy_ref_is_the_sum():
     v, z, w = torch.randn(5, dtype=CD), torch.randn(7, dtype=CD), torch.randn(5, dtype=CD)
     want = torch.stack([sum(v[n] / (z[l] - w[n]) for n in range(5)) for l in range(7)])
-    torch.testing.assert_close(cauchy_naive(v, z, w), want)
+    torch.testing.assert_close(cauchy_ref(v, z, w), want)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 11, 100, None])
@@ -73,15 +73,15 @@ def test_cauchy_equals_naive_with_rows_and_broadcasting(chunk):
     w = torch.randn(1, 6, dtype=CD)  # broadcast over lead
     out = cauchy(v, z, w, chunk=chunk)
     assert out.shape == (2, 3, 4, 11)
-    torch.testing.assert_close(out, cauchy_naive(v, z, w), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, cauchy_ref(v, z, w), rtol=1e-12, atol=1e-12)
     # v broadcast over lead, z shared
     v1 = torch.randn(3, 1, 6, dtype=CD)
-    torch.testing.assert_close(cauchy(v1, z[0], w, chunk=chunk), cauchy_naive(v1, z[0], w), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cauchy(v1, z[0], w, chunk=chunk), cauchy_ref(v1, z[0], w), rtol=1e-12, atol=1e-12)
 
 
 def test_cauchy_complex64():
     v, z, w = (torch.randn(4, n, dtype=torch.complex64) for n in (6, 9, 6))
-    torch.testing.assert_close(cauchy(v, z, w, chunk=2), cauchy_naive(v, z, w))
+    torch.testing.assert_close(cauchy(v, z, w, chunk=2), cauchy_ref(v, z, w))
 
 
 @pytest.mark.parametrize("chunk", [2, None])
@@ -95,12 +95,12 @@ def test_cauchy_gradients_equal_naive(chunk):
         out = fn(v, z, w)
         return torch.autograd.grad((out * weight).real.sum(), [v, z, w])
 
-    for got, want in zip(grads(lambda *a: cauchy(*a, chunk=chunk)), grads(cauchy_naive)):
+    for got, want in zip(grads(lambda *a: cauchy(*a, chunk=chunk)), grads(cauchy_ref)):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
     # and only what is asked for
     (gz,) = torch.autograd.grad(cauchy(v.detach(), z, w.detach(), chunk=chunk).real.sum(), [z])
-    (gz_naive,) = torch.autograd.grad(cauchy_naive(v.detach(), z, w.detach()).real.sum(), [z])
-    torch.testing.assert_close(gz, gz_naive)
+    (gz_ref,) = torch.autograd.grad(cauchy_ref(v.detach(), z, w.detach()).real.sum(), [z])
+    torch.testing.assert_close(gz, gz_ref)
 
 
 def test_cauchy_gradcheck():
@@ -163,9 +163,9 @@ def test_discretize_dplr_is_the_bilinear_rule_of_the_complex_system():
     d = discretize_dplr(s["Lambda"], s["P"], s["B"], s["C"], s["dt"], Q=s["Q"])
     assert d.dA.shape == (3, 8, 8) and d.dB.shape == (3, 8) and d.C.shape == (3, 8)
     # the kernels agree: c^T dA_full^k dB_full (complex basis) == C dA^k dB (real basis), and is real
-    K_full = kernel_naive(dA_full, dB_full, c, 30)
+    K_full = kernel_ref(dA_full, dB_full, c, 30)
     assert K_full.imag.abs().max() < 1e-10
-    torch.testing.assert_close(kernel_naive(d.dA, d.dB, d.C, 30), K_full.real, atol=1e-11, rtol=0)
+    torch.testing.assert_close(kernel_ref(d.dA, d.dB, d.C, 30), K_full.real, atol=1e-11, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_kernel_is_exactly_the_complex_system_kernel():
     s = _random_system(M=4, r=1, seed=5)
     A_full, b, c = _full_complex_system(s)
     dA, dB = discretize_dense(A_full, b, s["dt"], "bilinear")
-    want = kernel_naive(dA, dB, c, 50).real
+    want = kernel_ref(dA, dB, c, 50).real
     K = kernel_dplr(s["Lambda"], s["P"], s["B"], s["C"], s["dt"], 50)
     assert _rel(K, want) < 1e-10
 

@@ -1,4 +1,4 @@
-"""HiPPO operators (ssmkit.ops.hippo): the matrices against their formulas, stability, the ODE against the
+"""HiPPO operators (ssmkit.ops.hippo_operators): the matrices against their formulas, stability, the ODE against the
 projection it is meant to track, the NPLR form of LegS, conjugate halves and the S4D initialisations."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from numpy.polynomial import laguerre, legendre
 
-from ssmkit.ops.hippo import MEASURES, conjugate_half, hippo, nplr_legs, nplr_reconstruct, s4d_init
+from ssmkit.ops.hippo_operators import MEASURES, conjugate_half, hippo, nplr_legs, nplr_reconstruct, s4d_init
 
 
 # ------------------------------------------------------------------------------------------------------

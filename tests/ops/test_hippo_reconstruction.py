@@ -3,7 +3,7 @@
 Errors are RMSE / RMS over the reconstructed span, seed 0. Measured when written (float64):
 legs whole history 2.08e-2 (bilinear) / 9.0e-6 (zoh), N=16: 0.54; legt last window 1.9e-4 / 1.1e-5,
 N=16: 9.0e-4; fout last window 2.9e-2 with the FouT correction of How to Train Your HiPPO (N=16: 8.6e-2),
-0.377 with the FouT of ssmkit.ops.hippo as it stands (see test_fout_reconstructs_the_window).
+0.377 with the FouT of ssmkit.ops.hippo_operators as it stands (see test_fout_reconstructs_the_window).
 """
 
 import math
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssmkit.ops.hippo import hippo
+from ssmkit.ops.hippo_operators import hippo
 from ssmkit.ops.hippo_reconstruction import (band_limited_noise, fourier_basis, hippo_reconstruct,
                                              hippo_states, laguerre_basis, legendre_basis,
                                              reconstruction_basis, relative_error)
@@ -77,7 +77,7 @@ def test_bases_are_orthonormal():
 @pytest.mark.parametrize("measure, N, bound", [("legs", 16, 1e-3), ("lagt", 16, 1e-4), ("legt", 16, 5e-3)])
 def test_state_is_the_projection_onto_the_basis(noise, measure, N, bound):
     """The ODE state at the end equals the quadrature projection of the history onto reconstruction_basis
-    under the measure: this pins the basis (and its argument mapping) to the ODE of ssmkit.ops.hippo."""
+    under the measure: this pins the basis (and its argument mapping) to the ODE of ssmkit.ops.hippo_operators."""
     result = hippo_reconstruct(noise, DT, measure, N, method="zoh")
     t = 3.0
     s = (torch.arange(1, 3001, dtype=torch.float64) - 0.5) * DT
@@ -91,6 +91,7 @@ def test_state_is_the_projection_onto_the_basis(noise, measure, N, bound):
 # --------------------------------------------------------------------------------------------------
 # Reconstruction from the final state
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~3.5 s on 2 shared cores
 def test_legs_reconstructs_the_whole_history(noise):
     bilinear = hippo_reconstruct(noise, DT, "legs", 64)
     assert bilinear.states.shape == (3000, 64)

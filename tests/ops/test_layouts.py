@@ -16,7 +16,7 @@ import torch
 
 ON_GPU = torch.cuda.is_available()
 
-from ssmkit.ops.ssd import ssd, ssd_ref  # noqa: E402
+from ssmkit.ops.mamba2 import ssd, ssd_ref  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -96,7 +96,7 @@ def _check_views(leaves, make_views, fast, reference, tol=1e-4):
 @pytest.fixture
 def cpp_if_required():
     """The C++ backend: skipped when its extension cannot be built, but a failure under SSMKIT_REQUIRE_CPP=1."""
-    from ssmkit.ops.selective_scan import cpp as cpp_backend
+    from ssmkit.ops.mamba import cpp as cpp_backend
     if not cpp_backend.is_available():
         reason = f"C++ selective scan extension unavailable: {cpp_backend.build_error()}"
         if os.environ.get("SSMKIT_REQUIRE_CPP") == "1":
@@ -121,7 +121,7 @@ def _scan_backend(backend, request):
 def test_selective_scan_on_views(backend, bc, request):
     """u, delta, z transposed from (batch, L, dim); B, C as Mamba-1 makes them (slices of x_proj's output,
     rearranged to (batch, N, L)), expanded over batch (stride 0), or grouped 4-D transposed views."""
-    from ssmkit.ops.selective_scan import selective_scan, selective_scan_ref
+    from ssmkit.ops.mamba import selective_scan, selective_scan_ref
     _scan_backend(backend, request)
     batch, dim, L, N, G = 2, 4, 9, 3, 2
     leaves = dict(u=torch.randn(batch, L, dim), delta=torch.randn(batch, L, dim) * 0.5,
@@ -195,8 +195,8 @@ def test_causal_conv1d_update_on_views(backend):
     w = torch.randn(width, dim, device=DEVICE).t()
     bias = torch.randn(dim, device=DEVICE)
     if backend == "triton":
-        from ssmkit.ops import triton as tk
-        fast = tk.causal_conv1d_update_triton
+        from ssmkit.ops.conv1d import causal_conv1d_update_triton
+        fast = causal_conv1d_update_triton
     else:
         fast = causal_conv1d_update
     _check_step(lambda *a: fast(*a, activation="silu"), lambda *a: causal_conv1d_update(*a, activation="silu"),
@@ -207,7 +207,7 @@ def test_causal_conv1d_update_on_views(backend):
 def test_selective_state_update_on_views(backend):
     """B and C expanded over batch (stride 0, as mamba_ssm's decoding step may pass them), x and z slices of
     one projection, the state a transposed view."""
-    from ssmkit.ops.selective_scan import selective_state_update, selective_state_update_ref
+    from ssmkit.ops.mamba import selective_state_update, selective_state_update_ref
     _triton_or_torch(backend)
     batch, dim, N, G = 3, 4, 5, 2
     state = torch.randn(batch, N, dim, device=DEVICE).transpose(1, 2)
@@ -227,7 +227,7 @@ def test_selective_state_update_on_views(backend):
 def test_ssd_state_update_on_views(backend):
     """x, B, C split from one channel-first (batch, channels) conv output row, B/C expanded over batch,
     the state a permuted view, A and dt expanded over heads as mamba_ssm's step does."""
-    from ssmkit.ops.ssd import ssd_state_update, ssd_state_update_ref
+    from ssmkit.ops.mamba2 import ssd_state_update, ssd_state_update_ref
     _triton_or_torch(backend)
     batch, heads, P, G, N = 2, 4, 3, 2, 5
     xbc = torch.randn(batch, heads * P + 2 * G * N, device=DEVICE)

@@ -5,8 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssmkit.ops.fftconv import fft_conv
-from ssmkit.ops.lti_kernels import (block_split, diagonal_ssm_reference, final_state, initial_state_response,
-                                    kernel_naive, kernel_vandermonde)
+from ssmkit.ops.lti_kernels import (block_split, diagonal_ssm_ref, final_state, initial_state_response,
+                                    kernel_ref, kernel_vandermonde)
 
 from ..helpers import assert_close_scaled
 
@@ -25,13 +25,13 @@ def crandn(*shape, dtype=C128):
 
 
 # ------------------------------------------------------------------------------------------------------
-# kernel_naive: the specification itself, checked against matrix powers
+# kernel_ref: the specification itself, checked against matrix powers
 # ------------------------------------------------------------------------------------------------------
 def test_kernel_naive_dense_equals_matrix_powers():
     N, L = 5, 9
     Abar = 0.4 * torch.randn(3, N, N, dtype=torch.float64)
     Bbar, C = torch.randn(3, N, dtype=torch.float64), torch.randn(3, N, dtype=torch.float64)
-    K = kernel_naive(Abar, Bbar, C, L)
+    K = kernel_ref(Abar, Bbar, C, L)
     expected = torch.stack([(C[:, None, :] @ torch.linalg.matrix_power(Abar, k) @ Bbar[:, :, None])[:, 0, 0]
                             for k in range(L)], -1)
     assert K.shape == (3, L) and K.dtype == torch.float64
@@ -42,21 +42,21 @@ def test_kernel_naive_diagonal_equals_dense_diagonal_matrix():
     Abar = 0.9 * torch.exp(crandn(2, 6))
     Abar = Abar / Abar.abs().clamp_min(1)  # |Abar| <= 1
     Bbar, C = crandn(2, 6), crandn(4, 2, 6)  # C carries an extra leading (output) dimension
-    K_diag = kernel_naive(Abar, Bbar, C, 11, diagonal=True)
-    K_dense = kernel_naive(torch.diag_embed(Abar), Bbar, C, 11)
+    K_diag = kernel_ref(Abar, Bbar, C, 11, diagonal=True)
+    K_dense = kernel_ref(torch.diag_embed(Abar), Bbar, C, 11)
     assert K_diag.shape == (4, 2, 11) and K_diag.is_complex()
     assert_close_scaled(torch.view_as_real(K_diag), torch.view_as_real(K_dense), 1e-12, "diag vs dense")
 
 
 def test_kernel_naive_refuses_ambiguous_or_mismatched_shapes():
     with pytest.raises(ValueError, match=r"pass diagonal=True"):
-        kernel_naive(torch.randn(4), torch.randn(4), torch.randn(4), 3)
+        kernel_ref(torch.randn(4), torch.randn(4), torch.randn(4), 3)
     with pytest.raises(ValueError, match=r"Abar \(diagonal\) must be \(\.\.\., N=4\)"):
-        kernel_naive(torch.randn(5), torch.randn(4), torch.randn(4), 3, diagonal=True)
+        kernel_ref(torch.randn(5), torch.randn(4), torch.randn(4), 3, diagonal=True)
     with pytest.raises(ValueError, match=r"C must be \(\.\.\., N=4\)"):
-        kernel_naive(torch.randn(4, 4), torch.randn(4), torch.randn(3), 3)
+        kernel_ref(torch.randn(4, 4), torch.randn(4), torch.randn(3), 3)
     with pytest.raises(ValueError, match="L must be >= 1"):
-        kernel_naive(torch.randn(4, 4), torch.randn(4), torch.randn(4), 0)
+        kernel_ref(torch.randn(4, 4), torch.randn(4), torch.randn(4), 0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def test_vandermonde_equals_naive(L, block):
     H, N2 = 3, 5
     dtA, Bbar, C = stable_modes(H, N2), crandn(H, N2), crandn(H, N2)
     K = kernel_vandermonde(dtA, Bbar, C, L, block=block)
-    expected = 2 * kernel_naive(torch.exp(dtA), Bbar, C, L, diagonal=True).real
+    expected = 2 * kernel_ref(torch.exp(dtA), Bbar, C, L, diagonal=True).real
     assert K.shape == (H, L) and K.dtype == torch.float64
     assert_close_scaled(K, expected, 1e-12, f"L={L} block={block}")
 
@@ -80,7 +80,7 @@ def test_vandermonde_several_outputs_and_batched_inputs():
     Bbar = crandn(3, 1, H, N2)  # broadcasts against C's leading dims
     K = kernel_vandermonde(dtA, Bbar, C, L)
     assert K.shape == (3, 2, H, L)
-    expected = 2 * kernel_naive(torch.exp(dtA), Bbar, C, L, diagonal=True).real
+    expected = 2 * kernel_ref(torch.exp(dtA), Bbar, C, L, diagonal=True).real
     assert_close_scaled(K, expected, 1e-12, "broadcast kernel")
 
 
@@ -90,7 +90,7 @@ def test_vandermonde_general_abar_through_its_log():
     Abar = torch.tensor([[-0.6, 0.3 + 0.5j, 0.95j], [0.99, -0.2 - 0.7j, 0.5]], dtype=C128)
     Bbar, C = crandn(H, N2), crandn(H, N2)
     K = kernel_vandermonde(torch.log(Abar), Bbar, C, L)
-    assert_close_scaled(K, 2 * kernel_naive(Abar, Bbar, C, L, diagonal=True).real, 1e-12, "log Abar")
+    assert_close_scaled(K, 2 * kernel_ref(Abar, Bbar, C, L, diagonal=True).real, 1e-12, "log Abar")
 
 
 def test_vandermonde_float32_close_to_float64():
@@ -110,7 +110,7 @@ def test_vandermonde_gradients_equal_naive():
     fast = [t.grad.clone() for t in (dtA, Bbar, C)]
     for t in (dtA, Bbar, C):
         t.grad = None
-    (2 * kernel_naive(torch.exp(dtA), Bbar, C, L, diagonal=True).real * weight).sum().backward()
+    (2 * kernel_ref(torch.exp(dtA), Bbar, C, L, diagonal=True).real * weight).sum().backward()
     for name, g, t in zip(("dtA", "Bbar", "C"), fast, (dtA, Bbar, C)):
         assert_close_scaled(torch.view_as_real(g), torch.view_as_real(t.grad), 1e-11, f"grad {name}")
 
@@ -179,7 +179,7 @@ def test_no_tensor_of_vandermonde_size_forward_or_backward():
     assert probe.largest <= batch * H * L, f"largest tensor {probe.largest} elements (Vandermonde: {full})"
     # the probe sees a tensor of Vandermonde size when one is made, so the bound above can fail
     with LargestTensor() as probe:
-        kernel_naive(torch.exp(dtA), Bbar, C, 8, diagonal=True)
+        kernel_ref(torch.exp(dtA), Bbar, C, 8, diagonal=True)
         torch.exp(dtA[..., None] * torch.arange(L))
     assert probe.largest == full
 
@@ -194,15 +194,15 @@ def test_state_terms_equal_recurrence(L, block):
     dtA, Bbar, C = stable_modes(H, N2), crandn(H, N2), crandn(H, N2)
     h0, u = crandn(batch, H, N2), torch.randn(batch, H, L, dtype=torch.float64)
     Abar = torch.exp(dtA)
-    y_ref, h_ref = diagonal_ssm_reference(Abar, Bbar, C, u, h0=h0)
-    y_zero_state, _ = diagonal_ssm_reference(Abar, Bbar, C, u)
+    y_ref, h_ref = diagonal_ssm_ref(Abar, Bbar, C, u, h0=h0)
+    y_zero_state, _ = diagonal_ssm_ref(Abar, Bbar, C, u)
     y0 = initial_state_response(dtA, C, h0, L, block=block)
     assert y0.shape == (batch, H, L)
     assert_close_scaled(y0, y_ref - y_zero_state, 1e-12, "initial-state response")
     hL = final_state(dtA, Bbar, u, h0, block=block)
     assert hL.shape == (batch, H, N2) and hL.dtype == C128
     assert_close_scaled(torch.view_as_real(hL), torch.view_as_real(h_ref), 1e-12, "final state")
-    _, h_ref0 = diagonal_ssm_reference(Abar, Bbar, C, u)
+    _, h_ref0 = diagonal_ssm_ref(Abar, Bbar, C, u)
     assert_close_scaled(torch.view_as_real(final_state(dtA, Bbar, u, block=block)), torch.view_as_real(h_ref0),
                         1e-12, "final state from zero")
 
@@ -220,7 +220,7 @@ def test_parallel_pieces_compose_to_the_recurrence_with_gradients():
 
     y = fft_conv(u, kernel_vandermonde(dtA, Bbar, C, L), D) + initial_state_response(dtA, C, h0, L)
     h = final_state(dtA, Bbar, u, h0)
-    y_ref, h_ref = diagonal_ssm_reference(torch.exp(dtA), Bbar, C, u, D, h0)
+    y_ref, h_ref = diagonal_ssm_ref(torch.exp(dtA), Bbar, C, u, D, h0)
     assert_close_scaled(y, y_ref, 1e-12, "outputs")
     names = ("dtA", "Bbar", "C", "D", "h0", "u")
     fast = torch.autograd.grad(loss(y, h), (dtA, Bbar, C, D, h0, u))

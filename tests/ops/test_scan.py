@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssmkit.ops.scan import (associative_scan, chunked_scan, linear_recurrence,
-                             linear_recurrence_reference)
+                             linear_recurrence_ref)
 
 torch.set_flush_denormal(True)
 
@@ -56,7 +56,7 @@ def test_fast_matches_reference_complex_time_varying(name, L):
     for use_h0 in (False, True):
         for reverse in (False, True):
             args = (a, b, h0 if use_h0 else None, 1, reverse, cot)
-            _assert_close(_run(FAST[name], *args), _run(linear_recurrence_reference, *args),
+            _assert_close(_run(FAST[name], *args), _run(linear_recurrence_ref, *args),
                           f"{name} L={L} h0={use_h0} reverse={reverse}")
 
 
@@ -71,7 +71,7 @@ def test_fast_matches_reference_time_invariant_real_a(name, L):
     cot = _complex((L, 2, 3), g)
     for reverse in (False, True):
         args = (a, b, h0, 0, reverse, cot)
-        got, want = _run(FAST[name], *args), _run(linear_recurrence_reference, *args)
+        got, want = _run(FAST[name], *args), _run(linear_recurrence_ref, *args)
         assert got[1].dtype == torch.float64  # the gradient of a real input is real
         _assert_close(got, want, f"{name} L={L} reverse={reverse}")
 
@@ -85,16 +85,16 @@ def test_real_inputs_and_time_last(name):
     cot = torch.randn(4, 63, generator=g, dtype=torch.float64)
     got = _run(FAST[name], a, b, h0, -1, False, cot)
     assert got[0].dtype == torch.float64
-    _assert_close(got, _run(linear_recurrence_reference, a, b, h0, -1, False, cot), name)
+    _assert_close(got, _run(linear_recurrence_ref, a, b, h0, -1, False, cot), name)
 
 
 def test_reference_is_the_recurrence():
     """The specification itself, written out for three steps."""
     a = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
     b = torch.tensor([1.0, 3.0, 4.0], dtype=torch.float64)
-    h = linear_recurrence_reference(a, b, torch.tensor(10.0, dtype=torch.float64), dim=0)
+    h = linear_recurrence_ref(a, b, torch.tensor(10.0, dtype=torch.float64), dim=0)
     assert h.tolist() == [0.5 * 10 + 1, 2 * 6 + 3, -1 * 15 + 4]
-    h_rev = linear_recurrence_reference(a, b, torch.tensor(10.0, dtype=torch.float64), dim=0, reverse=True)
+    h_rev = linear_recurrence_ref(a, b, torch.tensor(10.0, dtype=torch.float64), dim=0, reverse=True)
     assert h_rev.tolist() == [0.5 * -9.0 + 1, 2 * -6.0 + 3, -1 * 10 + 4]
 
 
@@ -113,7 +113,7 @@ def test_h0_broadcasts_and_outputs_are_fresh():
     a = torch.full((5, 1), 0.9, dtype=torch.float64)
     b = torch.ones(5, 3, dtype=torch.float64)
     h0 = torch.tensor([2.0], dtype=torch.float64)  # broadcast over the 3 channels
-    want = linear_recurrence_reference(a, b, h0, dim=0)
+    want = linear_recurrence_ref(a, b, h0, dim=0)
     for fn in FAST.values():
         torch.testing.assert_close(fn(a, b, h0, dim=0), want)
     b1 = torch.ones(1, 3)
@@ -122,6 +122,7 @@ def test_h0_broadcasts_and_outputs_are_fresh():
     assert b1.eq(1).all(), "a fast scan of length 1 must not return the caller's tensor"
 
 
+@pytest.mark.slow  # ~3 s on 2 shared cores
 def test_gradcheck_and_double_backward():
     g = torch.Generator().manual_seed(11)
     a = (_stable_a((2, 6), g) * 0.9).requires_grad_()
@@ -149,7 +150,7 @@ def test_backend_dispatch_and_errors():
     a, b = torch.rand(10, 2), torch.randn(10, 2)
     for backend in ("reference", "associative", "chunked"):
         torch.testing.assert_close(linear_recurrence(a, b, dim=0, backend=backend),
-                                   linear_recurrence_reference(a, b, dim=0))
+                                   linear_recurrence_ref(a, b, dim=0))
     with pytest.raises(ValueError, match="backend must be one of"):
         linear_recurrence(a, b, dim=0, backend="auto")
     with pytest.raises(ValueError, match=r"a and b must broadcast.*\(3,\).*\(10, 2\)"):

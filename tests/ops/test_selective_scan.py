@@ -1,7 +1,7 @@
 """Selective scan backends against the sequential reference: outputs, final states and every gradient.
 
 The C++ backend is compiled on first use (about a minute, cached on disk; see
-``ssmkit.ops.selective_scan.cpp.build_directory()``). If it cannot be built its tests are skipped with the
+``ssmkit.ops.mamba.cpp.build_directory()``). If it cannot be built its tests are skipped with the
 reason, unless ``SSMKIT_REQUIRE_CPP=1``, which turns that into a failure (CI sets it).
 """
 
@@ -16,13 +16,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssmkit.ops.selective_scan import (available_backends, last_backend, selective_scan, selective_scan_ref,
+from ssmkit.ops.mamba import (available_backends, last_backend, selective_scan, selective_scan_ref,
                                        selective_state_update)
-from ssmkit.ops.selective_scan import cpp as cpp_backend
-from ssmkit.ops.selective_scan.chunked import _flush_enabled, selective_scan_chunked
+from ssmkit.ops.mamba import cpp as cpp_backend
+from ssmkit.ops.mamba.chunked import _flush_enabled, selective_scan_chunked
 
 # the subpackage itself (``ssmkit.ops`` may re-export the function under the same name)
-scan_pkg = importlib.import_module("ssmkit.ops.selective_scan")
+scan_pkg = importlib.import_module("ssmkit.ops.mamba")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -35,6 +35,16 @@ def cpp_ready():
             pytest.fail(reason + " (SSMKIT_REQUIRE_CPP=1)")
         pytest.skip(reason)
     return True
+
+
+def cpp_if_built() -> list:
+    """``["cpp"]`` when the extension builds, else ``[]``; a failure instead under SSMKIT_REQUIRE_CPP=1 (for
+    tests that run several backends in one body, where a fixture's skip would drop the others too)."""
+    if cpp_backend.is_available():
+        return ["cpp"]
+    if os.environ.get("SSMKIT_REQUIRE_CPP") == "1":
+        pytest.fail(f"C++ selective scan extension unavailable: {cpp_backend.build_error()} (SSMKIT_REQUIRE_CPP=1)")
+    return []
 
 
 @pytest.fixture(params=["torch", "cpp"])
@@ -225,7 +235,7 @@ def test_random_shapes(batch, groups, per_group, length, d_state, flags, seed):
     dim = (groups or 1) * per_group
     inputs = make_inputs(batch, dim, length, d_state, groups, *flags[:4], seed=seed)
     ref = run_with_grads(selective_scan_ref, fresh(inputs), softplus=flags[4])
-    names = ["torch"] + (["cpp"] if cpp_backend.is_available() else [])
+    names = ["torch"] + cpp_if_built()
     for name in names:
         fast = run_with_grads(backend_fn(name), fresh(inputs), softplus=flags[4])
         assert_matches(fast, ref, rtol=1e-9, atol_scale=1e-10)
@@ -314,12 +324,13 @@ def test_cpp_backend_raises_when_unbuildable(monkeypatch):
 
 @pytest.mark.parametrize("flush_before", [False, True])
 def test_denormal_mode_is_restored(backend, flush_before):
+    previous = _flush_enabled()
     torch.set_flush_denormal(flush_before)
     try:
         selective_scan(**small_inputs(), backend=backend)
         assert _flush_enabled() == flush_before
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(previous)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------

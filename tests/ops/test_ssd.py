@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssmkit.ops.ssd import last_backend, ssd, ssd_ref, ssd_state_update, ssd_state_update_ref
-from ssmkit.ops.ssd.chunked import ssd_chunked
+from ssmkit.ops.mamba2 import last_backend, ssd, ssd_ref, ssd_state_update, ssd_state_update_ref
+from ssmkit.ops.mamba2.chunked import ssd_chunked
 
 F64 = dict(dtype=torch.float64)
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")

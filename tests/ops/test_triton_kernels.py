@@ -1,4 +1,4 @@
-"""Triton kernels (ssmkit.ops.triton) against the sequential references, on outputs, final states and every
+"""Triton kernels (ops/mamba/triton*.py, ops/mamba2/triton*.py, ops/conv1d/triton.py) against the sequential references, on outputs, final states and every
 gradient, in float32 (relative error <= 1e-3) and bfloat16 (<= 2e-2), at awkward sizes.
 
 Without a GPU the kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
@@ -18,10 +18,15 @@ import torch
 ON_GPU = torch.cuda.is_available()
 pytest.importorskip("triton", reason="the triton package is not installed")
 
-from ssmkit.ops.conv1d import causal_conv1d_ref, causal_conv1d_update  # noqa: E402
-from ssmkit.ops.selective_scan import selective_scan_ref, selective_state_update_ref  # noqa: E402
-from ssmkit.ops.ssd import ssd_ref, ssd_state_update_ref  # noqa: E402
-from ssmkit.ops import triton as tk  # noqa: E402
+from ssmkit.ops._triton import load_kernels  # noqa: E402
+from ssmkit.ops.conv1d import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update,  # noqa: E402
+                               causal_conv1d_update_triton)
+from ssmkit.ops.mamba import (selective_scan_ref, selective_scan_triton, selective_state_update_ref,  # noqa: E402
+                              selective_state_update_triton)
+from ssmkit.ops.mamba2 import ssd_ref, ssd_state_update_ref, ssd_state_update_triton, ssd_triton  # noqa: E402
+
+#: on the CPU, Triton's interpreter runs the kernels in Python (~70 s for this file on 2 cores)
+pytestmark = pytest.mark.slow
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
@@ -89,8 +94,8 @@ def test_selective_scan_matches_reference(case, dtype):
     case = SCAN_CASES[case]
     ins = _scan_inputs(case, dtype)
     kw = dict(delta_softplus=case["full"], return_last_state=True)
-    with tk._kernels("selective_scan").override_config(**case["cfg"]):
-        y, last = tk.selective_scan_triton(**ins, **kw)
+    with load_kernels("ssmkit.ops.mamba.triton").override_config(**case["cfg"]):
+        y, last = selective_scan_triton(**ins, **kw)
         seeds = [torch.randn_like(y), torch.randn_like(last)]
         g_fast = grads([y, last], seeds, list(ins.values()))
     ref_ins = dict(zip(ins, as_reference(ins.values())))
@@ -105,10 +110,10 @@ def test_selective_scan_inference_path_matches_training_path():
     """Without autograd the forward skips the checkpoints and gates in the kernel: same numbers."""
     case = SCAN_CASES[0]
     ins = _scan_inputs(case, torch.float32)
-    with tk._kernels("selective_scan").override_config(**case["cfg"]):
-        y_train = tk.selective_scan_triton(**ins, delta_softplus=True)
+    with load_kernels("ssmkit.ops.mamba.triton").override_config(**case["cfg"]):
+        y_train = selective_scan_triton(**ins, delta_softplus=True)
         with torch.no_grad():
-            y_infer = tk.selective_scan_triton(**ins, delta_softplus=True)
+            y_infer = selective_scan_triton(**ins, delta_softplus=True)
     assert y_train.requires_grad and not y_infer.requires_grad
     assert rel_err(y_infer, y_train) <= 1e-6
 
@@ -159,8 +164,8 @@ def test_ssd_matches_reference(case, dtype):
     case = SSD_CASES[case]
     ins, kw = _ssd_inputs(case, dtype)
     names = list(ins)
-    with tk._kernels("ssd").override_config(**case["cfg"]):
-        y, final = tk.ssd_triton(chunk_size=case["chunk"], return_final_states=True, **ins, **kw)
+    with load_kernels("ssmkit.ops.mamba2.triton").override_config(**case["cfg"]):
+        y, final = ssd_triton(chunk_size=case["chunk"], return_final_states=True, **ins, **kw)
         seeds = [torch.randn_like(y), torch.randn_like(final)]
         g_fast = grads([y, final], seeds, list(ins.values()))
     ref_ins = dict(zip(names, as_reference(ins.values())))
@@ -174,8 +179,8 @@ def test_ssd_matches_reference(case, dtype):
 def test_ssd_result_does_not_depend_on_chunk_size():
     case = SSD_CASES[0]
     ins, kw = _ssd_inputs(case, torch.float32)
-    with torch.no_grad(), tk._kernels("ssd").override_config(**case["cfg"]):
-        outs = [tk.ssd_triton(chunk_size=q, **ins, **kw) for q in (case["chunk"], 16)]
+    with torch.no_grad(), load_kernels("ssmkit.ops.mamba2.triton").override_config(**case["cfg"]):
+        outs = [ssd_triton(chunk_size=q, **ins, **kw) for q in (case["chunk"], 16)]
     assert rel_err(outs[0], outs[1]) <= 1e-5
 
 
@@ -192,8 +197,8 @@ CONV_CASES = ([dict(batch=2, dim=300, L=1000, width=4), dict(batch=3, dim=60, L=
 def test_causal_conv1d_matches_reference(variant, case, dtype, monkeypatch):
     case = CONV_CASES[case]
     if not ON_GPU:  # small blocks so that the interpreter crosses block edges
-        monkeypatch.setattr(tk._kernels("conv1d"), "_BLOCK_L", 16)
-        monkeypatch.setattr(tk._kernels("conv1d"), "_BLOCK_D", 16)
+        monkeypatch.setattr(load_kernels("ssmkit.ops.conv1d.triton"), "_BLOCK_L", 16)
+        monkeypatch.setattr(load_kernels("ssmkit.ops.conv1d.triton"), "_BLOCK_D", 16)
     b, d, L, W = case["batch"], case["dim"], case["L"], case["width"]
     x = leaf(torch.randn(b, L, d), dtype).transpose(1, 2)          # a (batch, dim, L) view, as in Mamba
     ins = dict(x=x, weight=leaf(torch.randn(d, 1, W), dtype))
@@ -205,7 +210,7 @@ def test_causal_conv1d_matches_reference(variant, case, dtype, monkeypatch):
         seq[0, L // 2:] = 2
         kw.update(activation="silu", seq_idx=seq.to(DEVICE))
     names = list(ins)
-    y, final = tk.causal_conv1d_triton(**ins, **kw)
+    y, final = causal_conv1d_triton(**ins, **kw)
     seeds = [torch.randn_like(y), torch.randn_like(final)]
     g_fast = grads([y, final], seeds, list(ins.values()))
     ref_ins = dict(zip(names, as_reference(ins.values())))
@@ -225,11 +230,11 @@ def test_causal_conv1d_update_with_batch_indices(dtype):
     idx = torch.tensor([4, 0, 2], device=DEVICE)
     y_ref, s_ref = causal_conv1d_update(x.double(), cache[idx].double(), w.double(), bias.double(), "silu")
     with torch.no_grad():
-        y, new = tk.causal_conv1d_update_triton(x, cache, w, bias, "silu", state_batch_indices=idx)
+        y, new = causal_conv1d_update_triton(x, cache, w, bias, "silu", state_batch_indices=idx)
         assert rel_err(y, y_ref) <= TOL[dtype] and rel_err(new[idx], s_ref) <= TOL[dtype]
         assert torch.equal(new[[1, 3]], cache[[1, 3]])                 # untouched rows kept
         in_place = cache.clone()
-        y2, out = tk.causal_conv1d_update_triton(x, in_place, w, bias, "silu", state_batch_indices=idx,
+        y2, out = causal_conv1d_update_triton(x, in_place, w, bias, "silu", state_batch_indices=idx,
                                                  inplace=True)
     assert out is in_place and torch.equal(y2, y) and torch.equal(in_place, new)
 
@@ -251,9 +256,9 @@ def test_selective_state_update_matches_reference(indexed, dtype):
     y_ref, s_ref = selective_state_update_ref(state[rows_used].double(), **{k: v.double() for k, v in args.items()},
                                               dt_softplus=True)
     with torch.no_grad():
-        y, new = tk.selective_state_update_triton(state, **args, dt_softplus=True, state_batch_indices=idx)
+        y, new = selective_state_update_triton(state, **args, dt_softplus=True, state_batch_indices=idx)
         work = state.clone()
-        y2, out = tk.selective_state_update_triton(work, **args, dt_softplus=True, state_batch_indices=idx,
+        y2, out = selective_state_update_triton(work, **args, dt_softplus=True, state_batch_indices=idx,
                                                    inplace=True)
     assert y.dtype == dtype and new.dtype == dtype
     assert rel_err(y, y_ref) <= TOL[dtype] and rel_err(new[rows_used], s_ref) <= TOL[dtype]
@@ -276,7 +281,7 @@ def test_ssd_state_update_matches_reference(indexed, dtype):
     y_ref, s_ref = ssd_state_update_ref(state[rows_used].double(), **{k: v.double() for k, v in args.items()},
                                         dt_softplus=True, dt_limit=limit)
     with torch.no_grad():
-        y, new = tk.ssd_state_update_triton(state, **args, dt_softplus=True, dt_limit=limit,
+        y, new = ssd_state_update_triton(state, **args, dt_softplus=True, dt_limit=limit,
                                             state_batch_indices=idx)
     assert y.dtype == dtype and new.dtype == torch.float32
     assert rel_err(y, y_ref) <= TOL[dtype] and rel_err(new[rows_used], s_ref) <= TOL[dtype]
@@ -288,17 +293,17 @@ def test_ssd_state_update_matches_reference(indexed, dtype):
 def test_bad_inputs_raise_clear_errors():
     u = torch.randn(1, 4, 8, device=DEVICE)
     with pytest.raises(TypeError, match="float64"):
-        tk.selective_scan_triton(u.double(), u.double(), torch.randn(4, 3, device=DEVICE, dtype=torch.float64),
+        selective_scan_triton(u.double(), u.double(), torch.randn(4, 3, device=DEVICE, dtype=torch.float64),
                                  torch.randn(1, 3, 8, device=DEVICE, dtype=torch.float64),
                                  torch.randn(1, 3, 8, device=DEVICE, dtype=torch.float64))
     with pytest.raises(ValueError, match="B must be"):
-        tk.selective_scan_triton(u, u, torch.randn(4, 3, device=DEVICE), torch.randn(1, 3, 7, device=DEVICE),
+        selective_scan_triton(u, u, torch.randn(4, 3, device=DEVICE), torch.randn(1, 3, 7, device=DEVICE),
                                  torch.randn(1, 3, 8, device=DEVICE))
     x = torch.randn(2, 4, device=DEVICE, requires_grad=True)
     with pytest.raises(RuntimeError, match="inference-only"):
-        tk.causal_conv1d_update_triton(x, torch.randn(2, 4, 3, device=DEVICE), torch.randn(4, 4, device=DEVICE))
+        causal_conv1d_update_triton(x, torch.randn(2, 4, 3, device=DEVICE), torch.randn(4, 4, device=DEVICE))
     with torch.no_grad(), pytest.raises(ValueError, match="state_batch_indices must lie in"):
-        tk.causal_conv1d_update_triton(x, torch.randn(2, 4, 3, device=DEVICE), torch.randn(4, 4, device=DEVICE),
+        causal_conv1d_update_triton(x, torch.randn(2, 4, 3, device=DEVICE), torch.randn(4, 4, device=DEVICE),
                                        state_batch_indices=torch.tensor([0, 2], device=DEVICE))
 
 
@@ -307,11 +312,12 @@ def test_import_is_lazy_and_cpu_without_interpreter_is_refused():
         import os, sys
         os.environ.pop("TRITON_INTERPRET", None)
         import torch, ssmkit
-        import ssmkit.ops.triton as tk
+        import ssmkit.ops._triton as tk
+        from ssmkit.ops.mamba import selective_scan_triton
         assert "triton" not in sys.modules, "importing ssmkit imported triton"
         assert not tk.triton_available("cpu")
         try:
-            tk.selective_scan_triton(torch.randn(1, 2, 3), torch.randn(1, 2, 3), -torch.rand(2, 4),
+            selective_scan_triton(torch.randn(1, 2, 3), torch.randn(1, 2, 3), -torch.rand(2, 4),
                                      torch.randn(1, 4, 3), torch.randn(1, 4, 3))
         except RuntimeError as e:
             assert "TRITON_INTERPRET" in str(e), e
@@ -327,9 +333,9 @@ def test_import_is_lazy_and_cpu_without_interpreter_is_refused():
 
 def test_backend_argument_dispatches_to_triton_explicitly():
     """backend="triton" reaches the kernels through the public ops, and last_backend() says so."""
-    from ssmkit.ops.selective_scan import last_backend, selective_scan
-    from ssmkit.ops.ssd import last_backend as ssd_last_backend
-    from ssmkit.ops.ssd import ssd, ssd_ref
+    from ssmkit.ops.mamba import last_backend, selective_scan
+    from ssmkit.ops.mamba2 import last_backend as ssd_last_backend
+    from ssmkit.ops.mamba2 import ssd, ssd_ref
 
     g = torch.Generator().manual_seed(0)
     on = dict(device=DEVICE)  # CUDA tensors on a GPU machine, CPU tensors under the interpreter elsewhere
@@ -351,12 +357,12 @@ def test_backend_argument_dispatches_to_triton_explicitly():
 def test_interpreter_runs_the_real_associative_scan_combine():
     """The vectorised shim stands in for ``tl.associative_scan`` in the other interpreter tests; here the
     scan kernels run Triton's own element-by-element path with our real ``linear_combine`` (tiny sizes)."""
-    from ssmkit.ops.triton import real_associative_scan
+    from ssmkit.ops._triton import real_associative_scan
 
     case = dict(batch=1, dim=2, groups=None, L=5, N=2, full=True, cfg=dict(T=16, BLOCK_N=2, BLOCK_D=2))
     ins = _scan_inputs(case, torch.float32)
-    with real_associative_scan(), tk._kernels("selective_scan").override_config(**case["cfg"]):
-        out = tk.selective_scan_triton(**ins, delta_softplus=True, return_last_state=True)
+    with real_associative_scan(), load_kernels("ssmkit.ops.mamba.triton").override_config(**case["cfg"]):
+        out = selective_scan_triton(**ins, delta_softplus=True, return_last_state=True)
     ref = selective_scan_ref(**{k: v.detach().double() for k, v in ins.items()}, delta_softplus=True,
                              return_last_state=True)
     assert_all_close([("y", out[0]), ("last", out[1])], ref, TOL[torch.float32])
@@ -366,7 +372,7 @@ def test_interpreter_shims_refuse_an_unknown_triton(monkeypatch):
     """The shims patch private Triton classes: an unknown release gets one clear error, not silent damage."""
     import triton
 
-    from ssmkit.ops.triton import _check_interpreter_version
+    from ssmkit.ops._triton import _check_interpreter_version
 
     monkeypatch.setattr(triton, "__version__", "9.9.0")
     with pytest.raises(RuntimeError, match=r"known to work with triton 3\.6\.x; found triton 9\.9\.0"):

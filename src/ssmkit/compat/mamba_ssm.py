@@ -24,7 +24,7 @@ import torch
 from .._checks import check_tensor
 from ..ops import selective_scan as _selective_scan
 from ..ops import ssd as _ssd
-from ..ops.selective_scan import selective_state_update as _ops_state_update
+from ..ops.mamba import selective_state_update as _ops_state_update
 
 __all__ = ["selective_scan_fn", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
            "mamba_chunk_scan_combined", "ssd_chunk_scan_combined_ref"]

@@ -56,8 +56,8 @@ from torch import nn
 
 from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
-from ..ops.selective_scan import BACKENDS as SCAN_BACKENDS
-from ..ops.selective_scan import selective_scan, selective_state_update
+from ..ops.mamba import BACKENDS as SCAN_BACKENDS
+from ..ops.mamba import selective_scan, selective_state_update
 from .base import Mixer, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
 

@@ -52,8 +52,8 @@ from torch import nn
 
 from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
-from ..ops.ssd import BACKENDS as SSD_BACKENDS
-from ..ops.ssd import ssd, ssd_state_update
+from ..ops.mamba2 import BACKENDS as SSD_BACKENDS
+from ..ops.mamba2 import ssd, ssd_state_update
 from .base import Mixer, State, ssm_core_precision, to_core_dtype
 from .mamba import check_dt_range, inner_width, inverse_softplus, log_uniform_dt
 from .registry import register_mixer

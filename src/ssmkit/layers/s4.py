@@ -45,7 +45,7 @@ from torch import nn
 from .._checks import check_positive_int
 from ..ops.dplr import DiscreteDPLR, discretize_dplr, dplr_state_input, final_state_dense, kernel_dplr
 from ..ops.fftconv import fft_conv
-from ..ops.hippo import conjugate_half, nplr_legs
+from ..ops.hippo_operators import conjugate_half, nplr_legs
 from .base import ConvolutionalSSM, State
 from .registry import register_mixer
 

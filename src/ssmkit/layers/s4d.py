@@ -36,7 +36,7 @@ from torch import nn
 from .._checks import check_choice, check_positive_int
 from ..ops.discretize import discretize_diag
 from ..ops.fftconv import fft_conv
-from ..ops.hippo import S4D_INITS, s4d_init
+from ..ops.hippo_operators import S4D_INITS, s4d_init
 from ..ops.lti_kernels import final_state, initial_state_response, kernel_vandermonde
 from .base import ConvolutionalSSM, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
@@ -62,7 +62,7 @@ class S4D(ConvolutionalSSM):
         d_model: H, channels.
         d_state: N, real state size per channel (even, >= 2); N/2 complex modes are stored.
         init: diagonal A initialisation, one of ``lin``, ``inv``, ``real``, ``legs`` (S4D-Lin, -Inv, -Real,
-            -LegS; :func:`ssmkit.ops.hippo.s4d_init`).
+            -LegS; :func:`ssmkit.ops.hippo_operators.s4d_init`).
         dt_min, dt_max: range of the log-uniform initial step.
         discretization: ``zoh`` (Abar = exp(dt A)) or ``bilinear``.
         bidirectional: add a look-ahead kernel with its own C (non-causal; no recurrent form).

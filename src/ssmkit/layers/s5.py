@@ -44,7 +44,7 @@ from torch import nn
 
 from .._checks import check_choice, check_positive_int
 from ..ops.discretize import discretize_diag
-from ..ops.hippo import conjugate_half, nplr_legs
+from ..ops.hippo_operators import conjugate_half, nplr_legs
 from ..ops.scan import linear_recurrence
 from .base import Mixer, RateMixin, State, ssm_core_precision, to_core_dtype
 from .registry import register_mixer
@@ -67,8 +67,8 @@ def hippo_n_diagonal(d_state: int, blocks: int, conj_sym: bool) -> Tuple[torch.T
     """Eigen-decomposition of the block-diagonal HiPPO-N initial state matrix (S5's initialisation).
 
     Each of the ``blocks`` diagonal blocks is HiPPO-N of size ``d_state / blocks`` (the normal part
-    ``A + P P^T`` of HiPPO-LegS, :func:`ssmkit.ops.hippo.nplr_legs`), diagonalised as ``V Lambda V^*``.
-    With ``conj_sym`` only one eigenvalue of each conjugate pair is kept (:func:`~ssmkit.ops.hippo.conjugate_half`).
+    ``A + P P^T`` of HiPPO-LegS, :func:`ssmkit.ops.hippo_operators.nplr_legs`), diagonalised as ``V Lambda V^*``.
+    With ``conj_sym`` only one eigenvalue of each conjugate pair is kept (:func:`~ssmkit.ops.hippo_operators.conjugate_half`).
 
     Returns:
         Lambda (n_modes,) complex128 and V (d_state, n_modes) complex128 (block diagonal; its columns are

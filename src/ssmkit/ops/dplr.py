@@ -46,8 +46,8 @@ Glossary (code name: paper symbol):
 ``g``       the points where the resolvent is evaluated: the bilinear image of the roots of unity
 ==========  ============================================================================================
 
-The specification of the fast path is plain powering, :func:`ssmkit.ops.lti_kernels.kernel_naive` on the
-dense real system of :func:`discretize_dplr`; :func:`cauchy_naive` is the specification of :func:`cauchy`.
+The specification of the fast path is plain powering, :func:`ssmkit.ops.lti_kernels.kernel_ref` on the
+dense real system of :func:`discretize_dplr`; :func:`cauchy_ref` is the specification of :func:`cauchy`.
 
 Memory. The Cauchy sums are evaluated in blocks of frequencies (:func:`cauchy`), forward and backward, so no
 (H, N, L) tensor exists; the largest tensors are a few (rows, H, L/2) complex arrays, the size of the output.
@@ -66,7 +66,7 @@ from .discretize import discretize_dense
 from .lti_kernels import block_split
 
 __all__ = [
-    "cauchy_naive",
+    "cauchy_ref",
     "cauchy",
     "dplr_real_system",
     "discretize_dplr",
@@ -86,7 +86,7 @@ BLOCK_ELEMENTS = 1 << 18
 # ------------------------------------------------------------------------------------------------------
 # Cauchy sums
 # ------------------------------------------------------------------------------------------------------
-def cauchy_naive(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def cauchy_ref(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """r_l = sum_n v_n / (z_l - w_n), all at once (the specification of :func:`cauchy`).
 
     Args:
@@ -111,7 +111,7 @@ def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, *, chunk: Optional
         chunk: points per block; default: as many as keep one block within ``BLOCK_ELEMENTS`` entries.
 
     Returns:
-        (..., *lead, L) complex, like :func:`cauchy_naive` (the same broadcasting).
+        (..., *lead, L) complex, like :func:`cauchy_ref` (the same broadcasting).
     """
     for name, value in (("v", v), ("z", z), ("w", w)):
         check_tensor(name, value, complex_ok=True)
@@ -348,7 +348,7 @@ def kernel_dplr(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, C: torch
 
     Returns:
         K (..., H, L) real, in the real dtype of Lambda. Each kernel is that of the real system with the
-        conjugate halves included (the module docstring), equal to ``kernel_naive(*discretize_dplr(...), L)``.
+        conjugate halves included (the module docstring), equal to ``kernel_ref(*discretize_dplr(...), L)``.
     """
     H, M = _check_modes(Lambda, P, Q, B=B, C=C)
     _check_dt(dt, Lambda)

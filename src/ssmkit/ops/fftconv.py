@@ -22,7 +22,7 @@ import torch
 
 from .._checks import check_tensor
 
-__all__ = ["fft_conv", "direct_conv_reference", "next_fast_length"]
+__all__ = ["fft_conv", "direct_conv_ref", "next_fast_length"]
 
 
 def next_fast_length(n: int) -> int:
@@ -90,7 +90,7 @@ def fft_conv(u: torch.Tensor, K: torch.Tensor, D: Optional[torch.Tensor] = None,
     return y
 
 
-def direct_conv_reference(u: torch.Tensor, K: torch.Tensor, D: Optional[torch.Tensor] = None,
+def direct_conv_ref(u: torch.Tensor, K: torch.Tensor, D: Optional[torch.Tensor] = None,
                           bidirectional: bool = False) -> torch.Tensor:
     """The specification of :func:`fft_conv`: each output as an explicit sum over the inputs (O(L^2))."""
     _check_conv_args(u, K, D, bidirectional)

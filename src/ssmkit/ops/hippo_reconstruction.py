@@ -2,7 +2,7 @@
 
 HiPPO (Gu et al. 2020) keeps, at every time ``t``, the coefficients ``x(t)`` of the projection of
 the history ``u(s), s <= t`` onto an orthonormal basis under a measure; ``x`` obeys the linear ODE of
-:func:`ssmkit.ops.hippo.hippo`. From the final state alone the history is rebuilt as
+:func:`ssmkit.ops.hippo_operators.hippo`. From the final state alone the history is rebuilt as
 ``u(s) ~ sum_n x_n g_n(s)``. This module runs the discretised ODE over a sampled signal and evaluates that
 reconstruction (HiPPO's function-reconstruction experiment).
 
@@ -18,7 +18,7 @@ Glossary (code name = HiPPO symbol):
 ==========  ==========================================================================================
 
 Bases and their arguments, as used here (each verified numerically against the ODE of
-:func:`ssmkit.ops.hippo.hippo` by the tests in ``tests/ops/test_hippo_reconstruction.py``):
+:func:`ssmkit.ops.hippo_operators.hippo` by the tests in ``tests/ops/test_hippo_reconstruction.py``):
 
 * ``legs`` (uniform on [0, t]): ``g_n(s) = sqrt(2n+1) P_n(2 s / t - 1)``, the whole history.
 * ``legt`` (uniform on [t - theta, t]): ``g_n(s) = sqrt(2n+1) P_n(2 (s - t) / theta + 1)``, the last window
@@ -49,7 +49,7 @@ import torch
 
 from .._checks import check_choice, check_positive_int, check_tensor
 from .discretize import discretize_dense
-from .hippo import MEASURES, hippo
+from .hippo_operators import MEASURES, hippo
 
 METHODS = ("bilinear", "zoh")
 
@@ -136,7 +136,7 @@ def laguerre_basis(N: int, x: torch.Tensor) -> torch.Tensor:
 def fourier_basis(N: int, r: torch.Tensor) -> torch.Tensor:
     """``[1, sqrt2 cos(2 pi r), sqrt2 sin(2 pi r), sqrt2 cos(4 pi r), ...]`` (N functions): r (...) -> (..., N).
 
-    Orthonormal on [0, 1]; the order matches the FouT state of :func:`ssmkit.ops.hippo.hippo`.
+    Orthonormal on [0, 1]; the order matches the FouT state of :func:`ssmkit.ops.hippo_operators.hippo`.
     """
     check_positive_int("N", N)
     k = torch.arange(1, N // 2 + 1, dtype=r.dtype, device=r.device)
@@ -222,7 +222,7 @@ def hippo_reconstruct(u: torch.Tensor, dt: float, measure: str, N: int, theta: f
     Args:
         u: (T,) or (batch, T) samples, u_k at t_k = k dt.
         dt: sampling step (> 0).
-        measure: ``legs``, ``legt``, ``lagt`` or ``fout`` (:func:`ssmkit.ops.hippo.hippo`).
+        measure: ``legs``, ``legt``, ``lagt`` or ``fout`` (:func:`ssmkit.ops.hippo_operators.hippo`).
         N: state size.
         theta: window length of legt / fout (ignored by legs and lagt).
         method: ``bilinear`` or ``zoh`` (module docstring).

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_choice, check_positive_int, check_same_device, check_shape, check_tensor
+from ._precision import compute_dtype
 
 FEATURE_MAPS = ("elu", "relu", "identity")
 DEFAULT_EPS = 1e-6
@@ -117,11 +118,6 @@ def check_step_inputs(q, k, v, state, eps=DEFAULT_EPS):
     return batch, heads, dk, v.shape[2]
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulate in at least float32 (bf16/fp16 features are upcast, float64 stays float64)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _zero_state(batch, heads, dk, dv, dtype, device) -> LinearAttentionState:
     return (torch.zeros(batch, heads, dk, dv, dtype=dtype, device=device),
             torch.zeros(batch, heads, dk, dtype=dtype, device=device))
@@ -147,7 +143,7 @@ def linear_attention_ref(q, k, v, normalize: bool = True, eps: float = DEFAULT_E
         (float32, or float64 for float64 inputs).
     """
     batch, heads, length, dk, dv = check_linear_attention_inputs(q, k, v, initial_state, eps)
-    ctype = compute_dtype(q)
+    ctype = compute_dtype(q.dtype)
     if initial_state is None:
         S, z = _zero_state(batch, heads, dk, dv, ctype, q.device)
     else:
@@ -180,7 +176,7 @@ def linear_attention_step(q, k, v, state: LinearAttentionState, normalize: bool 
         y (batch, heads, dv) in q's dtype, and the new state (S, z) in the compute dtype.
     """
     check_step_inputs(q, k, v, state, eps)
-    ctype = compute_dtype(q)
+    ctype = compute_dtype(q.dtype)
     S, z = (s.to(ctype) for s in state)
     qc, kc, vc = q.to(ctype), k.to(ctype), v.to(ctype)
     S = S + kc[..., :, None] * vc[..., None, :]
@@ -202,7 +198,7 @@ def linear_attention_chunked(q, k, v, normalize: bool = True, eps: float = DEFAU
     nothing to S or z, so the final state is exact; padded outputs are dropped.
     """
     batch, heads, length, dk, dv = check_linear_attention_inputs(q, k, v, initial_state, eps, chunk_size)
-    ctype = compute_dtype(q)
+    ctype = compute_dtype(q.dtype)
     T = min(chunk_size, length)
     chunks = -(-length // T)
     extra = chunks * T - length

@@ -34,8 +34,8 @@ N2 = 32, H = 256 in float32 (where the complex64 Vandermonde matrix alone is 4 G
 raised the resident memory by 0.13 GiB forward and 0.39 GiB forward + backward (measured, CPU).
 Each power is one ``exp`` of a product, never a running product, so no rounding accumulates along L.
 
-Each fast function has its specification beside it: :func:`kernel_naive` (powers by repeated
-multiplication) and :func:`diagonal_ssm_reference` (the recurrence, step by step).
+Each fast function has its specification beside it: :func:`kernel_ref` (powers by repeated
+multiplication) and :func:`diagonal_ssm_ref` (the recurrence, step by step).
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ import torch.nn.functional as F
 from .._checks import check_positive_int, check_tensor
 
 __all__ = [
-    "kernel_naive",
+    "kernel_ref",
     "kernel_vandermonde",
     "initial_state_response",
     "final_state",
-    "diagonal_ssm_reference",
+    "diagonal_ssm_ref",
     "block_split",
 ]
 
@@ -61,7 +61,7 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------------
 # Specification
 # ------------------------------------------------------------------------------------------------------
-def kernel_naive(Abar: torch.Tensor, Bbar: torch.Tensor, C: torch.Tensor, L: int, *,
+def kernel_ref(Abar: torch.Tensor, Bbar: torch.Tensor, C: torch.Tensor, L: int, *,
                  diagonal: bool = False) -> torch.Tensor:
     """The kernel K_k = C Abar^k Bbar for k < L, by repeated multiplication (the specification).
 
@@ -75,7 +75,7 @@ def kernel_naive(Abar: torch.Tensor, Bbar: torch.Tensor, C: torch.Tensor, L: int
 
     Returns:
         K (..., L) with ``...`` the broadcast leading shape; complex if any input is complex. No real part
-        is taken: for a conjugate-half system (S4D) the real kernel is ``2 * kernel_naive(...).real``.
+        is taken: for a conjugate-half system (S4D) the real kernel is ``2 * kernel_ref(...).real``.
     """
     for name, value in (("Abar", Abar), ("Bbar", Bbar), ("C", C)):
         check_tensor(name, value, complex_ok=True)
@@ -97,7 +97,7 @@ def kernel_naive(Abar: torch.Tensor, Bbar: torch.Tensor, C: torch.Tensor, L: int
     return torch.stack(out, -1)
 
 
-def diagonal_ssm_reference(Abar: torch.Tensor, Bbar: torch.Tensor, C: torch.Tensor, u: torch.Tensor,
+def diagonal_ssm_ref(Abar: torch.Tensor, Bbar: torch.Tensor, C: torch.Tensor, u: torch.Tensor,
                            D: Optional[torch.Tensor] = None,
                            h0: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The conjugate-symmetric diagonal SSM run step by step (the specification of the parallel pass).

@@ -18,7 +18,7 @@ Glossary (code name = S5 symbol):
 
 Three ways to compute the same numbers:
 
-* :func:`linear_recurrence_reference`: a plain loop over time, the specification.
+* :func:`linear_recurrence_ref`: a plain loop over time, the specification.
 * :func:`associative_scan`: the parallel prefix scan with the associative operator
   ``(a_i, b_i) o (a_j, b_j) = (a_j a_i, a_j b_i + b_j)`` of S5: the odd/even recursion
   (pair neighbours, scan the half-length sequence of pairs, fill in the even positions), ``O(L)`` work
@@ -110,7 +110,7 @@ def _result_dtype(a, b, h0) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 # Reference: the specification
 # --------------------------------------------------------------------------------------------------
-def linear_recurrence_reference(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = None,
+def linear_recurrence_ref(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = None,
                                 dim: int = -1, reverse: bool = False) -> torch.Tensor:
     """All states of ``h_t = a_t * h_{t-1} + b_t`` (``h_{-1} = h0`` or 0) by a loop over time.
 
@@ -346,7 +346,7 @@ def associative_scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor
                      reverse: bool = False) -> torch.Tensor:
     """All states of ``h_t = a_t * h_{t-1} + b_t`` by a parallel associative scan (S5's operator).
 
-    Same arguments, result and dtype as :func:`linear_recurrence_reference`. ``O(L)`` work, ``O(log L)``
+    Same arguments, result and dtype as :func:`linear_recurrence_ref`. ``O(L)`` work, ``O(log L)``
     depth; ``h0`` is folded into the first step (``b_0 <- a_0 h0 + b_0``). Differentiable: the backward is
     the same scan run the other way in time (see :class:`_ScanFunction`).
     """
@@ -358,7 +358,7 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = 
                  reverse: bool = False, chunk_size: int = 64) -> torch.Tensor:
     """All states of ``h_t = a_t * h_{t-1} + b_t`` by a two-level chunked scan.
 
-    Same arguments, result and dtype as :func:`linear_recurrence_reference`, plus ``chunk_size`` (T).
+    Same arguments, result and dtype as :func:`linear_recurrence_ref`, plus ``chunk_size`` (T).
     Sequential depth ``T + L/T`` (about ``2 sqrt(L)`` at ``T = sqrt(L)``), every step vectorised over the
     chunks; the ``L mod T`` steps left over continue sequentially from the last carried state.
     """
@@ -375,7 +375,7 @@ def linear_recurrence(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tenso
         check_choice("backend", backend, BACKENDS)
     backend = resolve("linear_recurrence", backend, lambda: "associative")
     if backend == "reference":
-        return linear_recurrence_reference(a, b, h0, dim, reverse)
+        return linear_recurrence_ref(a, b, h0, dim, reverse)
     if backend == "associative":
         return associative_scan(a, b, h0, dim, reverse)
     return chunked_scan(a, b, h0, dim, reverse)

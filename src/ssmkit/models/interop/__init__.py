@@ -3,7 +3,7 @@
 One module per external format (``transformers_format.py``: transformers' Mamba and Mamba2;
 ``state_spaces.py``: the original mamba_ssm format), each registering a :class:`CheckpointFormat` in the one
 table :data:`FORMATS` (model_type -> format, :mod:`.registry`). This package imports every module in it, so a
-new format is one new file; ``docs/contributing_checkpoint_format.md`` gives the steps.
+new format is one new file; CONTRIBUTING.md ("Add a checkpoint format") gives the steps.
 
     fmt = format_of(json.loads(Path(d, "config.json").read_text()))   # e.g. FORMATS["mamba2"]
     config = fmt.config_from_raw(raw); weights = fmt.weights_to_ssmkit(read_weights(d))

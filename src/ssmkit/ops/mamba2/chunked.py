@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .reference import (DEFAULT_DT_LIMIT, apply_skip_and_gate, check_ssd_inputs, check_state_update_inputs,
-                        compute_dtype, process_dt)
+from .._precision import compute_dtype
+from .args import DEFAULT_DT_LIMIT, check_ssd_inputs, check_state_update_inputs
+from .reference import apply_skip_and_gate, process_dt
 
 
 def _pad_length(t: torch.Tensor, extra: int) -> torch.Tensor:
@@ -214,14 +215,14 @@ def _sequence_masks(seq_idx: torch.Tensor, chunks: int, T: int, extra: int, dtyp
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
                 dt_limit=DEFAULT_DT_LIMIT, initial_states=None, seq_idx=None, return_final_states=False):
-    """Chunked SSD; arguments, shapes and results as :func:`ssmkit.ops.ssd.ssd` (backend "torch").
+    """Chunked SSD; arguments, shapes and results as :func:`ssmkit.ops.mamba2.ssd` (backend "torch").
 
     Any L: the sequence is padded to a multiple of the chunk with dt = 0 steps, which neither decay nor
     feed the state, so the final state is exact. A chunk longer than L is shortened to L.
     """
     batch, length, heads, headdim, groups, N = check_ssd_inputs(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_limit, chunk_size)
-    ctype = compute_dtype(x)
+    ctype = compute_dtype(x.dtype)
     T = min(chunk_size, length)
     chunks = -(-length // T)
     extra = chunks * T - length
@@ -246,10 +247,10 @@ def ssd_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                            dt_limit=DEFAULT_DT_LIMIT):
     """One token, all heads at once (heads grouped as (groups, R) so B and C are broadcast, not copied).
 
-    Shapes and results as :func:`ssmkit.ops.ssd.ssd_state_update`.
+    Shapes and results as :func:`ssmkit.ops.mamba2.ssd_state_update`.
     """
     batch, heads, headdim, groups, N = check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
-    ctype = compute_dtype(x)
+    ctype = compute_dtype(x.dtype)
     R = heads // groups
     dt = process_dt(dt.to(ctype), None if dt_bias is None else dt_bias.to(ctype), dt_softplus, dt_limit)
     decay = torch.exp(dt * A.to(ctype))                                    # (batch, heads)

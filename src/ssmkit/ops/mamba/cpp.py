@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .reference import check_scan_args
+from .args import check_scan_args
 
 logger = logging.getLogger(__name__)
 

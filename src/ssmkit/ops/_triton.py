@@ -1,26 +1,16 @@
-"""Triton GPU kernels for Mamba's selective scan, Mamba-2's SSD, the causal depthwise conv1d and decoding.
+"""The shared Triton runtime: availability checks, the lazy loading of kernel modules, and the shims that let
+the kernels run on the CPU under Triton's interpreter.
 
-Each function here has the signature of the ssmkit op it accelerates, minus ``backend``, and computes the
-same function (tests compare both against the sequential references, on outputs, final states and
-gradients):
+The kernels themselves live beside their ops (``ops/mamba/triton.py``, ``ops/mamba/triton_update.py``,
+``ops/mamba2/triton.py``, ``ops/mamba2/triton_update.py``, ``ops/conv1d/triton.py``). Each op package
+has thin ``*_triton`` functions that check with ``_check_runnable`` here and then import their kernel
+module with :func:`load_kernels`, so that importing ssmkit never imports triton. The argument checks of
+the one-token kernels' serving-cache options (``state_batch_indices``, ``inplace``) are here too, being
+shared by three kernel files.
 
-===================================  ===============================================================
-``selective_scan_triton``            :func:`ssmkit.ops.selective_scan.selective_scan`
-``selective_state_update_triton``    :func:`ssmkit.ops.selective_scan.selective_state_update`
-``ssd_triton``                       :func:`ssmkit.ops.ssd.ssd`
-``ssd_state_update_triton``          :func:`ssmkit.ops.ssd.ssd_state_update`
-``causal_conv1d_triton``             :func:`ssmkit.ops.conv1d.causal_conv1d`
-``causal_conv1d_update_triton``      :func:`ssmkit.ops.conv1d.causal_conv1d_update`
-===================================  ===============================================================
-
-The one-token functions also take keyword-only ``state_batch_indices`` (row ``i`` of the batch reads and
-writes cache row ``state_batch_indices[i]`` of a larger state, as a serving cache does) and ``inplace``
-(update the state tensor in place instead of returning a new one); they are inference-only.
-
-**Triton is optional.** Importing ssmkit never imports triton: the kernel modules load at the first call.
-They run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-the first call; slow, for tests). Anything else raises an error that says what is missing;
-:func:`triton_available` asks without raising.
+**Triton is optional.** The kernel modules load at the first call. They run on CUDA tensors, or on CPU
+tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before the first call; slow, for tests).
+Anything else raises an error that says what is missing; :func:`triton_available` asks without raising.
 """
 
 from __future__ import annotations
@@ -30,10 +20,9 @@ import os
 
 import torch
 
-__all__ = [
-    "triton_available", "selective_scan_triton", "selective_state_update_triton", "ssd_triton",
-    "ssd_state_update_triton", "causal_conv1d_triton", "causal_conv1d_update_triton",
-]
+from .._checks import check_shape, check_tensor
+
+__all__ = ["triton_available", "load_kernels", "real_associative_scan", "INTERPRETER_SHIM_VERSIONS"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -83,10 +72,12 @@ def _check_runnable(op: str, tensor: torch.Tensor) -> None:
                         "(use backend='torch' or 'reference' for float64)")
 
 
-def _kernels(name: str):
+def load_kernels(module: str):
+    """Import the kernel module ``module`` (e.g. ``"ssmkit.ops.mamba.triton"``), first installing the
+    interpreter shims when ``TRITON_INTERPRET=1``; the op packages call it only after :func:`_check_runnable`."""
     if _interpreting():
         _patch_interpreter()
-    return importlib.import_module(f"{__name__}.{name}")
+    return importlib.import_module(module)
 
 
 _interpreter_patched = False
@@ -211,72 +202,41 @@ def _patch_interpreter() -> None:
     fn_cls.__call__ = call
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, initial_state=None):
-    """Selective scan (Mamba, Gu & Dao 2023, Alg. 2) on Triton; see :mod:`.selective_scan`.
+# --- arguments shared by the one-token (decoding) kernels -------------------------------------------------
 
-    Shapes as :func:`ssmkit.ops.selective_scan.selective_scan`: u, delta, z (batch, dim, L); A (dim, N);
-    B, C (batch, N, L) or (batch, groups, N, L); D, delta_bias (dim,); initial_state (batch, dim, N).
-    Returns y (batch, dim, L), or ``(y, last_state (batch, dim, N))``; differentiable in every tensor.
-    """
-    _check_runnable("selective_scan_triton", u)
-    return _kernels("selective_scan").selective_scan_triton(
-        u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-        return_last_state=return_last_state, initial_state=initial_state)
-
-
-def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-               dt_limit=(0.0, float("inf")), initial_states=None, seq_idx=None, return_final_states=False):
-    """Mamba-2 SSD, chunked (Dao & Gu 2024, Sec. 6) on Triton; see :mod:`.ssd`.
-
-    Shapes as :func:`ssmkit.ops.ssd.ssd`: x, z (batch, L, heads, headdim); dt (batch, L, heads); A, dt_bias
-    (heads,); B, C (batch, L, groups, N); D (heads,) or (heads, headdim); initial_states
-    (batch, heads, headdim, N); seq_idx (batch, L). Returns y, or ``(y, final_states)`` (float32).
-    """
-    _check_runnable("ssd_triton", x)
-    return _kernels("ssd").ssd_triton(
-        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        initial_states=initial_states, seq_idx=seq_idx, return_final_states=return_final_states)
+def check_state_batch_indices(state_batch_indices, batch: int, rows: int, device) -> torch.Tensor:
+    """Validate ``state_batch_indices``: integer (batch,) on ``device`` with values in [0, rows)."""
+    check_tensor("state_batch_indices", state_batch_indices, floating=False)
+    if state_batch_indices.is_floating_point() or state_batch_indices.is_complex() \
+            or state_batch_indices.dtype == torch.bool:
+        raise TypeError(f"state_batch_indices must be an integer tensor; got dtype {state_batch_indices.dtype}")
+    check_shape("state_batch_indices", state_batch_indices, (batch,), f"(batch={batch},)")
+    if state_batch_indices.device != device:
+        raise ValueError(f"state_batch_indices is on {state_batch_indices.device} but x is on {device}")
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing and batch > 0:  # a range check syncs, so it is skipped inside CUDA-graph capture
+        lo, hi = int(state_batch_indices.min()), int(state_batch_indices.max())
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"state_batch_indices must lie in [0, {rows}) (the state's rows); got values "
+                             f"from {lo} to {hi}")
+    return state_batch_indices
 
 
-def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None, activation=None,
-                         return_final_state=False):
-    """Causal depthwise conv1d (+ SiLU) on Triton; arguments and results as
-    :func:`ssmkit.ops.conv1d.causal_conv1d`: x (batch, dim, L) any strides, weight (dim, width) or
-    (dim, 1, width), bias (dim,), initial_state (batch, dim, width-1), seq_idx (batch, L)."""
-    _check_runnable("causal_conv1d_triton", x)
-    return _kernels("conv1d").causal_conv1d_triton(
-        x, weight, bias=bias, initial_state=initial_state, seq_idx=seq_idx, activation=activation,
-        return_final_state=return_final_state)
+def check_inference_only(op: str, tensors) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} is inference-only (no backward); call it under torch.no_grad(), or use the "
+                           "torch backend to differentiate through decoding steps")
 
 
-def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None, *, state_batch_indices=None,
-                                inplace=False):
-    """One conv step for decoding, as :func:`ssmkit.ops.conv1d.causal_conv1d_update`:
-    x (batch, dim), conv_state (batch or cache rows, dim, width-1) -> (y (batch, dim), new state)."""
-    _check_runnable("causal_conv1d_update_triton", x)
-    return _kernels("conv1d").causal_conv1d_update_triton(
-        x, conv_state, weight, bias=bias, activation=activation, state_batch_indices=state_batch_indices,
-        inplace=inplace)
+def output_state(state, batch, idx, inplace):
+    """The tensor a one-token kernel writes the new state into: ``state`` itself when ``inplace``."""
+    if inplace:
+        return state
+    if idx is None:
+        return torch.empty_like(state, memory_format=torch.contiguous_format)
+    return state.clone()  # every cache row, the selected ones then overwritten
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
-                                  state_batch_indices=None, inplace=False):
-    """One Mamba decoding step, as :func:`ssmkit.ops.selective_scan.selective_state_update`:
-    state (batch, dim, N), x, dt, z (batch, dim), A (dim, N), B, C (batch, N) or (batch, groups, N),
-    D, dt_bias (dim,) -> ``(y (batch, dim), new_state)``."""
-    _check_runnable("selective_state_update_triton", x)
-    return _kernels("state_update").selective_state_update_triton(
-        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-        state_batch_indices=state_batch_indices, inplace=inplace)
-
-
-def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                            dt_limit=(0.0, float("inf")), *, state_batch_indices=None, inplace=False):
-    """One Mamba-2 decoding step, as :func:`ssmkit.ops.ssd.ssd_state_update`: state
-    (batch, heads, headdim, N), x, z (batch, heads, headdim), dt (batch, heads), A, dt_bias (heads,),
-    B, C (batch, groups, N), D (heads,) or (heads, headdim) -> ``(y, new_state)``."""
-    _check_runnable("ssd_state_update_triton", x)
-    return _kernels("state_update").ssd_state_update_triton(
-        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        state_batch_indices=state_batch_indices, inplace=inplace)
+def rows_view(state, batch):
+    """A (batch, ...) view of a cache with any number of rows, for the shared shape checks (no copy)."""
+    return state[:1].expand(batch, *state.shape[1:]) if state.shape[0] >= 1 else state

@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..conv1d import _check_sequence_args, _final_state, _weight_2d
+from .._triton import check_inference_only, check_state_batch_indices
+from .args import _check_sequence_args, _weight_2d
+from .shifted import _final_state
 from ..._checks import check_choice, check_same_device, check_shape, check_tensor
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
@@ -259,7 +261,7 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None,
         y (batch, dim, L) in x's dtype, and the final state when asked; differentiable in x, weight, bias
         and initial_state.
     """
-    from . import _check_runnable
+    from .._triton import _check_runnable
 
     weight, width = _check_sequence_args(x, weight, bias, initial_state, seq_idx, activation)
     _check_runnable("causal_conv1d_triton", x)
@@ -308,30 +310,6 @@ def _conv_update_kernel(
     tl.store(y_ptr + b * dim + d, acc.to(y_ptr.dtype.element_ty), mask=d_mask)
 
 
-def check_state_batch_indices(state_batch_indices, batch: int, rows: int, device) -> torch.Tensor:
-    """Validate ``state_batch_indices``: integer (batch,) on ``device`` with values in [0, rows)."""
-    check_tensor("state_batch_indices", state_batch_indices, floating=False)
-    if state_batch_indices.is_floating_point() or state_batch_indices.is_complex() \
-            or state_batch_indices.dtype == torch.bool:
-        raise TypeError(f"state_batch_indices must be an integer tensor; got dtype {state_batch_indices.dtype}")
-    check_shape("state_batch_indices", state_batch_indices, (batch,), f"(batch={batch},)")
-    if state_batch_indices.device != device:
-        raise ValueError(f"state_batch_indices is on {state_batch_indices.device} but x is on {device}")
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if not capturing and batch > 0:  # a range check syncs, so it is skipped inside CUDA-graph capture
-        lo, hi = int(state_batch_indices.min()), int(state_batch_indices.max())
-        if lo < 0 or hi >= rows:
-            raise ValueError(f"state_batch_indices must lie in [0, {rows}) (the state's rows); got values "
-                             f"from {lo} to {hi}")
-    return state_batch_indices
-
-
-def check_inference_only(op: str, tensors) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(f"{op} is inference-only (no backward); call it under torch.no_grad(), or use the "
-                           "torch backend to differentiate through decoding steps")
-
-
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None, *, state_batch_indices=None,
                                 inplace=False):
     """One conv step: x (batch, dim), conv_state (rows, dim, width-1) -> ``(y (batch, dim), new_state)``.
@@ -340,7 +318,7 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
     ``inplace``: write the new window into ``conv_state`` and return it; otherwise a new (batch, dim, width-1)
     tensor is returned and ``conv_state`` is left as it was. Inference-only.
     """
-    from . import _check_runnable
+    from .._triton import _check_runnable
 
     check_tensor("x", x)
     if x.dim() != 2:

@@ -1,6 +1,6 @@
 """Mamba-2's SSD in Triton: the chunked algorithm, forward and backward, with matrix products on tl.dot.
 
-Equations, names and glossary as :mod:`ssmkit.ops.ssd.reference` and :mod:`ssmkit.ops.ssd.chunked`
+Equations, names and glossary as :mod:`ssmkit.ops.mamba2.reference` and :mod:`ssmkit.ops.mamba2.chunked`
 (Dao & Gu 2024, "Transformers are SSMs", Sec. 6). Per batch row and head, with a_t = dt_t A (<= 0) and
 cs_t its running sum inside the chunk (Q = chunk_size tokens):
 
@@ -42,7 +42,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..ssd.reference import DEFAULT_DT_LIMIT, check_ssd_inputs, process_dt
+from .args import DEFAULT_DT_LIMIT, check_ssd_inputs
+from .reference import process_dt
 
 __all__ = ["ssd_triton", "override_config"]
 
@@ -87,7 +88,7 @@ def _precision(dtype):
 def _upcast(dtype) -> bool:
     # Triton's CPU interpreter keeps bfloat16 as raw 16-bit integers and multiplies those in tl.dot, so under
     # the interpreter bf16 operands are widened first (the bf16 rounding of every operand is kept)
-    from . import _interpreting
+    from .._triton import _interpreting
     return dtype == torch.bfloat16 and _interpreting()
 
 
@@ -593,7 +594,7 @@ class _SSDFn(torch.autograd.Function):
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
                dt_limit=DEFAULT_DT_LIMIT, initial_states=None, seq_idx=None, return_final_states=False):
-    """Chunked SSD on Triton; arguments and results as :func:`ssmkit.ops.ssd.ssd` (backend "triton").
+    """Chunked SSD on Triton; arguments and results as :func:`ssmkit.ops.mamba2.ssd` (backend "triton").
 
     Args:
         x: (batch, L, heads, headdim); dt: (batch, L, heads); A: (heads,); B, C: (batch, L, groups, N);
@@ -605,7 +606,7 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_soft
         y (batch, L, heads, headdim) in x's dtype, or ``(y, final_states)`` with final_states
         (batch, heads, headdim, N) float32. Gradients flow to every tensor argument.
     """
-    from . import _check_runnable
+    from .._triton import _check_runnable
 
     batch, L, heads, P, G, N = check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_limit,
                                                 chunk_size)

@@ -32,7 +32,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .reference import check_scan_args, compute_dtype
+from .._precision import compute_dtype
+from .args import check_scan_args
 
 #: steps per chunk: long enough to amortise the per-chunk calls, short enough that the
 #: (chunk, batch, dim, N) buffers stay cache-sized
@@ -196,7 +197,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
                            return_last_state=False, initial_state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """Selective scan, chunked over time, differentiable (checkpointed backward, see the module docstring).
 
-    Arguments and returns as :func:`ssmkit.ops.selective_scan.selective_scan_ref`; ``chunk_size`` (>= 1)
+    Arguments and returns as :func:`ssmkit.ops.mamba.selective_scan_ref`; ``chunk_size`` (>= 1)
     sets the number of time steps whose operands are formed together (and between stored states).
     """
     args = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)

@@ -2,12 +2,13 @@
 
 Signatures and semantics follow mamba_ssm's ``mamba_chunk_scan_combined`` and, for one token, its
 ``selective_state_update`` in the Mamba-2 layout (Dao & Gu 2024, arXiv 2405.21060), so ported code changes
-only its import. The shapes, the glossary and the recurrence are in ``reference.py``.
+only its import. The shapes, the glossary and the recurrence are in ``reference.py``, the argument checks
+every backend shares in ``args.py``.
 
 Backends of :func:`ssd` (``backend=``):
     ``"torch"``      the chunked SSD algorithm in pure PyTorch (``chunked.py``, paper Sec. 6);
     ``"reference"``  the sequential loop over time (``reference.py``), the specification;
-    ``"triton"``     :mod:`ssmkit.ops.triton` GPU kernels (CUDA tensors; raises if triton is missing).
+    ``"triton"``     GPU kernels (``triton.py``, ``triton_update.py``; CUDA tensors; raises if triton is missing).
     ``"auto"``       ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``.
 ``backend=None`` (or "auto") defers to the innermost :func:`ssmkit.ops.use_backend` context, then to the
 "auto" rule; :func:`last_backend` names the backend that ran last, so "auto" is never a silent choice.
@@ -19,11 +20,13 @@ import torch
 
 from ..backends import last_backend as _last_backend
 from ..backends import register_op, resolve
-from ..triton import triton_available
+from .._triton import _check_runnable, load_kernels, triton_available
+from .args import DEFAULT_DT_LIMIT
 from .chunked import ssd_chunked, ssd_state_update_torch
-from .reference import DEFAULT_DT_LIMIT, ssd_ref, ssd_state_update_ref
+from .reference import ssd_ref, ssd_state_update_ref
 
-__all__ = ["ssd", "ssd_ref", "ssd_state_update", "ssd_state_update_ref", "last_backend", "BACKENDS"]
+__all__ = ["ssd", "ssd_ref", "ssd_state_update", "ssd_state_update_ref", "last_backend", "available_backends",
+           "BACKENDS", "ssd_triton", "ssd_state_update_triton"]
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 register_op("ssd", BACKENDS[1:])
@@ -33,6 +36,11 @@ register_op("ssd_state_update", ("torch", "triton"))
 def last_backend():
     """The backend that the latest :func:`ssd` call ran in this thread, or None."""
     return _last_backend("ssd")
+
+
+def available_backends() -> list[str]:
+    """Backends of :func:`ssd` that can run here."""
+    return (["triton"] if triton_available() else []) + ["torch", "reference"]
 
 
 def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -62,7 +70,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
     chosen = resolve("ssd", backend, lambda: "triton" if isinstance(x, torch.Tensor) and x.is_cuda
                      and triton_available() else "torch")
     if chosen == "triton":
-        from ..triton import ssd_triton as fn
+        fn = ssd_triton
     else:
         fn = ssd_chunked if chosen == "torch" else ssd_ref
     out = fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
@@ -84,9 +92,33 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     chosen = resolve("ssd_state_update", backend, lambda: "triton" if x.is_cuda and not torch.is_grad_enabled()
                      and triton_available() else "torch")
     if chosen == "triton":
-        from ..triton import ssd_state_update_triton
-
         return ssd_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                        dt_limit=dt_limit)
     return ssd_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                   dt_limit=dt_limit)
+
+
+def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+               dt_limit=DEFAULT_DT_LIMIT, initial_states=None, seq_idx=None, return_final_states=False):
+    """The "triton" backend of :func:`ssd` (chunked, Dao & Gu 2024 Sec. 6; kernels in ``triton.py``).
+
+    Shapes as :func:`ssd`: x, z (batch, L, heads, headdim); dt (batch, L, heads); A, dt_bias (heads,); B, C
+    (batch, L, groups, N); D (heads,) or (heads, headdim); initial_states (batch, heads, headdim, N); seq_idx
+    (batch, L). Returns y, or ``(y, final_states)`` (float32).
+    """
+    _check_runnable("ssd_triton", x)
+    return load_kernels("ssmkit.ops.mamba2.triton").ssd_triton(
+        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        initial_states=initial_states, seq_idx=seq_idx, return_final_states=return_final_states)
+
+
+def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                            dt_limit=DEFAULT_DT_LIMIT, *, state_batch_indices=None, inplace=False):
+    """The "triton" backend of :func:`ssd_state_update` (``triton_update.py``; inference only): state
+    (batch, heads, headdim, N), x, z (batch, heads, headdim), dt (batch, heads), A, dt_bias (heads,),
+    B, C (batch, groups, N), D (heads,) or (heads, headdim) -> ``(y, new_state)``. Keyword-only
+    ``state_batch_indices`` and ``inplace`` as in :func:`ssmkit.ops.mamba.selective_state_update_triton`."""
+    _check_runnable("ssd_state_update_triton", x)
+    return load_kernels("ssmkit.ops.mamba2.triton_update").ssd_state_update_triton(
+        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        state_batch_indices=state_batch_indices, inplace=inplace)

@@ -1,6 +1,6 @@
 """Mamba's selective scan in Triton: forward and backward, the state never written to memory in full.
 
-Same equations, names and glossary as :mod:`ssmkit.ops.selective_scan.reference` (Gu & Dao 2023, Eq. (2),
+Same equations, names and glossary as :mod:`ssmkit.ops.mamba.reference` (Gu & Dao 2023, Eq. (2),
 Algorithm 2, and the hardware-aware scan of Sec. 3.3):
 
     Delta_t = softplus(delta_t + delta_bias)      h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t u_t
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..selective_scan.reference import check_scan_args
+from .args import check_scan_args
 
 __all__ = ["selective_scan_triton", "override_config"]
 
@@ -83,7 +83,7 @@ def linear_combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
-# lets the interpreter shim in ``ssmkit.ops.triton`` run this operator vectorised on the CPU
+# lets the interpreter shim in ``ssmkit.ops._triton`` run this operator vectorised on the CPU
 getattr(linear_combine, "fn", linear_combine)._ssmkit_linear_recurrence = True
 
 
@@ -484,7 +484,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         y (batch, dim, L), or ``(y, last_state)`` with last_state (batch, dim, N), in u's dtype. Every
         tensor argument gets a gradient (initial_state included), and last_state passes one back.
     """
-    from . import _check_runnable  # late: the package imports this module lazily
+    from .._triton import _check_runnable
 
     args = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     _check_runnable("selective_scan_triton", u)

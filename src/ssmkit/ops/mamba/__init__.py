@@ -10,7 +10,7 @@ Backends of :func:`selective_scan` (argument ``backend``):
 ``"torch"``     :mod:`.chunked`, pure PyTorch, chunked over time, any device and dtype
 ``"cpp"``       :mod:`.cpp`, a C++ scan compiled at first use (CPU, float32/float64); raises if the
                 extension cannot be built
-``"triton"``    :mod:`ssmkit.ops.triton`, GPU kernels (CUDA tensors; float32, bfloat16, float16);
+``"triton"``    :mod:`.triton`, GPU kernels (CUDA tensors; float32, bfloat16, float16);
                 raises if triton is not installed
 ``"auto"``      ``"triton"`` for CUDA tensors when triton imports; ``"cpp"`` for CPU float32/float64
                 tensors when the extension builds; else ``"torch"``; a failed build is reported once
@@ -24,9 +24,8 @@ C++ backend is several times faster than the torch one (see the benchmark table 
 ``backend=None`` (or "auto") defers to the innermost :func:`ssmkit.ops.use_backend` context, then to the
 ``$SSMKIT_SCAN_BACKEND`` if set, then the "auto" rule; :func:`last_backend` names the backend that ran the most recent call, so "auto" is never silent.
 
-Note: where ``ssmkit.ops`` re-exports the function ``selective_scan``, it hides this subpackage's name
-there; import helpers from here (``from ssmkit.ops.selective_scan import last_backend``). The function
-also carries them as attributes (``selective_scan.last_backend()``), so both spellings work.
+Files: ``reference.py`` (the specification), ``args.py`` (argument checks shared by every backend),
+``chunked.py``, ``cpp.py`` (+ ``csrc/``), ``triton.py`` and ``triton_update.py`` (the fast paths).
 """
 
 from __future__ import annotations
@@ -37,15 +36,16 @@ import torch
 
 from ..backends import last_backend as _last_backend
 from ..backends import register_op, resolve
-from ..triton import triton_available
+from .._triton import _check_runnable, load_kernels, triton_available
 from . import cpp as _cpp
+from .args import mixed_precision
 from .chunked import flush_denormals, selective_scan_chunked
-from .reference import mixed_precision, selective_scan_ref, selective_state_update_ref
+from .reference import selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "selective_scan", "selective_scan_ref", "selective_scan_chunked", "selective_state_update",
     "selective_state_update_ref", "last_backend", "available_backends", "BACKENDS",
-    "flush_denormals",
+    "flush_denormals", "selective_scan_triton", "selective_state_update_triton",
 ]
 
 BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
@@ -118,8 +118,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                              return_last_state=return_last_state, initial_state=f32[8], backend=name)
         return tuple(t.to(u.dtype) for t in out) if return_last_state else out.to(u.dtype)
     if name == "triton":
-        from ..triton import selective_scan_triton
-
         out = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                     initial_state)
     elif name == "cpp":
@@ -152,13 +150,36 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     name = resolve("selective_state_update", backend,
                    lambda: "triton" if x.is_cuda and not torch.is_grad_enabled() and triton_available() else "torch")
     if name == "triton":
-        from ..triton import selective_state_update_triton
-
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
-# ``ssmkit.ops`` re-exports the function under the subpackage's name; these attributes keep
-# ``ssmkit.ops.selective_scan.last_backend()`` working there too.
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, initial_state=None):
+    """The "triton" backend of :func:`selective_scan` (kernels in ``triton.py``), without the resolver.
+
+    Shapes as :func:`selective_scan`: u, delta, z (batch, dim, L); A (dim, N); B, C (batch, N, L) or
+    (batch, groups, N, L); D, delta_bias (dim,); initial_state (batch, dim, N). Returns y (batch, dim, L), or
+    ``(y, last_state (batch, dim, N))``; differentiable in every tensor.
+    """
+    _check_runnable("selective_scan_triton", u)
+    return load_kernels("ssmkit.ops.mamba.triton").selective_scan_triton(
+        u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+        return_last_state=return_last_state, initial_state=initial_state)
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
+                                  state_batch_indices=None, inplace=False):
+    """The "triton" backend of :func:`selective_state_update` (``triton_update.py``; inference only):
+    state (batch, dim, N), x, dt, z (batch, dim), A (dim, N), B, C (batch, N) or (batch, groups, N),
+    D, dt_bias (dim,) -> ``(y (batch, dim), new_state)``. Keyword-only ``state_batch_indices`` (row ``i`` reads
+    and writes cache row ``state_batch_indices[i]`` of a larger state) and ``inplace`` (update ``state``)."""
+    _check_runnable("selective_state_update_triton", x)
+    return load_kernels("ssmkit.ops.mamba.triton_update").selective_state_update_triton(
+        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+        state_batch_indices=state_batch_indices, inplace=inplace)
+
+
+# Also reachable from the function, for code that holds only ``from ssmkit.ops import selective_scan``.
 selective_scan.last_backend = last_backend
 selective_scan.available_backends = available_backends
