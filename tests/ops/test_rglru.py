@@ -54,17 +54,23 @@ def test_fast_paths_match_the_reference(backend, length):
 
 
 @pytest.mark.parametrize("backend", FAST + ("reference",))
-def test_transposed_input_layout(backend):
-    """The layer passes the convolution's output as a (B, L, W) view of a (B, W, L) tensor."""
+def test_views_as_the_layer_passes_them(backend):
+    """The layer passes the convolution's output as a (B, L, W) view of a (B, W, L) tensor; an initial state
+    may be a stride-0 broadcast and the reset mask a slice. Outputs and gradients equal those on copies."""
     g = torch.Generator().manual_seed(5)
     params = make_params(2, 4, g)
-    channel_first = torch.randn(3, 8, 29, generator=g, dtype=torch.float64)
+    channel_first = torch.randn(3, 8, 29, generator=g, dtype=torch.float64, requires_grad=True)
     x = channel_first.transpose(1, 2)
-    assert not x.is_contiguous()
-    with torch.no_grad():
-        got = rglru(x, *params, backend=backend)
-        want = rglru_ref(x.contiguous(), *params)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    h0_row = torch.randn(1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    h0 = h0_row.expand(3, 8)
+    reset = (torch.rand(3, 40, generator=g) < 0.2)[:, 5:34]
+    assert not x.is_contiguous() and h0.stride(0) == 0 and not reset.is_contiguous()
+    got = run(backend, x, params, h0, reset)
+    x_copy = x.detach().contiguous().requires_grad_()
+    h0_copy = h0.detach().contiguous().requires_grad_()
+    want = run("reference", x_copy, params, h0_copy, reset.contiguous())
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{backend} item {i}")
 
 
 def test_reference_is_the_paper_recurrence():
@@ -150,5 +156,7 @@ def test_bad_arguments_are_refused():
         rglru(x, *params, initial_state=torch.zeros(3, 6, dtype=torch.float64))
     with pytest.raises(TypeError, match="reset must be a bool tensor"):
         rglru(x, *params, reset=torch.zeros(2, 5))
+    with pytest.raises(TypeError, match=r"input_gate_bias must have the dtype of x \(torch.float64\); got torch.float32"):
+        rglru(x, params[0], params[1], params[2].float(), *params[3:])
     with pytest.raises(ValueError, match="reset must be"):
         rglru(x, *params, reset=torch.zeros(2, 4, dtype=torch.bool))

@@ -98,6 +98,11 @@ def check_rglru_args(x, recurrent_param, input_gate_weight, input_gate_bias, rec
             raise TypeError(f"reset must be a bool tensor; got {getattr(reset, 'dtype', type(reset).__name__)}")
         want = (batch, x.shape[1]) if time else (batch,)
         check_shape("reset", reset, want, str(want))
+    for name, value in (("recurrent_param", recurrent_param), ("input_gate_weight", input_gate_weight),
+                        ("input_gate_bias", input_gate_bias), ("recurrent_gate_weight", recurrent_gate_weight),
+                        ("recurrent_gate_bias", recurrent_gate_bias), ("initial_state" if time else "h", state)):
+        if value is not None and value.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}); got {value.dtype}")
     devices = {t.device for t in (x, recurrent_param, input_gate_weight, input_gate_bias, recurrent_gate_weight,
                                    recurrent_gate_bias, state, reset) if t is not None}
     if len(devices) > 1:
