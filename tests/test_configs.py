@@ -10,7 +10,7 @@ from ssmkit.train import load_run_config, model_config_for
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 REQUIRED = ("induction", "selective_copying", "mqar", "digits_s4d", "digits_mamba", "listops_small",
-            "bytes_mamba", "bytes_transformer")
+            "bytes_mamba", "bytes_transformer", "griffin", "hawk")
 
 
 def test_the_named_configs_exist():

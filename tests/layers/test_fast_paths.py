@@ -23,13 +23,15 @@ LAYERS = {
     "mamba": dict(d_model=12, d_state=5, d_conv=4, expand=2),
     "mamba2": dict(d_model=12, d_state=6, d_conv=3, expand=2, headdim=4, ngroups=2, chunk_size=8),
     "s5": dict(d_model=12, d_state=8),
+    "hawk": dict(d_model=12, lru_width=15, n_heads=3),
 }
 # backend -> the dtypes it runs (the Triton kernels take no float64)
 BACKENDS = {"mamba": {"cpp": (torch.float64, torch.float32), "torch": (torch.float64, torch.float32),
                       "triton": (torch.float32,)},
             "mamba2": {"torch": (torch.float64, torch.float32), "triton": (torch.float32,)},
-            "s5": {"associative": (torch.float64,), "chunked": (torch.float64,)}}
-REFERENCE = {"mamba": "reference", "mamba2": "reference", "s5": "reference"}
+            "s5": {"associative": (torch.float64,), "chunked": (torch.float64,)},
+            "hawk": {"associative": (torch.float64, torch.float32), "chunked": (torch.float64, torch.float32)}}
+REFERENCE = {"mamba": "reference", "mamba2": "reference", "s5": "reference", "hawk": "reference"}
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
 
 
@@ -52,17 +54,22 @@ def real(t):
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def numeric(t):
+    """Entries that carry values and gradients (not integer positions)."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def run(layer, x, state, seed_y, seed_state):
     """Outputs, final state, and the gradients of every parameter and of x (and of the initial state)."""
     x = x.clone().requires_grad_()
-    state = {k: v.clone().requires_grad_() for k, v in state.items()}
+    state = {k: v.clone().requires_grad_(numeric(v)) for k, v in state.items()}
     y, final = layer(x, state, return_state=True)
-    final = {k: real(v) for k, v in final.items()}
+    final = {k: real(v) for k, v in final.items() if numeric(v)}
     loss = (y.double() * seed_y).sum() + sum((final[k].double() * seed_state[k]).sum() for k in sorted(final))
     loss.backward()
     grads = {f"d{n}": p.grad for n, p in layer.named_parameters()}
     grads["dx"] = x.grad
-    grads.update({f"d{k}": real(v.grad) for k, v in state.items()})
+    grads.update({f"d{k}": real(v.grad) for k, v in state.items() if numeric(v)})
     return {"y": y, **{f"final {k}": v for k, v in final.items()}, **grads}
 
 
@@ -83,10 +90,10 @@ def test_layer_gradients_match_the_float64_reference(name, backend, dtype):
     with torch.no_grad():
         state = {k: v.detach() for k, v in ref(torch.randn_like(x[:, :5]), return_state=True)[1].items()}
     seed_y = torch.randn(batch, length, LAYERS[name]["d_model"], dtype=torch.float64)
-    seed_state = {k: torch.randn_like(real(v)) for k, v in state.items()}
+    seed_state = {k: torch.randn_like(real(v)) for k, v in state.items() if numeric(v)}
 
     expected = run(ref, x, state, seed_y, seed_state)
-    actual = run(fast, x.to(device, dtype), {k: v.to(device) if v.is_complex() else v.to(device, dtype)
+    actual = run(fast, x.to(device, dtype), {k: v.to(device) if not v.is_floating_point() else v.to(device, dtype)
                                              for k, v in state.items()},
                  seed_y.to(device), {k: v.to(device) for k, v in seed_state.items()})
     assert fast.last_backend == backend, f"asked for {backend!r}, {fast.last_backend!r} ran"

@@ -25,3 +25,4 @@ from .attention import Attention  # noqa: E402
 from .linear_attention import LinearAttention  # noqa: E402
 from .mamba import Mamba  # noqa: E402
 from .mamba2 import Mamba2  # noqa: E402
+from .hawk import Hawk  # noqa: E402
