@@ -44,7 +44,9 @@ def fit_modal(h: torch.Tensor, n_modes: int, max_radius: float = 0.9999
                          f"got L={L}")
     device = h.device
     h = h.detach().to("cpu", torch.float64)  # a small fit: on the CPU, where lstsq has the SVD driver
-    pencil = L // 2  # columns of the Hankel matrix; rows L - pencil
+    # columns of the Hankel matrix (rows L - pencil): any n <= pencil <= L - n identifies n exact modes; a
+    # capped pencil keeps the SVD at O(L pencil^2) for filters thousands of taps long
+    pencil = min(L // 2, max(4 * n_modes, 64))
     idx = torch.arange(L - pencil)[:, None] + torch.arange(pencil + 1)[None, :]
     hankel = h[:, idx]  # (channels, L - pencil, pencil + 1)
     _, _, Vh = torch.linalg.svd(hankel, full_matrices=False)
