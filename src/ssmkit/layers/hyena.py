@@ -180,7 +180,7 @@ class Hyena(Mixer):
 
     def _gated_inputs(self, x: torch.Tensor, conv_state: Optional[torch.Tensor]):
         """x (B, L, D) -> gates (order, B, D, L), v (B, D, L), final short-conv state (B, inner, width-1)."""
-        u = self.in_proj(x).transpose(1, 2)  # (B, (order + 1) D, L)
+        u = to_core_dtype(self.in_proj(x)).transpose(1, 2)  # (B, (order + 1) D, L), float32 under autocast
         u, conv_final = causal_conv1d(u, self.short_filter.weight, self.short_filter.bias, conv_state,
                                       return_final_state=True)
         *gates, v = u.split(self.d_model, dim=1)
@@ -193,9 +193,8 @@ class Hyena(Mixer):
     def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
         conv0 = state[self.state_key("conv")] if state is not None else None
         history = state[self.state_key("history")] if state is not None else None
-        gates, v, conv_final = self._gated_inputs(x, conv0)
-        with ssm_core_precision(x):
-            gates, v = to_core_dtype(gates), to_core_dtype(v)
+        with ssm_core_precision(x):  # short and long convolutions in float32 under autocast
+            gates, v, conv_final = self._gated_inputs(x, conv0)
             past = 0 if history is None else history.shape[-1]
             filters, bias = self.long_filters(past + x.shape[1])
             filters, bias = filters.to(v.dtype), bias.to(v.dtype)
@@ -225,7 +224,7 @@ class Hyena(Mixer):
     def _step(self, x_t: torch.Tensor, state: State):
         history = state[self.state_key("history")]
         past = history.shape[-1]
-        u_all = self.in_proj(x_t)  # (B, inner)
+        u_all = to_core_dtype(self.in_proj(x_t))  # (B, inner)
         u_all, conv = causal_conv1d_update(u_all, state[self.state_key("conv")], self.short_filter.weight,
                                            self.short_filter.bias)
         *gates, v = u_all.split(self.d_model, dim=1)
@@ -296,7 +295,7 @@ class DistilledHyena(Mixer):
     def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
         conv0 = state[self.state_key("conv")] if state is not None else None
         z0 = state[self.state_key("z")] if state is not None else None
-        u = self.in_proj(x).transpose(1, 2)
+        u = to_core_dtype(self.in_proj(x)).transpose(1, 2)
         u, conv_final = causal_conv1d(u, self.short_filter.weight, self.short_filter.bias, conv0,
                                       return_final_state=True)
         *gates, v = u.split(self.d_model, dim=1)
@@ -319,7 +318,7 @@ class DistilledHyena(Mixer):
         return y, new_state
 
     def _step(self, x_t: torch.Tensor, state: State):
-        u_all, conv = causal_conv1d_update(self.in_proj(x_t), state[self.state_key("conv")],
+        u_all, conv = causal_conv1d_update(to_core_dtype(self.in_proj(x_t)), state[self.state_key("conv")],
                                            self.short_filter.weight, self.short_filter.bias)
         *gates, v = u_all.split(self.d_model, dim=1)
         log_poles, residues = self.modes()
