@@ -59,11 +59,9 @@ def test_distilled_forward_equals_step_and_chunks():
 
 
 def test_distilled_outputs_stay_within_the_fitting_bound():
-    """Stated bound: per long convolution, ||h_fit conv w|| <= ||h_fit - h||_1 ||w||_inf pointwise, so with
-    order 2 the output error of the layer is at most |W_out| |x^1| ||h - h_fit||_1 max|w|. We check the
-    relative output error against the relative filter error: the distilled layer's outputs differ from the
-    original's by at most 10 x (the largest relative L2 filter error) of the output scale, and 16 modes fit
-    the initial filters to better than 1e-3."""
+    """Stated bound: max |y - y_distilled| <= 10 x (largest relative L2 filter error) x max |y|, for an order-2
+    layer at its initialisation over its whole l_max (one long convolution, so the output error is that
+    convolution's error, weighted by the gate and W_out); and 16 modes fit the initial filters to < 1e-3."""
     layer = make(order=2, l_max=256)
     distilled = layer.distill(n_modes=16)
     fit = distilled.fitting_error().max().item()
