@@ -149,7 +149,7 @@ def test_registered_and_configured():
     mixer = build_mixer("attention", 8, n_heads=2)
     assert isinstance(mixer, Attention) and mixer.head_dim == 4 and mixer.n_kv_heads == 2
     assert set(dict(mixer.named_parameters())) == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
-    assert mixer.state_spec(3) == {"k": ((3, 2, None, 4), "real"), "v": ((3, 2, None, 4), "real"),
+    assert mixer.state_spec(3) == {"k": ((3, 2, None, 4), "cache"), "v": ((3, 2, None, 4), "cache"),
                                    "pos": ((3,), "index")}
     assert mixer.init_state(3)["attention.k"].shape == (3, 2, 0, 4)
     assert mixer.cache_limit is None and Attention(8, 2, window=6).cache_limit == 5

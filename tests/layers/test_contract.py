@@ -4,6 +4,8 @@
 (c) causality                                    (d) batch rows are independent
 (e) gradients reach every parameter and the initial state
 (f) lengths 1, 63 and 1000                       plus bad input: clear errors naming the argument.
+(g) a bfloat16 / float16 model (parameters in half precision, no autocast) matches the same mixer in float64:
+    outputs, the step recurrence, final states and every gradient, and its states have the documented dtypes.
 
 Each mixer with fast paths runs the suite once per backend it declares (``Mixer.contract_backends``, run
 through ``Mixer.backend``): on the CPU the C++ and torch paths, and Triton under the interpreter at lengths
@@ -14,6 +16,7 @@ A new mixer declares a small ``contract_config`` on its class (register_mixer re
 registered mixer escapes the suite.
 """
 
+import copy
 import os
 
 import pytest
@@ -108,6 +111,79 @@ def prefix_state(mixer, batch, dtype, backend=None):
     prefix = randn(batch, 5, D_MODEL, dtype=dtype, backend=backend)
     _, state = mixer(prefix, return_state=True)
     return {k: v.detach() for k, v in state.items()}
+
+
+# (g) Half-precision models against float64. The float64 twin holds the very same (rounded) parameters and
+# reads the same (rounded) input, so what differs is only the rounding of the activations to the half dtype
+# between ops (projections, convolutions, attention, the core's output); the cores and recurrent states are
+# float32 (layers/base.py, Precision). Tolerances in units of the dtype's unit roundoff u (bfloat16 2^-8,
+# float16 2^-11): outputs, steps and states of these mixers land within about 1.5 u of the output scale, so 4 u;
+# gradients chain a few more rounded ops (backward through the projections and the gate) and are compared
+# with each gradient's own largest entry, measured up to about 6 u, so 12 u.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+HALF_LENGTH = 40  # crosses Mamba-2's 16-step chunks
+
+
+def assert_gradient_close(actual, expected, tol, what):
+    """max |actual - expected| <= tol * max |expected|: relative to the gradient's own scale."""
+    assert actual is not None, f"{what}: no gradient"
+    scale = expected.abs().max().item()
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.2g} x scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("name, backend", ROWS)
+def test_half_precision_model_matches_float64(name, backend, dtype):
+    from ssmkit.layers.base import state_dtype
+
+    length = HALF_LENGTH
+    if backend == "triton" and not ON_GPU:  # Triton's CPU interpreter: ~10 s a row at 20 steps
+        if dtype == torch.float16:
+            pytest.skip("Triton's CPU interpreter runs the half-precision row in bfloat16 only (a GPU runs both)")
+        length = 20
+    half = make(name, dtype, backend=backend)
+    exact = copy.deepcopy(half).to("cpu", torch.float64)
+    exact.backend = "torch" if backend == "triton" else backend  # the kernels take no float64
+    device = device_of(backend)
+    x64 = torch.randn(2, length, D_MODEL, dtype=torch.float64).to(dtype).double()  # representable in dtype
+    u = UNIT_ROUNDOFF[dtype]
+
+    # the training path: no state; outputs and every gradient
+    x = x64.to(device, dtype).requires_grad_()
+    x_ref = x64.clone().requires_grad_()
+    y, y_ref = half(x), exact(x_ref)
+    assert backend is None or half.last_backend == backend, f"{name}: asked for {backend!r}, {half.last_backend!r} ran"
+    assert y.dtype == dtype, f"{name}: output dtype {y.dtype} in a {dtype} model"
+    assert_close_scaled(y.detach().cpu().double(), y_ref.detach(), 4 * u, f"{name} {dtype} outputs")
+    weights = torch.randn_like(y_ref)
+    (y.double() * weights.to(device)).sum().backward()
+    (y_ref * weights).sum().backward()
+    assert_gradient_close(x.grad.cpu(), x_ref.grad, 12 * u, f"{name} {dtype} gradient of x")
+    for (pname, p), p_ref in zip(half.named_parameters(), exact.parameters()):
+        assert p.grad is not None and p.grad.dtype == dtype, f"{name}: gradient of {pname} missing or not {dtype}"
+        assert_gradient_close(p.grad.cpu(), p_ref.grad, 12 * u, f"{name} {dtype} gradient of {pname}")
+
+    # continuing from a state: forward and the step recurrence, states in the documented dtypes
+    with torch.no_grad():
+        state0 = prefix_state(half, 2, dtype, backend)
+        kinds = half.state_spec(2)
+        for key, value in {**state0, **half.init_state(2)}.items():
+            kind = kinds[key.split(".", 1)[1]][1]
+            assert value.dtype == state_dtype(dtype, kind), f"{name}: state {key} is {value.dtype}"
+        state0_ref = {k: v.cpu().to(torch.float64 if v.is_floating_point() else
+                                    torch.complex128 if v.is_complex() else v.dtype) for k, v in state0.items()}
+        x = x64.to(device, dtype)
+        y, state = half(x, state0, return_state=True)
+        y_ref, state_ref = exact(x64, state0_ref, return_state=True)
+        y_steps, state_steps = run_steps(half, x, state0)
+    assert_close_scaled(y.cpu().double(), y_ref, 4 * u, f"{name} {dtype} outputs after a state")
+    assert_close_scaled(y_steps.cpu().double(), y_ref, 4 * u, f"{name} {dtype} step-by-step outputs")
+    for states, what in ((state, "forward"), (state_steps, "steps")):
+        assert {k: v.dtype for k, v in states.items()} == {k: v.dtype for k, v in state0.items()}, what
+        assert_states_close({k: v.cpu().to(state_ref[k].dtype) for k, v in states.items()}, state_ref, 4 * u,
+                            f"{name} {dtype} final state ({what})")
 
 
 def test_every_mixer_is_covered():

@@ -278,3 +278,44 @@ def test_bfloat16_autocast_trains_every_mixer(mixer):
     out.loss.backward()
     assert abs(out.loss.item() - reference) < 2e-2 * abs(reference)
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mixer", sorted(MIXERS) + ["MA"])
+def test_half_precision_model_forward_generate_and_step(mixer, dtype):
+    """``model.to(bfloat16)`` / ``.half()`` (no autocast): forward, loss and gradients, prefill + step and
+    generate run in the model's dtype and agree with the float64 twin of the same (rounded) parameters.
+    Tolerance 16 u of the dtype (u = 2^-8 bfloat16, 2^-11 float16): two blocks, the norms and the head each
+    round their outputs; the recurrent cores and states are float32 (layers/base.py, Precision)."""
+    from ssmkit.layers.base import state_dtype
+
+    u = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    model = tiny(mixer).to(dtype)
+    exact = tiny(mixer).double()
+    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    ids = torch.randint(0, 23, (2, 21))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == dtype and torch.isfinite(out.loss)
+    with torch.no_grad():
+        reference = exact(ids).logits
+    assert_close_scaled(out.logits.double(), reference, 16 * u, f"{mixer} {dtype} logits")
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.requires_grad)
+
+    with torch.no_grad():
+        logits, state = model.prefill(list(ids[:, :13]))              # parallel over the prompt
+        stepped = [logits]
+        for t in range(13, 21):                                       # then one token at a time
+            logits, state = model.step(ids[:, t], state)
+            stepped.append(logits)
+    assert_close_scaled(torch.stack(stepped[:-1], 1).double(), reference[:, 12:20], 16 * u,
+                        f"{mixer} {dtype} prefill + step logits")
+    for layer, layer_state in zip(model.backbone.layers, state):
+        kinds = layer.mixer.state_spec(2)
+        for key, value in layer_state.items():
+            assert value.dtype == state_dtype(dtype, kinds[key.split(".", 1)[1]][1]), f"{key}: {value.dtype}"
+    generated = model.generate(ids[:, :5], max_new_tokens=4, return_state=True)
+    assert generated.sequences.shape == (2, 9)
+    assert [{k: v.dtype for k, v in s.items()} for s in generated.state] == \
+        [{k: v.dtype for k, v in s.items()} for s in model.init_state(2)]

@@ -102,7 +102,7 @@ class Attention(Mixer):
 
     def state_spec(self, batch_size: int):
         cache = (batch_size, self.n_kv_heads, None, self.head_dim)
-        return {"k": (cache, "real"), "v": (cache, "real"), "pos": ((batch_size,), "index")}
+        return {"k": (cache, "cache"), "v": (cache, "cache"), "pos": ((batch_size,), "index")}
 
     # ----------------------------------------------------------------------------------------------
     def _project(self, x: torch.Tensor, pos):

@@ -28,6 +28,23 @@ so nothing else needs editing. The metadata is what the rest of ssmkit reads fro
 * ``contract_backends``: the backends (:attr:`Mixer.backend` values) the contract suite runs the mixer with,
   one row each; ``(None,)`` for a mixer without fast paths.
 
+**Precision.** A mixer runs in the dtype of its parameters (``model.to(torch.bfloat16)``, ``.half()``,
+``.double()``), and its output has the input's dtype, which is the model's. In a half-precision model
+(bfloat16 or float16 parameters, no autocast) the projections, convolutions and attention run in that dtype,
+as in mamba_ssm, but the recurrent cores (scans, SSD, SSM kernels and their FFT convolutions, the running
+sums of linear attention) compute in float32: the selective scan and SSD ops do so internally for
+half-precision activations (beside float32 A, D and Delta biases, which the layers pass as
+``to_core_dtype(parameter)`` rather than casting them down), and the other cores are given float32 inputs
+by the layer (:func:`to_core_dtype`), whose result is cast back to the model's dtype. Under autocast the
+parameters stay float32 and :func:`ssm_core_precision` keeps the cores out of it.
+
+**State dtypes** (:func:`state_dtype`) follow the same rule, so that ``init_state``, ``forward``, ``step`` and
+the state check agree: a recurrent state (kind "real" or "complex") of a half-precision model is float32
+(complex64), since rounding it to 8 or 11 bits at every token would compound over a long decode (and
+complex32 has almost no operators); for float32 and float64 models it has the model's dtype. A cache of
+past inputs (kind "cache": attention's keys and values, a convolution's last inputs) holds values that were
+already rounded to the model's dtype, so it keeps that dtype exactly and costs no extra memory.
+
 :func:`~ssmkit.layers.registry.register_mixer` refuses a class whose required metadata is missing or malformed.
 """
 
@@ -81,9 +98,11 @@ class Mixer(nn.Module):
     def state_spec(self, batch_size: int) -> Dict[str, Tuple[Tuple[Optional[int], ...], object]]:
         """Map each state key (without the name prefix) to ``(shape, kind)``.
 
-        ``kind`` is ``False`` or ``"real"`` (the input's dtype), ``True`` or ``"complex"`` (the complex dtype of
-        the input's precision) or ``"index"`` (int64, e.g. a position counter). A ``None`` in ``shape`` is a
-        size that grows with the sequence (a KV cache); ``init_state`` makes it 0.
+        ``kind`` is ``False`` or ``"real"`` (a recurrent state: the input's dtype, float32 for half-precision
+        inputs), ``True`` or ``"complex"`` (the complex dtype of that precision), ``"cache"`` (past values kept
+        verbatim in the input's dtype: a KV cache, a convolution's last inputs) or ``"index"`` (int64, e.g. a
+        position counter); see :func:`state_dtype`. A ``None`` in ``shape`` is a size that grows with the
+        sequence (a KV cache); ``init_state`` makes it 0.
         """
         raise NotImplementedError
 
@@ -171,8 +190,9 @@ class Mixer(nn.Module):
             return self._step(x_t, state)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
-        """A zero state for ``batch_size`` sequences. ``dtype`` is the real dtype of the inputs it will see
-        (complex state entries use the complex dtype of the same precision)."""
+        """A zero state for ``batch_size`` sequences. ``dtype`` is the dtype of the inputs it will see (default:
+        the parameters'); each entry's dtype follows from it and the entry's kind (:func:`state_dtype`), so a
+        bfloat16 model gets float32 recurrent states and bfloat16 caches."""
         check_positive_int("batch_size", batch_size)
         param = next(self.parameters(), None)
         if device is None:
@@ -218,7 +238,9 @@ class Mixer(nn.Module):
                 raise ValueError(f"state[{key!r}] must have shape {shown} for batch size {batch}; "
                                  f"got {tuple(value.shape)}")
             if value.dtype != expected_dtype:
-                raise TypeError(f"state[{key!r}] must have dtype {expected_dtype} to match x ({x.dtype}); "
+                why = (" (half-precision models keep recurrent states in float32)"
+                       if x.dtype in HALF_DTYPES and kind not in ("cache", "index") else "")
+                raise TypeError(f"state[{key!r}] must have dtype {expected_dtype} to match x ({x.dtype}){why}; "
                                 f"got {value.dtype}")
             if value.device != x.device:
                 raise ValueError(f"state[{key!r}] is on {value.device} but x is on {x.device}")
@@ -271,23 +293,38 @@ def ssm_core_precision(x: torch.Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def to_core_dtype(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors (bfloat16, float16) -> float32 for the recurrent core; others unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    """Half-precision tensors (bfloat16, float16) -> float32 for the recurrent core; others unchanged (a float64
+    model keeps float64)."""
+    return t.float() if t.dtype in HALF_DTYPES else t
+
+
+def state_dtype(dtype: torch.dtype, kind="real") -> torch.dtype:
+    """The dtype of a state entry of ``kind`` (see :meth:`Mixer.state_spec`) for inputs of ``dtype``.
+
+    "real": ``dtype``, but float32 for bfloat16 / float16 (a recurrent state accumulates over every token, so
+    it is kept in the precision the core computes in); "complex": the complex dtype of that precision;
+    "cache": ``dtype`` itself (stored past inputs, already rounded to it); "index": int64.
+    """
+    if kind in (False, "real"):
+        return torch.float32 if dtype in HALF_DTYPES else dtype
+    if kind in (True, "complex"):
+        return _complex_of(state_dtype(dtype, "real"))
+    if kind == "cache":
+        return dtype
+    if kind == "index":
+        return torch.int64
+    raise ValueError(f"state kind must be 'real', 'complex', 'cache' or 'index'; got {kind!r}")
 
 
 def _state_dtype(kind, real_dtype: torch.dtype) -> torch.dtype:
-    if kind in (False, "real"):
-        return real_dtype
-    if kind in (True, "complex"):
-        return _complex_of(real_dtype)
-    if kind == "index":
-        return torch.int64
-    raise ValueError(f"state kind must be 'real', 'complex' or 'index'; got {kind!r}")
+    return state_dtype(real_dtype, kind)
 
 
 def _complex_of(dtype: torch.dtype) -> torch.dtype:
     if dtype.is_complex:
         return dtype
-    return {torch.float64: torch.complex128, torch.float32: torch.complex64,
-            torch.float16: torch.complex32, torch.bfloat16: torch.complex64}.get(dtype, torch.complex64)
+    return {torch.float64: torch.complex128, torch.float32: torch.complex64}.get(dtype, torch.complex64)

@@ -25,7 +25,7 @@ from torch import nn
 from .._checks import check_choice, check_positive_int
 from ..ops.linear_attention import (DEFAULT_EPS, FEATURE_MAPS, feature_map, linear_attention_chunked,
                                     linear_attention_step)
-from .base import Mixer, State
+from .base import Mixer, State, ssm_core_precision, state_dtype, to_core_dtype
 from .registry import register_mixer
 
 
@@ -86,19 +86,26 @@ class LinearAttention(Mixer):
         k = feature_map(self._heads(self.k_proj(x)), self.feature_map).transpose(1, 2)
         v = self._heads(self.v_proj(x)).transpose(1, 2)
         initial = None if state is None else (state[self.state_key("S")], state[self.state_key("z")])
-        out = linear_attention_chunked(q, k, v, normalize=self.normalize, eps=self.eps, chunk_size=self.chunk_size,
-                                       initial_state=initial, return_final_state=return_state)
+        with ssm_core_precision(x):  # running sums over time in float32 (half-precision model or autocast)
+            q, k, v = (to_core_dtype(t) for t in (q, k, v))
+            out = linear_attention_chunked(q, k, v, normalize=self.normalize, eps=self.eps,
+                                           chunk_size=self.chunk_size, initial_state=initial,
+                                           return_final_state=return_state)
         y, final = out if return_state else (out, None)
-        y = self.o_proj(y.transpose(1, 2).flatten(2))                                     # (B, L, D)
+        y = self.o_proj(y.to(x.dtype).transpose(1, 2).flatten(2))                        # (B, L, D)
         if not return_state:
             return y, None
         S, z = final
-        return y, {self.state_key("S"): S.to(x.dtype), self.state_key("z"): z.to(x.dtype)}
+        return y, {self.state_key("S"): S.to(state_dtype(x.dtype)), self.state_key("z"): z.to(state_dtype(x.dtype))}
 
     def _step(self, x_t: torch.Tensor, state: State):
         q = feature_map(self._heads(self.q_proj(x_t)), self.feature_map)                 # (B, H, d_h)
         k = feature_map(self._heads(self.k_proj(x_t)), self.feature_map)
         v = self._heads(self.v_proj(x_t))
-        y, (S, z) = linear_attention_step(q, k, v, (state[self.state_key("S")], state[self.state_key("z")]),
-                                          normalize=self.normalize, eps=self.eps)
-        return self.o_proj(y.flatten(1)), {self.state_key("S"): S.to(x_t.dtype), self.state_key("z"): z.to(x_t.dtype)}
+        with ssm_core_precision(x_t):
+            q, k, v = (to_core_dtype(t) for t in (q, k, v))
+            y, (S, z) = linear_attention_step(q, k, v, (state[self.state_key("S")], state[self.state_key("z")]),
+                                              normalize=self.normalize, eps=self.eps)
+        dtype = state_dtype(x_t.dtype)
+        return self.o_proj(y.to(x_t.dtype).flatten(1)), {self.state_key("S"): S.to(dtype),
+                                                         self.state_key("z"): z.to(dtype)}

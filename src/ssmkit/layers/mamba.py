@@ -58,7 +58,7 @@ from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
 from ..ops.mamba import BACKENDS as SCAN_BACKENDS
 from ..ops.mamba import selective_scan, selective_state_update
-from .base import Mixer, State, ssm_core_precision, to_core_dtype
+from .base import Mixer, State, ssm_core_precision, state_dtype, to_core_dtype
 from .registry import register_mixer
 
 DT_INITS = ("random", "constant")
@@ -176,8 +176,13 @@ class Mamba(Mixer):
 
     # ----------------------------------------------------------------------------------------------
     def state_spec(self, batch_size: int):
-        return {"conv": ((batch_size, self.d_inner, self.d_conv - 1), False),
-                "ssm": ((batch_size, self.d_inner, self.d_state), False)}
+        return {"conv": ((batch_size, self.d_inner, self.d_conv - 1), "cache"),
+                "ssm": ((batch_size, self.d_inner, self.d_state), "real")}
+
+    def _ssm_parameters(self):
+        """A (d_inner, N), D and the Delta bias (d_inner,), in float32 for a half-precision model: the scan
+        takes them so beside half-precision activations and computes in float32 (base module, Precision)."""
+        return -torch.exp(to_core_dtype(self.A_log)), to_core_dtype(self.D), to_core_dtype(self.dt_proj.bias)
 
     def _forward(self, x, state, return_state, seq_idx=None):
         conv_state = state[self.state_key("conv")] if state is not None else None
@@ -188,13 +193,13 @@ class Mamba(Mixer):
         xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))   # (B, 2 d_inner, L)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
-        # Under autocast the core (conv, projections to dt/B/C, scan) runs with autocast off. On CUDA it keeps
-        # the half-precision activations (the Triton kernels accumulate in float32, as mamba_ssm's do, and the
-        # two small projections run in that precision as autocast would run them); elsewhere it runs on
-        # float32 copies.
-        core = xz if xz.is_cuda else to_core_dtype(xz)
+        # The core (conv, projections to dt/B/C, scan) runs with autocast off. On CUDA it takes the activations
+        # as they come (bf16 under autocast): the Triton kernels accumulate in float32, as mamba_ssm's do, and
+        # the two small projections run in that precision as autocast would run them. Elsewhere it runs in the
+        # parameters' dtype: float32 under autocast, the model's own in a bf16/fp16 model.
+        core_dtype = xz.dtype if xz.is_cuda else self.conv1d.weight.dtype
         with ssm_core_precision(x):
-            u, z = core.chunk(2, dim=1)                                  # (B, d_inner, L) each
+            u, z = xz.to(core_dtype).chunk(2, dim=1)                     # (B, d_inner, L) each
             u = causal_conv1d(u, self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx, "silu",
                               return_final_state=return_state)
             if return_state:
@@ -202,20 +207,26 @@ class Mamba(Mixer):
             x_dbl = torch.matmul(self.x_proj.weight.to(u.dtype), u)     # (B, dt_rank + 2N, L)
             dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (B, N, L)
             delta = torch.matmul(self.dt_proj.weight.to(u.dtype), dt)   # (B, d_inner, L); bias added in the scan
-            A = -torch.exp(self.A_log)                                   # (d_inner, N)
+            A, D, delta_bias = self._ssm_parameters()
+            if ssm_state is not None or return_state:
+                # the scan takes and returns its state in u's dtype; a half-precision model keeps a float32
+                # state, so the scan then reads the same (already rounded) activations as float32
+                u, delta, B, C, z = (to_core_dtype(t) for t in (u, delta, B, C, z))
 
             if seq_idx is not None and bool((seq_idx[:, 1:] != seq_idx[:, :-1]).any()):
-                y, ssm_final = self._scan_packed(u, delta, A, B, C, z, ssm_state, seq_idx, return_state)
+                y, ssm_final = self._scan_packed(u, delta, A, B, C, z, D, delta_bias, ssm_state, seq_idx,
+                                                 return_state)
             else:
-                out = selective_scan(u, delta, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
+                out = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                      delta_softplus=True, return_last_state=return_state, initial_state=ssm_state)
                 y, ssm_final = out if return_state else (out, None)
-        y = self.out_proj(y.transpose(1, 2))                         # (B, L, d_model)
+        y = self.out_proj(y.to(x.dtype).transpose(1, 2))             # (B, L, d_model)
         if not return_state:
             return y, None
-        return y, {self.state_key("conv"): conv_final, self.state_key("ssm"): ssm_final.to(x.dtype)}
+        return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
+                   self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
 
-    def _scan_packed(self, u, delta, A, B, C, z, ssm_state, seq_idx, return_state):
+    def _scan_packed(self, u, delta, A, B, C, z, D, delta_bias, ssm_state, seq_idx, return_state):
         """The selective scan restarted at every change of ``seq_idx``, by running the packed sequences as
         rows of one padded batch. Padding steps get Delta = 0 (after the softplus), so exp(Delta A) = 1 and
         Delta B u = 0: they leave the state exactly as it was and a sequence's last state survives to the end.
@@ -241,12 +252,12 @@ class Mamba(Mixer):
             return (flat[gather] * valid[..., None].to(t.dtype)).transpose(1, 2)
 
         # softplus here (not in the op) so that padding can be an exact Delta = 0
-        delta = F.softplus(delta + self.dt_proj.bias[:, None])
+        delta = F.softplus(delta + delta_bias[:, None]).to(u.dtype)
         init = None
         if ssm_state is not None:
             first_t = torch.tensor(first, device=device)
             init = ssm_state[torch.tensor(rows, device=device)] * first_t[:, None, None].to(ssm_state.dtype)
-        out = selective_scan(regroup(u), regroup(delta), A, regroup(B), regroup(C), D=self.D, z=regroup(z),
+        out = selective_scan(regroup(u), regroup(delta), A, regroup(B), regroup(C), D=D, z=regroup(z),
                              delta_bias=None, delta_softplus=False, return_last_state=return_state,
                              initial_state=init)
         y_seq, last_states = out if return_state else (out, None)
@@ -260,10 +271,12 @@ class Mamba(Mixer):
                                              self.conv1d.bias, activation="silu")
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)                    # (B, d_inner)
-        A = -torch.exp(self.A_log)
-        y, ssm_state = selective_state_update(state[self.state_key("ssm")], u, delta, A, B, C, D=self.D, z=z,
-                                              dt_bias=self.dt_proj.bias, dt_softplus=True)
-        return self.out_proj(y), {self.state_key("conv"): conv_state, self.state_key("ssm"): ssm_state}
+        A, D, dt_bias = self._ssm_parameters()
+        # the update takes one dtype: that of the (float32 in a half-precision model) state
+        u, delta, B, C, z = (to_core_dtype(t) for t in (u, delta, B, C, z))
+        y, ssm_state = selective_state_update(state[self.state_key("ssm")], u, delta, A, B, C, D=D, z=z,
+                                              dt_bias=dt_bias, dt_softplus=True)
+        return self.out_proj(y.to(x_t.dtype)), {self.state_key("conv"): conv_state, self.state_key("ssm"): ssm_state}
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "

@@ -54,7 +54,7 @@ from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
 from ..ops.mamba2 import BACKENDS as SSD_BACKENDS
 from ..ops.mamba2 import ssd, ssd_state_update
-from .base import Mixer, State, ssm_core_precision, to_core_dtype
+from .base import Mixer, State, ssm_core_precision, state_dtype, to_core_dtype
 from .mamba import check_dt_range, inner_width, inverse_softplus, log_uniform_dt
 from .registry import register_mixer
 
@@ -81,14 +81,16 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dtype = x.dtype  # half-precision inputs are normalised in float32 (as mamba_ssm's fused norm) and cast back
+        x = to_core_dtype(x)
         if z is not None and not self.norm_before_gate:
-            x = x * F.silu(z)
+            x = x * F.silu(to_core_dtype(z))
         groups = x.unflatten(-1, (-1, self.group_size))  # (..., G, group_size)
         rms = torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)
-        out = (groups * rms).flatten(-2) * self.weight
+        out = (groups * rms).flatten(-2) * to_core_dtype(self.weight)
         if z is not None and self.norm_before_gate:
-            out = out * F.silu(z)
-        return out
+            out = out * F.silu(to_core_dtype(z))
+        return out.to(dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, group_size={self.group_size}, eps={self.eps}, "
@@ -183,11 +185,12 @@ class Mamba2(Mixer):
 
     # ----------------------------------------------------------------------------------------------
     def state_spec(self, batch_size: int):
-        return {"conv": ((batch_size, self.conv_dim, self.d_conv - 1), False),
-                "ssm": ((batch_size, self.nheads, self.headdim, self.d_state), False)}
+        return {"conv": ((batch_size, self.conv_dim, self.d_conv - 1), "cache"),
+                "ssm": ((batch_size, self.nheads, self.headdim, self.d_state), "real")}
 
     def _skip(self) -> torch.Tensor:
-        return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D  # (H,) or (H, P)
+        D = to_core_dtype(self.D)  # float32 in a half-precision model: SSD takes it so beside half activations
+        return D.view(self.nheads, self.headdim) if self.D_has_hdim else D  # (H,) or (H, P)
 
     def _forward(self, x, state, return_state, seq_idx=None):
         batch, length, _ = x.shape
@@ -196,32 +199,34 @@ class Mamba2(Mixer):
         ssm_state = state[self.state_key("ssm")] if state is not None else None
 
         zxbcdt = self.in_proj(x)                                             # (B, L, d_in_proj)
-        # Under autocast the core (conv, SSD, gated norm) runs with autocast off. On CUDA its kernels read the
-        # half-precision activations as they come and accumulate in float32, as mamba_ssm's do (a float32
-        # copy would hold the same values, at twice the memory traffic and the slow float32 tensor-core
-        # path); elsewhere the core runs on float32 copies.
-        core = zxbcdt if zxbcdt.is_cuda else to_core_dtype(zxbcdt)
+        # The core (conv, SSD, gated norm) runs with autocast off. On CUDA it takes the activations as they
+        # come (bf16 under autocast): its kernels accumulate in float32, as mamba_ssm's do, and a float32 copy
+        # would hold the same values at twice the memory traffic and on the slow float32 tensor-core path.
+        # Elsewhere it runs in the parameters' dtype: float32 under autocast, the model's own in a bf16/fp16
+        # model (SSD computes in float32 inside and takes A, D, dt_bias and the states in float32).
+        core_dtype = zxbcdt.dtype if zxbcdt.is_cuda else self.conv1d.weight.dtype
         with ssm_core_precision(x):
-            z, xBC, dt = core.split([self.d_inner, self.conv_dim, H], dim=-1)
+            z, xBC, dt = zxbcdt.to(core_dtype).split([self.d_inner, self.conv_dim, H], dim=-1)
             xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx,
                                 "silu", return_final_state=return_state)
             if return_state:
                 xBC, conv_final = xBC
             xs, B, C = xBC.transpose(1, 2).split([self.d_inner, G * N, G * N], dim=-1)  # (B, L, .)
-            A = -torch.exp(self.A_log)                                           # (H,)
+            A = -torch.exp(to_core_dtype(self.A_log))                            # (H,)
             gate = None if self.rmsnorm else z.reshape(batch, length, H, P)
             out = ssd(xs.reshape(batch, length, H, P), dt, A, B.reshape(batch, length, G, N),
                       C.reshape(batch, length, G, N), self.chunk_size, D=self._skip(), z=gate,
-                      dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, initial_states=ssm_state,
+                      dt_bias=to_core_dtype(self.dt_bias), dt_softplus=True, dt_limit=self.dt_limit, initial_states=ssm_state,
                       seq_idx=seq_idx, return_final_states=return_state)
             y, ssm_final = out if return_state else (out, None)
             y = y.reshape(batch, length, self.d_inner)
             if self.rmsnorm:
-                y = self.norm(to_core_dtype(y), to_core_dtype(z))
-        y = self.out_proj(y)
+                y = self.norm(y, z)
+        y = self.out_proj(y.to(x.dtype))
         if not return_state:
             return y, None
-        return y, {self.state_key("conv"): conv_final, self.state_key("ssm"): ssm_final.to(x.dtype)}
+        return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
+                   self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
 
     def _step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         batch = x_t.shape[0]
@@ -230,16 +235,17 @@ class Mamba2(Mixer):
         xBC, conv_state = causal_conv1d_update(xBC, state[self.state_key("conv")], self.conv1d.weight,
                                                self.conv1d.bias, activation="silu")
         xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
-        A = -torch.exp(self.A_log)
+        A = -torch.exp(to_core_dtype(self.A_log))
         gate = None if self.rmsnorm else z.reshape(batch, H, P)
         y, ssm_state = ssd_state_update(state[self.state_key("ssm")], xs.reshape(batch, H, P), dt, A,
                                         B.reshape(batch, G, N), C.reshape(batch, G, N), D=self._skip(), z=gate,
-                                        dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+                                        dt_bias=to_core_dtype(self.dt_bias), dt_softplus=True,
+                                        dt_limit=self.dt_limit)
         y = y.reshape(batch, self.d_inner)
         if self.rmsnorm:
             y = self.norm(y, z)
-        return self.out_proj(y), {self.state_key("conv"): conv_state,
-                                  self.state_key("ssm"): ssm_state.to(x_t.dtype)}
+        return self.out_proj(y.to(x_t.dtype)), {self.state_key("conv"): conv_state,
+                                                self.state_key("ssm"): ssm_state.to(state_dtype(x_t.dtype))}
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, headdim={self.headdim}, "

@@ -46,7 +46,7 @@ from .._checks import check_positive_int
 from ..ops.dplr import DiscreteDPLR, discretize_dplr, dplr_state_input, final_state_dense, kernel_dplr
 from ..ops.fftconv import fft_conv
 from ..ops.hippo_operators import conjugate_half, nplr_legs
-from .base import ConvolutionalSSM, State
+from .base import ConvolutionalSSM, State, to_core_dtype
 from .registry import register_mixer
 
 
@@ -121,12 +121,13 @@ class S4(ConvolutionalSSM):
     def ssm_parameters(self) -> DPLRParameters:
         """(Lambda, P, B, C, dt) from the parameters, at the current ``rate``: the one source of the system
         for the convolution kernel and the recurrent matrices."""
-        dt = torch.exp(self.log_dt) * self.rate  # (H,)
-        Lambda = torch.complex(-torch.exp(self.Lambda_log_neg_re), self.Lambda_im)  # (H, M)
-        C = torch.view_as_complex(self.C)
+        dt = torch.exp(to_core_dtype(self.log_dt)) * self.rate  # (H,)
+        Lambda = torch.complex(-torch.exp(to_core_dtype(self.Lambda_log_neg_re)), to_core_dtype(self.Lambda_im))
+        C = torch.view_as_complex(to_core_dtype(self.C))  # Lambda, C: (H, M)
         if self.bidirectional:
-            C = torch.stack([C, torch.view_as_complex(self.C_backward)])
-        return DPLRParameters(Lambda, torch.view_as_complex(self.P), torch.view_as_complex(self.B), C, dt)
+            C = torch.stack([C, torch.view_as_complex(to_core_dtype(self.C_backward))])
+        return DPLRParameters(Lambda, torch.view_as_complex(to_core_dtype(self.P)),
+                              torch.view_as_complex(to_core_dtype(self.B)), C, dt)
 
     def discrete_parameters(self) -> DiscreteDPLR:
         """Dense real (dA (H, N, N), dB (H, N), C (H, N)) of the recurrent form.
@@ -153,14 +154,14 @@ class S4(ConvolutionalSSM):
 
     # ----------------------------------------------------------------------------------------------
     def state_spec(self, batch_size: int):
-        return {"h": ((batch_size, self.d_model, self.d_state), False)}
+        return {"h": ((batch_size, self.d_model, self.d_state), "real")}
 
     def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
         if state is not None:
             self._refuse_recurrence("an initial state")
         if return_state:
             self._refuse_recurrence("return_state")
-        u = x.transpose(1, 2)  # (B, H, L)
+        u = to_core_dtype(x).transpose(1, 2)  # (B, H, L); float32 in a half-precision model (see base)
         L = u.shape[-1]
         p = self.ssm_parameters()
         h0 = state[self.state_key("h")] if state is not None else None
@@ -169,17 +170,19 @@ class S4(ConvolutionalSSM):
             # one kernel call: row 0 is the input's kernel, rows 1.. the free responses C dA^{k+1} h0
             B = torch.cat([B[None], dplr_state_input(p.Lambda, p.P, h0, p.dt)])
         K = kernel_dplr(p.Lambda, p.P, B, p.C, p.dt, L)  # (H, L), (2, H, L) or (1 + batch, H, L)
-        s = fft_conv(u, K[0] if h0 is not None else K, D=self.D, bidirectional=self.bidirectional)  # (B, H, L)
+        s = fft_conv(u, K[0] if h0 is not None else K, D=to_core_dtype(self.D),
+                     bidirectional=self.bidirectional)  # (B, H, L)
         if h0 is not None:
             s = s + K[1:]
         new_state = None
         if return_state:
             d = discretize_dplr(*p)
             new_state = {self.state_key("h"): final_state_dense(d.dA, d.dB, u, h0)}
-        return self._output(s.transpose(1, 2)), new_state
+        return self._output(s.transpose(1, 2).to(x.dtype)), new_state
 
     def _step(self, x_t: torch.Tensor, state: State):
         d = self.discrete_parameters()
-        h = (d.dA @ state[self.state_key("h")][..., None])[..., 0] + d.dB * x_t[..., None]  # (B, H, N)
-        s = (d.C * h).sum(-1) + self.D * x_t  # (B, H)
-        return self._output(s), {self.state_key("h"): h}
+        u = to_core_dtype(x_t)  # (B, H)
+        h = (d.dA @ state[self.state_key("h")][..., None])[..., 0] + d.dB * u[..., None]  # (B, H, N)
+        s = (d.C * h).sum(-1) + to_core_dtype(self.D) * u  # (B, H)
+        return self._output(s.to(x_t.dtype)), {self.state_key("h"): h}

@@ -111,21 +111,22 @@ class S4D(ConvolutionalSSM):
 
     def discrete_parameters(self) -> DiscreteS4D:
         """(dtA = log Abar, Abar, Bbar, C) from the parameters, at the current ``rate``; the one source of
-        the discrete system for the convolution and the recurrence."""
-        dt = torch.exp(self.log_dt) * self.rate  # (H,)
-        A = torch.complex(-torch.exp(self.A_log_re), self.A_im)  # (H, N2)
-        B = torch.view_as_complex(self.B)
+        the discrete system for the convolution and the recurrence. Computed in float32 (complex64) for a
+        half-precision model (there is no complex bfloat16, and powers of Abar need the precision)."""
+        dt = torch.exp(to_core_dtype(self.log_dt)) * self.rate  # (H,)
+        A = torch.complex(-torch.exp(to_core_dtype(self.A_log_re)), to_core_dtype(self.A_im))  # (H, N2)
+        B = torch.view_as_complex(to_core_dtype(self.B))
         Abar, Bbar = discretize_diag(A, B, dt, self.discretization)
         # ZOH: exp(dtA) is Abar exactly (the same product discretize_diag takes the exponential of)
         dtA = dt[:, None] * A if self.discretization == "zoh" else torch.log(Abar)
-        C = torch.view_as_complex(self.C)
+        C = torch.view_as_complex(to_core_dtype(self.C))
         if self.bidirectional:
-            C = torch.stack([C, torch.view_as_complex(self.C_backward)])
+            C = torch.stack([C, torch.view_as_complex(to_core_dtype(self.C_backward))])
         return DiscreteS4D(dtA, Abar, Bbar, C)
 
     # ----------------------------------------------------------------------------------------------
     def state_spec(self, batch_size: int):
-        return {"h": ((batch_size, self.d_model, self.d_state // 2), True)}
+        return {"h": ((batch_size, self.d_model, self.d_state // 2), "complex")}
 
     def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
         if state is not None:
@@ -137,15 +138,16 @@ class S4D(ConvolutionalSSM):
             L = u.shape[-1]
             p = self.discrete_parameters()
             K = kernel_vandermonde(p.dtA, p.Bbar, p.C, L)  # (H, L), or (2, H, L) bidirectional
-            s = fft_conv(u, K, D=self.D, bidirectional=self.bidirectional)  # (B, H, L)
+            s = fft_conv(u, K, D=to_core_dtype(self.D), bidirectional=self.bidirectional)  # (B, H, L)
             h0 = state[self.state_key("h")] if state is not None else None
             if h0 is not None:
                 s = s + initial_state_response(p.dtA, p.C, h0, L)
             new_state = {self.state_key("h"): final_state(p.dtA, p.Bbar, u, h0)} if return_state else None
-        return self._output(s.transpose(1, 2)), new_state
+        return self._output(s.transpose(1, 2).to(x.dtype)), new_state
 
     def _step(self, x_t: torch.Tensor, state: State):
         p = self.discrete_parameters()
-        h = p.Abar * state[self.state_key("h")] + p.Bbar * x_t[..., None]  # (B, H, N2)
-        s = 2 * (p.C * h).sum(-1).real + self.D * x_t  # (B, H)
-        return self._output(s), {self.state_key("h"): h}
+        u = to_core_dtype(x_t)  # (B, H)
+        h = p.Abar * state[self.state_key("h")] + p.Bbar * u[..., None]  # (B, H, N2)
+        s = 2 * (p.C * h).sum(-1).real + to_core_dtype(self.D) * u  # (B, H)
+        return self._output(s.to(x_t.dtype)), {self.state_key("h"): h}

@@ -171,24 +171,25 @@ class S5(RateMixin, Mixer):
                 f"bidirectional={self.bidirectional}, rate={self.rate}, activation={self.activation!r}")
 
     def state_spec(self, batch_size: int) -> Dict[str, Tuple[Tuple[int, ...], bool]]:
-        return {"h": ((batch_size, self.n_modes), True)}
+        return {"h": ((batch_size, self.n_modes), "complex")}
 
     # ----------------------------------------------------------------------------------------------
     # The discretised system: shared by the parallel forward and the recurrent step
     # ----------------------------------------------------------------------------------------------
     def discretized(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(Lambda_bar (n_modes,), B_bar (n_modes, H)), complex, with Delta = exp(log_dt) * rate."""
-        Lambda_re = self.Lambda_re.clamp(max=-1e-4) if self.clip_eigs else self.Lambda_re
-        Lambda = torch.complex(Lambda_re, self.Lambda_im)
-        B_tilde = torch.complex(self.B_re, self.B_im)
-        dt = torch.exp(self.log_dt) * self.rate
+        Lambda_re = to_core_dtype(self.Lambda_re)  # float32 (complex64) for a half-precision model
+        Lambda_re = Lambda_re.clamp(max=-1e-4) if self.clip_eigs else Lambda_re
+        Lambda = torch.complex(Lambda_re, to_core_dtype(self.Lambda_im))
+        B_tilde = torch.complex(to_core_dtype(self.B_re), to_core_dtype(self.B_im))
+        dt = torch.exp(to_core_dtype(self.log_dt)) * self.rate
         # every state has its own step: the state index is a batch dimension of a 1-state system
         Lambda_bar, B_bar = discretize_diag(Lambda[:, None], B_tilde, dt, self.discretization)
         return Lambda_bar[:, 0], B_bar
 
     def _read_out(self, h: torch.Tensor, C_re: torch.Tensor, C_im: torch.Tensor) -> torch.Tensor:
-        """Re(C~ h) (doubled with conjugate symmetry): h (..., n_modes) complex -> (..., H) real."""
-        y = h.real @ C_re.T - h.imag @ C_im.T
+        """Re(C~ h) (doubled with conjugate symmetry): h (..., n_modes) complex -> (..., H) real, in h's precision."""
+        y = h.real @ to_core_dtype(C_re).T - h.imag @ to_core_dtype(C_im).T
         return 2 * y if self.conj_sym else y
 
     @staticmethod
@@ -223,8 +224,8 @@ class S5(RateMixin, Mixer):
             if self.bidirectional:
                 h_rev = linear_recurrence(Lambda_bar, Bu, None, dim=1, reverse=True)
                 y = y + self._read_out(h_rev, self.C_rev_re, self.C_rev_im)
-            y = y + self.D * u
-        y = self._activate(y)
+            y = y + to_core_dtype(self.D) * u
+        y = self._activate(y.to(x.dtype))
         return y, ({self.state_key("h"): h[:, -1]} if return_state else None)
 
     def _step(self, x_t: torch.Tensor, state: State):
@@ -232,6 +233,7 @@ class S5(RateMixin, Mixer):
             raise ValueError("S5 with bidirectional=True reads the future and cannot run step by step "
                              "(use bidirectional=False)")
         Lambda_bar, B_bar = self.discretized()
-        h = Lambda_bar * state[self.state_key("h")] + self._project_input(x_t, B_bar)  # (B, n)
-        y = self._activate(self._read_out(h, self.C_re, self.C_im) + self.D * x_t)
+        u = to_core_dtype(x_t)  # (B, H)
+        h = Lambda_bar * state[self.state_key("h")] + self._project_input(u, B_bar)  # (B, n)
+        y = self._activate((self._read_out(h, self.C_re, self.C_im) + to_core_dtype(self.D) * u).to(x_t.dtype))
         return y, {self.state_key("h"): h}
