@@ -60,7 +60,8 @@ def main() -> int:
         return real_replace(src, dst)
 
     def rmtree(path, *args, **kwargs):
-        if point == "prune" and writes["n"] == target and ".deleting-" in Path(path).name:
+        name = Path(path).name  # a pruned checkpoint: step-* (deleted in place) or its hidden new name
+        if point == "prune" and writes["n"] == target and (name.startswith("step-") or ".deleting-" in name):
             files = sorted(p for p in Path(path).iterdir() if p.is_file())
             if files:
                 files[0].unlink()  # part of the old checkpoint gone, the rest still there
