@@ -51,7 +51,8 @@ def _run_killed(point, n, out_dir, keep_last=2):
     env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(DRIVER), point, str(n), "--", *_train_args(out_dir, keep_last)],
                           env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, f"not killed at {point}:{n} (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, \
+        f"not killed at {point}:{n} (rc {proc.returncode}): {proc.stderr[-2000:]}"
 
 
 def _assert_checkpoints_intact(out_dir, straight_dir):

@@ -270,7 +270,8 @@ def read_trainer_state(directory: PathLike, map_location="cpu") -> Dict[str, Any
     except Exception as err:  # noqa: BLE001 - torch.load raises many types (RuntimeError, EOFError, pickle's)
         raise CheckpointCorrupt(f"{path} is not a readable trainer state (truncated or corrupt?): "
                                 f"{type(err).__name__}: {err}") from err
-    missing = [key for key in ("step", "optimizer", "scheduler", "rng") if not isinstance(state, dict) or key not in state]
+    missing = [key for key in ("step", "optimizer", "scheduler", "rng")
+               if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointCorrupt(f"{path} lacks {missing} (not written by the ssmkit trainer?)")
     return state
