@@ -82,7 +82,7 @@ def _kill_then_resume(point, n, tmp_path, straight, keep_last=2):
 
 # kill points (point, N-th checkpoint write): the CI pair, then the rest (slow)
 CI_POINTS = [("trainer_state", 2), ("rename", 3)]
-SLOW_POINTS = [("weights", 2), ("weights", 4), ("trainer_state", 4), ("rename", 2), ("prune", 4), ("prune", 5),
+SLOW_POINTS = [("weights", 2), ("weights", 4), ("trainer_state", 4), ("rename", 2), ("prune", 3), ("prune", 4),
                ("weights", STEPS), ("rename", STEPS)]  # the last two: during the write of final/
 
 
