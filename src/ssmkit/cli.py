@@ -31,7 +31,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainingDiverged, load_run_config, train
+    from .train import OutputDirError, TrainingDiverged, load_run_config, train
 
     run = load_run_config(args.config, args.overrides)
     try:
@@ -39,6 +39,9 @@ def cmd_train(args) -> int:
     except TrainingDiverged as err:
         print(f"ssmkit train: {err}", file=sys.stderr)
         return 3
+    except OutputDirError as err:  # found before step 1: one line, no traceback
+        print(f"ssmkit train: {err}", file=sys.stderr)
+        return 2
     if result is not None and getattr(result, "final_metrics", None):
         print(json.dumps(result.final_metrics, indent=2))
     return 0

@@ -31,7 +31,15 @@ class PretrainedMixin:
         directory = Path(directory)
         raw = io.read_config_json(directory)
         fmt = format_of(raw, source=str(directory / io.CONFIG_FILE))
-        model = cls(fmt.config_from_raw(raw))
+        try:
+            config = fmt.config_from_raw(raw)
+        except (ValueError, TypeError) as err:
+            written_by = raw.get("ssmkit_version")
+            version = (f" (written by ssmkit {written_by}, this is {io.__version__})"
+                       if written_by is not None and written_by != io.__version__ else "")
+            raise ValueError(f"{directory / io.CONFIG_FILE} is not a config this ssmkit can read{version}: "
+                             f"{err}") from err
+        model = cls(config)
         weights = fmt.weights_to_ssmkit(io.read_weights(directory))
         io.load_weights_strict(model, weights, source=f"{fmt.name} checkpoint {directory}")
         if dtype is not None or device is not None:

@@ -6,8 +6,8 @@ training under torchrun (DDP, or FSDP as an option).
     result = train(load_run_config("configs/induction.yaml", ["train.steps=500"]))
 """
 
-from .checkpointing import (CheckpointMismatch, latest_checkpoint, list_checkpoints,  # noqa: F401
-                            load_run_config_from_checkpoint)
+from .checkpointing import (CheckpointCorrupt, CheckpointMismatch, OutputDirError, latest_checkpoint,  # noqa: F401
+                            list_checkpoints, load_run_config_from_checkpoint)
 from .config import ModelSpec, RunConfig, TaskSpec, TrainConfig, load_run_config, model_config_for  # noqa: F401
 from .loop import TrainingDiverged, TrainResult, evaluate, evaluate_checkpoint, forward_batch, train  # noqa: F401
 from .optim import SSM_PARAMETER_NAMES, classify_parameters, lr_factor  # noqa: F401

@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -56,6 +57,52 @@ RESUME_TRAIN_KEYS = ("steps", "batch_size", "lr", "ssm_lr_scale", "weight_decay"
 
 class CheckpointMismatch(ValueError):
     """A checkpoint was written by a run whose config differs from this one; the message lists the keys."""
+
+
+class CheckpointCorrupt(ValueError):
+    """A file of a training checkpoint cannot be read (truncated, corrupt, or not what it should be)."""
+
+
+class OutputDirError(OSError):
+    """``train.out_dir`` cannot hold the run (not writable, or too little free space), found before step 1."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking the output directory up front
+# --------------------------------------------------------------------------------------------------
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """A generous size of one training checkpoint: the weights and AdamW's two moments in float32, plus
+    1 MiB for the config, RNG states and run info."""
+    return 3 * 4 * sum(p.numel() for p in model.parameters()) + 2 ** 20
+
+
+def check_output_dir(out_dir: PathLike, needed_bytes: int = 0) -> None:
+    """Refuse an ``out_dir`` that cannot be created or written, or whose file system has fewer than
+    ``needed_bytes`` free, with one :class:`OutputDirError` naming it (before training, not at the first
+    checkpoint an hour later)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".ssmkit-write-probe-", dir=out)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputDirError(f"train.out_dir {str(out)!r} is not writable ({err.strerror or err}); choose a "
+                             "writable train.out_dir") from err
+    free = shutil.disk_usage(out).free
+    if free < needed_bytes:
+        raise OutputDirError(f"train.out_dir {str(out)!r} has {free / 2**20:.1f} MiB free but the run's "
+                             f"checkpoints need about {needed_bytes / 2**20:.1f} MiB; free some space or choose "
+                             "another train.out_dir")
+
+
+def checkpoints_kept(steps: int, checkpoint_every: int, keep_last: int) -> int:
+    """How many checkpoints the run holds on disk at once at most: the periodic ones kept, one more being
+    written before the oldest is pruned, and ``final``."""
+    periodic = steps // checkpoint_every if checkpoint_every > 0 else 0
+    if keep_last > 0:
+        periodic = min(periodic, keep_last + 1)
+    return periodic + 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +235,12 @@ def prune_checkpoints(out_dir: PathLike, keep_last: int) -> List[Path]:
         return []
     doomed = [path for _, path in list_checkpoints(out_dir)[:-keep_last]]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        # renamed out of the step-* namespace first: a crash during the deletion must not leave a half-deleted
+        # directory that still looks like a checkpoint
+        hidden = Path(tempfile.mkdtemp(prefix=f".{path.name}.deleting-", dir=path.parent))
+        hidden.rmdir()
+        os.replace(path, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
     return doomed
 
 
@@ -199,11 +251,30 @@ def read_run_info(directory: PathLike) -> Dict[str, Any]:
     path = Path(directory) / RUN_INFO
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: {directory} is not a training checkpoint")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointCorrupt(f"{path} is not valid JSON (truncated or corrupt?): {err}") from err
+    if not isinstance(info, dict) or not isinstance(info.get("run"), dict) or "step" not in info:
+        raise CheckpointCorrupt(f"{path} must be a JSON object with 'run' and 'step' (as the trainer writes "
+                                f"it); got {str(info)[:80]!r}")
+    return info
 
 
 def read_trainer_state(directory: PathLike, map_location="cpu") -> Dict[str, Any]:
-    return torch.load(Path(directory) / TRAINER_STATE, map_location=map_location, weights_only=True)
+    path = Path(directory) / TRAINER_STATE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {directory} is not a training checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types (RuntimeError, EOFError, pickle's)
+        raise CheckpointCorrupt(f"{path} is not a readable trainer state (truncated or corrupt?): "
+                                f"{type(err).__name__}: {err}") from err
+    missing = [key for key in ("step", "optimizer", "scheduler", "rng")
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointCorrupt(f"{path} lacks {missing} (not written by the ssmkit trainer?)")
+    return state
 
 
 def load_run_config_from_checkpoint(directory: PathLike) -> RunConfig:

@@ -288,6 +288,7 @@ def _set_up(run: RunConfig, resume, task, ctx: distributed.DistContext) -> _Sess
     """Task, model (the same initialisation on every rank), optimiser and scheduler, restored from the
     checkpoint to resume from if any; the logger is opened by :func:`_open_log`."""
     cfg = run.train
+    ckpt.check_output_dir(cfg.out_dir)  # writable: refused now, not at the first checkpoint
     plan = ContextPlan(run.parallel.context, ctx)
     micro_size = _micro_batch_size(cfg.batch_size, plan, ctx.world_size, cfg.grad_accum)
     micro_batches = plan.data_size * cfg.grad_accum
@@ -303,6 +304,9 @@ def _set_up(run: RunConfig, resume, task, ctx: distributed.DistContext) -> _Sess
 
     ckpt.seed_everything(cfg.seed)  # DDP also broadcasts rank 0's weights
     model = SSMModel(model_config)
+    ckpt.check_output_dir(out_dir, ckpt.checkpoint_bytes(model) * ckpt.checkpoints_kept(
+        cfg.steps - (0 if source is None else ckpt.read_run_info(source)["step"]), cfg.checkpoint_every,
+        cfg.keep_last))
     if source is not None:
         ckpt.load_model_weights(model, source)
     model.to(ctx.device)
