@@ -9,7 +9,7 @@ the length) and the optional arguments of each op, builds random inputs from a d
   (``seq_idx``) included;
 * causal conv1d: "torch" (with gradients) and "triton" against ``causal_conv1d_ref``;
 * the LTI kernels: ``kernel_vandermonde`` (S4D) and ``kernel_dplr`` (S4, Algorithm 1) against
-  ``kernel_naive``, the repeated multiplication;
+  ``kernel_ref``, the repeated multiplication;
 * linear attention: the chunked form against the sequential loop;
 * every registered mixer (``sorted(ssmkit.layers.MIXERS)``, built from its ``contract_config``, with each of
   its ``contract_backends``): the parallel ``forward`` against ``step`` token by token.
@@ -32,12 +32,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ssmkit.layers import MIXERS, build_mixer
-from ssmkit.ops import causal_conv1d, causal_conv1d_ref, kernel_dplr, kernel_naive, kernel_vandermonde
+from ssmkit.ops import causal_conv1d, causal_conv1d_ref, kernel_dplr, kernel_ref, kernel_vandermonde
 from ssmkit.ops import selective_scan, selective_scan_ref, ssd, ssd_ref
 from ssmkit.ops.dplr import discretize_dplr
 from ssmkit.ops.linear_attention import linear_attention_chunked, linear_attention_ref
-from ssmkit.ops.selective_scan import cpp as scan_cpp
-from ssmkit.ops.triton import triton_available
+from ssmkit.ops.mamba import cpp as scan_cpp
+from ssmkit.ops._triton import triton_available
 
 from .helpers import assert_close_scaled
 
@@ -268,7 +268,7 @@ def test_kernel_vandermonde_matches_naive(H, N2, L, block, outputs, seed):
                       5 * torch.randn(H, N2, generator=g, dtype=torch.float64))
     dtA, Bbar, C = dt * A, _complex(g, H, N2), _complex(g, *outputs, H, N2)
     K = kernel_vandermonde(dtA, Bbar, C, L, block=block)
-    want = 2 * kernel_naive(torch.exp(dtA), Bbar, C, L, diagonal=True).real
+    want = 2 * kernel_ref(torch.exp(dtA), Bbar, C, L, diagonal=True).real
     assert_close_scaled(K, want, 1e-10)
 
 
@@ -285,7 +285,7 @@ def test_kernel_dplr_matches_naive(H, M, rank, L, with_Q, chunk, seed):
     dt = 0.01 + 0.2 * torch.rand(H, generator=g, dtype=torch.float64)
     K = kernel_dplr(Lambda, P, B, C, dt, L, Q=Q, chunk=chunk)
     d = discretize_dplr(Lambda, P, B, C, dt, Q=Q)
-    want = kernel_naive(d.dA, d.dB, d.C, L)
+    want = kernel_ref(d.dA, d.dB, d.C, L)
     assert_close_scaled(K, want.real if want.is_complex() else want, 1e-9)
 
 
