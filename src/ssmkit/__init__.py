@@ -7,3 +7,4 @@ from . import ops  # noqa: F401
 from .layers import MIXERS, Mixer, build_mixer, get_mixer, register_mixer  # noqa: F401
 from .layers import S4, S4D, S5, Attention, LinearAttention, Mamba, Mamba2  # noqa: F401
 from .models import ModelConfig, SSMModel, from_config, from_pretrained  # noqa: F401
+from .models.quantization import quantize  # noqa: F401

@@ -113,7 +113,14 @@ def save_pretrained(model: SSMModel, directory: PathLike) -> Path:
     from .. import __version__
 
     config = dict(model.config.to_dict(), model_type=SSMKIT_MODEL_TYPE, ssmkit_version=__version__)
-    return write_checkpoint_dir(directory, config, _unique_state_dict(model))
+    quantization = getattr(model, "quantization", None)
+    extra = None
+    if quantization is not None:  # int8 weights: method and module names beside config.json (ssmkit.quantize)
+        from .quantization import QUANTIZATION_FILE
+
+        def extra(tmp: Path) -> None:
+            (tmp / QUANTIZATION_FILE).write_text(json.dumps(quantization, indent=2) + "\n")
+    return write_checkpoint_dir(directory, config, _unique_state_dict(model), extra)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -179,6 +186,12 @@ def from_pretrained(directory: PathLike, dtype: Optional[torch.dtype] = None,
     raw = json.loads(config_path.read_text())
     kind, config = config_from_checkpoint(raw, source=str(config_path))
     model = SSMModel(config)
+    from .quantization import QUANTIZATION_FILE, quantize
+
+    quantization_path = directory / QUANTIZATION_FILE
+    if quantization_path.exists():  # a quantised checkpoint: make the same int8 modules, then load into them
+        spec = json.loads(quantization_path.read_text())
+        quantize(model, spec["method"], spec["modules"])
     weights = convert_weights(kind, read_weights(directory))
     load_weights_strict(model, weights, source=f"{kind} checkpoint {directory}")
     if dtype is not None or device is not None:
