@@ -2,7 +2,7 @@
 
 ``model.step`` runs each layer's PyTorch step (a dozen small ops and three to five matrix products per layer,
 each allocating its output). :class:`FusedDecoder` computes the same function with the fused kernels of
-:mod:`ssmkit.ops.decode`: per layer, norm -> one fused mixer step -> residual add; then the final norm and the
+:mod:`ssmkit.ops.decode`: per layer, one C++ call runs the block (RMSNorm -> fused mixer step -> residual add); then the final norm and the
 LM head through the same matrix-vector kernel. Intermediates live in buffers allocated once per batch size;
 the recurrent state alternates between two preallocated sets (the state passed in is never written, so
 generation can keep finished rows' states), and the logits between two buffers.
@@ -49,6 +49,8 @@ def fused_support(model) -> Optional[str]:
             return f"layer {i} is a {type(layer.mixer).__name__}; the fused decoder covers Mamba and Mamba2 only"
         if layer.mlp is not None:
             return f"layer {i} has an MLP; the fused decoder covers mixer-only blocks"
+    if cfg.norm != "rmsnorm":
+        return f"the fused decoder covers RMSNorm blocks; norm={cfg.norm!r}"
     for name, p in model.named_parameters():
         if p.dtype != torch.float32:
             return f"the fused decoder needs float32 parameters; {name} is {p.dtype}"
@@ -109,6 +111,7 @@ class FusedDecoder:
         model = self.model
         d = model.config.d_model
         self._h = torch.empty(batch, d)
+        self._normed = torch.empty(batch, d)
         self._y = torch.empty(batch, d)
         self._states = [[], []]
         self._buffers = []
@@ -125,6 +128,23 @@ class FusedDecoder:
                 self._buffers.append(dict(zxbcdt=torch.empty(batch, m.in_proj.out_features),
                                           xbc=torch.empty(batch, m.conv_dim), y=torch.empty(batch, m.d_inner)))
         self._logits = [torch.empty(batch, model.lm_head.out_features) for _ in range(2)]
+        # each layer's kernel call with everything but the state bound (the arguments before and after it)
+        self._calls = []
+        for entry, buffers in zip(self.layers, self._buffers):
+            m, norm = entry["mixer"], entry["block"].norm
+            head = (self._h, norm.weight.detach(), float(norm.eps), self._normed, entry["in_proj"], entry["conv_w"],
+                    entry["conv_b"])
+            if entry["kind"] == "mamba":
+                call = (self.ext.mamba_step,
+                        head + (entry["x_proj"], entry["dt_proj"], entry["A"], entry["D"], entry["out_proj"]),
+                        (buffers["xz"], buffers["u"], buffers["x_dbl"], buffers["delta"], buffers["y"], self._y))
+            else:
+                call = (self.ext.mamba2_step,
+                        head + (entry["dt_bias"], entry["A"], entry["D"], entry["norm_w"], entry["norm_mode"],
+                                entry["norm_eps"], entry["norm_groups"], entry["dt_min"], entry["dt_max"],
+                                entry["clamp"], entry["out_proj"], m.headdim, m.ngroups),
+                        (buffers["zxbcdt"], buffers["xbc"], buffers["y"], self._y))
+            self._calls.append(call + (m.state_key("conv"), m.state_key("ssm")))
         self._next = 0
         self._batch = batch
 
@@ -144,24 +164,10 @@ class FusedDecoder:
         new_state = self._states[out_set]
         h = self._h
         h.copy_(model._embed(input_ids[:, None])[:, 0])
-        for entry, buffers, old, new in zip(self.layers, self._buffers, state, new_state):
-            block, m = entry["block"], entry["mixer"]
-            conv_key, ssm_key = m.state_key("conv"), m.state_key("ssm")
-            conv_in = old[conv_key].float().contiguous()
-            ssm_in = old[ssm_key].float().contiguous()
-            normed = block.norm(h).contiguous()
-            if entry["kind"] == "mamba":
-                self.ext.mamba_step(normed, entry["in_proj"], entry["conv_w"], entry["conv_b"], entry["x_proj"],
-                                    entry["dt_proj"], entry["A"], entry["D"], entry["out_proj"], conv_in, ssm_in,
-                                    new[conv_key], new[ssm_key], buffers["xz"], buffers["u"], buffers["x_dbl"],
-                                    buffers["delta"], buffers["y"], self._y)
-            else:
-                self.ext.mamba2_step(normed, entry["in_proj"], entry["conv_w"], entry["conv_b"], entry["dt_bias"],
-                                     entry["A"], entry["D"], entry["norm_w"], entry["norm_mode"], entry["norm_eps"],
-                                     entry["norm_groups"], entry["dt_min"], entry["dt_max"], entry["clamp"],
-                                     entry["out_proj"], m.headdim, m.ngroups, conv_in, ssm_in, new[conv_key],
-                                     new[ssm_key], buffers["zxbcdt"], buffers["xbc"], buffers["y"], self._y)
-            h.add_(self._y)
+        for (kernel, before, after, conv_key, ssm_key), old, new in zip(self._calls, state, new_state):
+            # h <- h + mixer(rmsnorm(h)), the state read from old and written to new
+            kernel(*before, old[conv_key].float().contiguous(), old[ssm_key].float().contiguous(), new[conv_key],
+                   new[ssm_key], *after)
         logits = self._logits[out_set]
         self.ext.linear_out(model.backbone.norm_f(h).contiguous(), *self.head, logits)
         return logits, new_state

@@ -263,6 +263,21 @@ void linear_out(const torch::Tensor& x, const torch::Tensor& weight, const torch
   apply_linear(L, x.data_ptr<float>(), L.K, x.size(0), out.data_ptr<float>(), L.M);
 }
 
+// Pre-norm of the residual block: normed[b] = h[b] / sqrt(mean(h[b]^2) + eps) * weight (ssmkit's RMSNorm).
+void rmsnorm_rows(const float* h, const float* weight, float eps, int64_t batch, int64_t D, float* normed) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* hb = h + b * D;
+    float sq = 0.f;
+    for (int64_t c = 0; c < D; ++c) sq += hb[c] * hb[c];
+    const float inv = 1.f / std::sqrt(sq / float(D) + eps);
+    for (int64_t c = 0; c < D; ++c) normed[b * D + c] = hb[c] * inv * weight[c];
+  }
+}
+
+void add_into(float* h, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] += y[i];
+}
+
 // Depthwise causal conv of one step + silu: window = [state (width-1 columns, oldest first), x].
 inline void conv_step(const float* x, const float* state_in, float* state_out, const float* w, const float* bias,
                       int64_t channels, int64_t width, float* u) {
@@ -281,9 +296,11 @@ inline void conv_step(const float* x, const float* state_in, float* state_out, c
   }
 }
 
+// One residual block around a Mamba mixer: h <- h + mixer(rmsnorm(h)); x receives rmsnorm(h).
 // Mamba (Gu & Dao 2023): in_proj -> conv + silu -> x_proj -> dt_proj -> selective state update -> gate ->
 // out_proj. Buffers: xz (B, 2 d_inner), u (B, d_inner), x_dbl (B, R + 2N), delta (B, d_inner), y (B, d_inner).
-void mamba_step(const torch::Tensor& x, const std::vector<torch::Tensor>& in_proj,
+void mamba_step(torch::Tensor& h, const torch::Tensor& block_norm, double block_eps, torch::Tensor& x,
+                const std::vector<torch::Tensor>& in_proj,
                 const torch::Tensor& conv_weight, const torch::Tensor& conv_bias,
                 const std::vector<torch::Tensor>& x_proj, const std::vector<torch::Tensor>& dt_proj,
                 const torch::Tensor& A, const torch::Tensor& D, const std::vector<torch::Tensor>& out_proj,
@@ -302,6 +319,8 @@ void mamba_step(const torch::Tensor& x, const std::vector<torch::Tensor>& in_pro
   TORCH_CHECK(Lin.M == 2 * d_inner && Lx.M == R + 2 * N && Ldt.M == d_inner && Lout.K == d_inner,
               "mamba_step: inconsistent shapes");
   FlushDenormalsGuard flush;
+  check_f32(h, "h");
+  rmsnorm_rows(h.data_ptr<float>(), block_norm.data_ptr<float>(), float(block_eps), batch, Lin.K, x.data_ptr<float>());
   apply_linear(Lin, x.data_ptr<float>(), Lin.K, batch, xz.data_ptr<float>(), 2 * d_inner);
   const float* cb = optional_data(conv_bias);
   for (int64_t b = 0; b < batch; ++b)
@@ -349,12 +368,15 @@ void mamba_step(const torch::Tensor& x, const std::vector<torch::Tensor>& in_pro
     }
   });
   apply_linear(Lout, yp, d_inner, batch, out.data_ptr<float>(), Lout.M);
+  add_into(h.data_ptr<float>(), out.data_ptr<float>(), batch * Lout.M);
 }
 
+// One residual block around a Mamba-2 mixer: h <- h + mixer(rmsnorm(h)); x receives rmsnorm(h).
 // Mamba-2 (Dao & Gu 2024): in_proj -> conv + silu over [x, B, C] -> per-head state update -> (gated RMSNorm
 // | y * silu(z)) -> out_proj. Buffers: zxbcdt (B, 2 d_inner + 2 G N + H), xbc (B, conv_dim), y (B, d_inner).
 // norm_mode: 0 no norm (y * silu(z)), 1 rmsnorm(y * silu(z)) * w, 2 rmsnorm(y) * w * silu(z).
-void mamba2_step(const torch::Tensor& x, const std::vector<torch::Tensor>& in_proj,
+void mamba2_step(torch::Tensor& h, const torch::Tensor& block_norm, double block_eps, torch::Tensor& x,
+                 const std::vector<torch::Tensor>& in_proj,
                  const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, const torch::Tensor& dt_bias,
                  const torch::Tensor& A, const torch::Tensor& D, const torch::Tensor& norm_weight, int64_t norm_mode,
                  double norm_eps, int64_t ngroups_norm, double dt_min, double dt_max, bool clamp_dt,
@@ -373,6 +395,8 @@ void mamba2_step(const torch::Tensor& x, const std::vector<torch::Tensor>& in_pr
   TORCH_CHECK(Lin.M == d_in_proj && Lout.K == d_inner && conv_weight.size(0) == conv_dim,
               "mamba2_step: inconsistent shapes");
   FlushDenormalsGuard flush;
+  check_f32(h, "h");
+  rmsnorm_rows(h.data_ptr<float>(), block_norm.data_ptr<float>(), float(block_eps), batch, Lin.K, x.data_ptr<float>());
   apply_linear(Lin, x.data_ptr<float>(), Lin.K, batch, zxbcdt.data_ptr<float>(), d_in_proj);
   const float* cb = optional_data(conv_bias);
   for (int64_t b = 0; b < batch; ++b)
@@ -444,6 +468,7 @@ void mamba2_step(const torch::Tensor& x, const std::vector<torch::Tensor>& in_pr
     }
   }
   apply_linear(Lout, yp, d_inner, batch, out.data_ptr<float>(), Lout.M);
+  add_into(h.data_ptr<float>(), out.data_ptr<float>(), batch * Lout.M);
 }
 
 }  // namespace
