@@ -104,6 +104,12 @@ def cmd_compare(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
+    if args.decode or args.quantize:
+        from .bench import run_decode_bench
+
+        run_decode_bench(mixers=args.mixers, d_model=args.d_model, batch=args.batch, quantize=args.quantize,
+                         threads=args.threads)
+        return 0
     run_bench(mixers=args.mixers, d_model=args.d_model, length=args.length, batch=args.batch, threads=args.threads)
     return 0
 
@@ -251,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--decode", action="store_true",
+                   help="time token-by-token decoding of a small LM instead: module step vs fused C++ step")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="with --decode (implied): also time the int8-quantised model")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("convert", help="convert a checkpoint (ssmkit, transformers, state-spaces) to another format")
