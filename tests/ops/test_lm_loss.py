@@ -35,3 +35,22 @@ def test_transposed_weight_view_and_bad_args():
         lm_loss_chunked(hidden, weight_t.T, targets, chunk_size=0)
     with pytest.raises(ValueError, match="targets must be"):
         lm_loss_chunked(hidden, weight_t.T, targets[:3])
+
+
+def test_model_loss_chunk_size_matches_full_logits():
+    import ssmkit
+
+    model = ssmkit.from_config(dict(d_model=16, n_layers=2, vocab_size=37, mixer="mamba"))
+    ids = torch.randint(0, 37, (2, 11))
+    labels = ids.clone()
+    labels[0, 4] = -100
+    full = model(ids, labels=labels)
+    full.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = model(ids, labels=labels, loss_chunk_size=7)
+    assert chunked.logits is None
+    chunked.loss.backward()
+    torch.testing.assert_close(chunked.loss, full.loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], atol=1e-6, rtol=1e-5, msg=name)

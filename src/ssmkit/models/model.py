@@ -119,7 +119,7 @@ class SSMModel(GenerationMixin, nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs: Optional[torch.Tensor] = None,
                 state: Optional[ModelState] = None, return_state: bool = False,
                 labels: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None,
-                **mixer_kwargs: Any) -> ModelOutput:
+                loss_chunk_size: Optional[int] = None, **mixer_kwargs: Any) -> ModelOutput:
         """Run the whole sequence in parallel.
 
         Args:
@@ -129,6 +129,8 @@ class SSMModel(GenerationMixin, nn.Module):
             labels: LM: (B, L) next-token targets are ``labels`` shifted left by one (-100 ignored);
                 classifier: (B,) classes; regression: (B, L, output_dim) targets (MSE).
             lengths: (B,) valid lengths for pooling of right-padded classifier inputs.
+            loss_chunk_size: with LM ``labels``, compute the loss this many tokens of logits at a time and never
+                hold the full (B, L, V) logits or their gradient (execution only; ``logits`` is then None).
             mixer_kwargs: passed to every mixer (e.g. ``seq_idx`` / ``cu_seqlens`` for packed Mamba batches).
         """
         x = self._embed(input_ids if input_ids is not None else inputs)
@@ -141,6 +143,14 @@ class SSMModel(GenerationMixin, nn.Module):
             h, layer_state, layer_aux = layer(h, None if state is None else state[i], return_state, **mixer_kwargs)
             new_states.append(layer_state)
             aux = aux + layer_aux.float()
+        if loss_chunk_size is not None and labels is not None and self.config.head == "lm":
+            # the loss without the (B, L, V) logits (ops.lm_loss): logits=None in the output
+            from ..ops.lm_loss import lm_loss_chunked
+
+            normed = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))[:, :-1]
+            loss = lm_loss_chunked(normed.reshape(-1, normed.shape[-1]), self.lm_head.weight,
+                                   labels[:, 1:].reshape(-1), chunk_size=loss_chunk_size)
+            return ModelOutput(logits=None, loss=loss, aux_loss=aux, state=new_states if return_state else None)
         logits = self._head(h, lengths)
         loss = self._loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, state=new_states if return_state else None)
