@@ -2,8 +2,8 @@
 
 ``model.step`` runs each layer's PyTorch step (a dozen small ops and three to five matrix products per layer,
 each allocating its output). :class:`FusedDecoder` computes the same function with the fused kernels of
-:mod:`ssmkit.ops.decode`: per layer, one C++ call runs the block (RMSNorm -> fused mixer step -> residual add); then the final norm and the
-LM head through the same matrix-vector kernel. Intermediates live in buffers allocated once per batch size;
+:mod:`ssmkit.ops.decode`: per layer, one C++ call runs the whole block (RMSNorm -> fused mixer step ->
+residual add); then the final norm and the LM head through the same matrix-vector kernel. Intermediates live in buffers allocated once per batch size;
 the recurrent state alternates between two preallocated sets (the state passed in is never written, so
 generation can keep finished rows' states), and the logits between two buffers.
 
