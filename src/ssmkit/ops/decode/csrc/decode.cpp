@@ -307,8 +307,8 @@ void mamba_step(torch::Tensor& h, const torch::Tensor& block_norm, double block_
                 const torch::Tensor& conv_in, const torch::Tensor& ssm_in, torch::Tensor& conv_out,
                 torch::Tensor& ssm_out, torch::Tensor& xz, torch::Tensor& u, torch::Tensor& x_dbl,
                 torch::Tensor& delta, torch::Tensor& y, torch::Tensor& out) {
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &conv_weight, &A, &D, &conv_in, &ssm_in, &conv_out, &ssm_out, &xz, &u, &x_dbl,
-                        &delta, &y, &out})
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{
+           &x, &conv_weight, &A, &D, &conv_in, &ssm_in, &conv_out, &ssm_out, &xz, &u, &x_dbl, &delta, &y, &out})
     check_f32(*t, "mamba_step tensors");
   const Linear Lin = make_linear(in_proj[0], in_proj[1], in_proj[2], "in_proj");
   const Linear Lx = make_linear(x_proj[0], x_proj[1], x_proj[2], "x_proj");
@@ -384,8 +384,8 @@ void mamba2_step(torch::Tensor& h, const torch::Tensor& block_norm, double block
                  const torch::Tensor& conv_in, const torch::Tensor& ssm_in, torch::Tensor& conv_out,
                  torch::Tensor& ssm_out, torch::Tensor& zxbcdt, torch::Tensor& xbc, torch::Tensor& y,
                  torch::Tensor& out) {
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &conv_weight, &dt_bias, &A, &D, &conv_in, &ssm_in, &conv_out, &ssm_out, &zxbcdt,
-                        &xbc, &y, &out})
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{
+           &x, &conv_weight, &dt_bias, &A, &D, &conv_in, &ssm_in, &conv_out, &ssm_out, &zxbcdt, &xbc, &y, &out})
     check_f32(*t, "mamba2_step tensors");
   const Linear Lin = make_linear(in_proj[0], in_proj[1], in_proj[2], "in_proj");
   const Linear Lout = make_linear(out_proj[0], out_proj[1], out_proj[2], "out_proj");
