@@ -75,3 +75,25 @@ def test_bench_prints_every_requested_mixer(capsys):
     assert main(["bench", "--mixers", "s4d", "mamba", "--d-model", "16", "--length", "64"]) == 0
     out = capsys.readouterr().out
     assert "s4d" in out and "mamba" in out
+
+
+def test_generate_quantized_fused_says_which_path_ran(tmp_path, capsys):
+    from ssmkit.ops.decode import cpp
+
+    if not cpp.is_available():
+        pytest.skip(f"C++ decoding kernels unavailable: {cpp.build_error()}")
+    import ssmkit
+
+    ssmkit.from_config(dict(d_model=32, n_layers=2, vocab_size=256, mixer="mamba")).save_pretrained(tmp_path / "m")
+    outputs = {}
+    for backend in ("module", "fused"):
+        assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--ids", "1,2,3", "--max-new-tokens", "8",
+                     "--greedy", "--quantize", "int8", "--decode-backend", backend]) == 0
+        captured = capsys.readouterr()
+        assert f"[decoding: {backend} (requested)]" in captured.err
+        outputs[backend] = captured.out
+    assert outputs["fused"] == outputs["module"]
+    assert main(["build"]) == 0
+    assert "decoding kernels ... ready" in capsys.readouterr().out
+    assert main(["bench", "--quantize", "int8", "--mixers", "mamba", "--d-model", "16"]) == 0
+    assert "fused int8" in capsys.readouterr().out

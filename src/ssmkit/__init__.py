@@ -10,3 +10,4 @@ from .layers import S4, S4D, S5, Attention, LinearAttention, Mamba, Mamba2  # no
 # Every registered mixer class is also reachable as ssmkit.<ClassName>, a new one included.
 globals().update({cls.__name__: cls for cls in MIXERS.values()})
 from .models import ModelConfig, SSMModel, from_config, from_pretrained  # noqa: F401
+from .models.quantization import quantize  # noqa: F401

@@ -61,3 +61,49 @@ def run_bench(mixers: Optional[List[str]] = None, d_model: int = 256, length: in
         print(f"{name:18} {params:>9} {fwd * 1e3:>11.1f} {fwd / (batch * length) * 1e6:>9.2f} {both * 1e3:>11.1f} "
               f"{step * 1e3:>8.3f}")
     return rows
+
+
+def run_decode_bench(mixers: Optional[List[str]] = None, d_model: int = 256, n_layers: int = 4, vocab: int = 256,
+                     batch: int = 1, quantize: Optional[str] = None, threads: Optional[int] = None,
+                     steps: int = 20) -> list:
+    """ms per generated token of a small language model, through ``model.step`` and the fused decoder
+    (float32, and the int8-quantised model when ``quantize="int8"``); the fused rows need the C++ kernels."""
+    import copy
+
+    from .models import ModelConfig, SSMModel
+    from .models.decoding import FusedDecoder
+    from .models.quantization import quantize as quantize_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    names = mixers or ["mamba", "mamba2"]
+    print(f"decoding: d_model {d_model}, {n_layers} layers, vocab {vocab}, batch {batch}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'mixer':10} {'path':18} {'ms/token':>9}")
+    rows = []
+    for name in names:
+        if name not in ("mamba", "mamba2"):
+            raise ValueError(f"decoding benchmark covers mamba and mamba2; got {name!r}")
+        torch.manual_seed(0)
+        kwargs = {"mamba2": dict(headdim=32, d_state=64)} if name == "mamba2" else {}
+        model = SSMModel(ModelConfig(d_model=d_model, n_layers=n_layers, vocab_size=vocab, mixer=name,
+                                     mixer_kwargs=kwargs)).eval()
+        paths = [("module fp32", model.step), ("fused fp32", FusedDecoder(model).step)]
+        if quantize:
+            quantized = quantize_model(copy.deepcopy(model), quantize)
+            paths += [(f"module {quantize}", quantized.step), (f"fused {quantize}", FusedDecoder(quantized).step)]
+        state = model.init_state(batch)
+        token = torch.zeros(batch, dtype=torch.long)
+
+        def run(step):
+            s = state
+            for _ in range(steps):
+                _, s = step(token, s)
+
+        for path, step in paths:
+            with torch.no_grad():
+                seconds = _median_seconds(lambda: run(step)) / steps
+            rows.append(dict(mixer=name, path=path, ms_per_token=seconds * 1e3))
+            print(f"{name:10} {path:18} {seconds * 1e3:>9.3f}")
+    return rows

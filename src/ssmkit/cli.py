@@ -7,7 +7,8 @@
     ssmkit convert outputs/bytes_mamba/final outputs/hf --to hf      # a directory transformers loads
     ssmkit export --checkpoint outputs/bytes_mamba/final --format onnx outputs/onnx   # step + prefill programs
     ssmkit serve --checkpoint outputs/bytes_mamba/final --port 8000                   # /v1/completions
-    ssmkit info                                      # versions, backends, threads
+    ssmkit info                                      # versions, backends, threads, which decode path runs
+    ssmkit build                                     # compile the C++ kernels now (else: at first use)
     torchrun --nproc-per-node 2 -m ssmkit train --config configs/bytes_mamba.yaml
 
 Configs are YAML or JSON; ``key.sub=value`` arguments override them (type-checked; an unknown key is an
@@ -60,6 +61,10 @@ def cmd_generate(args) -> int:
 
     torch.set_flush_denormal(True)
     model = from_pretrained(args.checkpoint)
+    if args.quantize and getattr(model, "quantization", None) is None:
+        from .models.quantization import quantize
+
+        quantize(model, args.quantize)
     vocab = model.config.vocab_size
     if args.ids is not None:
         ids = [int(t) for t in args.ids.split(",") if t.strip()]
@@ -87,8 +92,9 @@ def cmd_generate(args) -> int:
     model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0 and not args.greedy,
                    temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
                    min_p=args.min_p, repetition_penalty=args.repetition_penalty, eos_token_id=args.eos,
-                   seed=args.seed, streamer=show)
+                   seed=args.seed, streamer=show, decode_backend=args.decode_backend)
     sys.stdout.write("\n")
+    print(f"[decoding: {model.last_decode_backend} ({model.last_decode_backend_reason})]", file=sys.stderr)
     return 0
 
 
@@ -103,8 +109,37 @@ def cmd_compare(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
+    if args.decode or args.quantize:
+        from .bench import run_decode_bench
+
+        run_decode_bench(mixers=args.mixers, d_model=args.d_model, batch=args.batch, quantize=args.quantize,
+                         threads=args.threads)
+        return 0
     run_bench(mixers=args.mixers, d_model=args.d_model, length=args.length, batch=args.batch, threads=args.threads)
     return 0
+
+
+def cmd_build(args) -> int:
+    """Compile (or load from the cache) every C++ extension now, saying where and how long it took."""
+    import time
+
+    from .ops.decode import cpp as decode_cpp
+    from .ops.mamba import cpp as scan_cpp
+
+    failed = 0
+    for title, module in (("selective scan", scan_cpp), ("decoding kernels", decode_cpp)):
+        start = time.perf_counter()
+        print(f"ssmkit build: {title} ... ", end="", flush=True)
+        if module.is_available():
+            print(f"ready ({time.perf_counter() - start:.0f} s; cached in {scan_cpp.build_directory()})")
+        else:
+            failed += 1
+            print(f"FAILED: {module.build_error()}")
+    if failed:
+        print("ssmkit build: without these, ssmkit runs its PyTorch paths (backend='torch', "
+              "decode_backend='module'); install a C++ compiler (g++ or clang++) and ninja to get the fast ones.",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_convert(args) -> int:
@@ -158,6 +193,15 @@ def info() -> dict:
         backends["ssd"] = mamba2.available_backends()
     except Exception as err:  # noqa: BLE001
         backends["ssd"] = f"unavailable: {err}"
+    try:
+        from .ops.decode import cpp as decode_cpp
+
+        backends["decoding"] = ("fused (C++ kernels built) for float32 Mamba/Mamba-2 language models on the CPU "
+                                "with generate(decode_backend='auto' or 'fused'); 'module' otherwise"
+                                if decode_cpp.is_available() else
+                                f"module (the C++ decoding kernels could not be built: {decode_cpp.build_error()})")
+    except Exception as err:  # noqa: BLE001
+        backends["decoding"] = f"unavailable: {err}"
     try:
         from .ops._triton import triton_available
 
@@ -214,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--eos", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="quantise the weights before generating (per-channel int8; see ssmkit.quantize)")
+    p.add_argument("--decode-backend", choices=["auto", "fused", "module"], default="auto",
+                   help="how each new token runs: fused C++ layer steps, the PyTorch module step, or auto "
+                        "(fused where supported; the choice is printed on stderr)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="the main job: train several architectures on one task and compare them")
@@ -235,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--decode", action="store_true",
+                   help="time token-by-token decoding of a small LM instead: module step vs fused C++ step")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="with --decode (implied): also time the int8-quantised model")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("convert", help="convert a checkpoint (ssmkit, transformers, state-spaces) to another format")
@@ -264,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eos", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("build", help="compile the C++ kernels now (otherwise they compile at first use)")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("info", help="versions, available backends, threads")
     p.set_defaults(func=cmd_info)

@@ -164,11 +164,17 @@ class GenerationMixin:
                         eos_token_id: Optional[Union[int, Sequence[int]]] = None, seed: Optional[int] = None,
                         state: Optional[list] = None, attention_mask: Optional[torch.Tensor] = None,
                         prefill_chunk_size: Optional[int] = None, pad_token_id: int = 0,
+                        decode_backend: Optional[str] = None,
                         _result: Optional[dict] = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, (B,), as soon as it is chosen (see ``generate``)."""
+        from .decoding import FusedDecoder, resolve_decode_backend
+
         if self.config.head != "lm":
             raise ValueError(f"generate needs a language-model head; this model's head is {self.config.head!r}")
         _validate(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+        backend, why = resolve_decode_backend(self, decode_backend)
+        self.last_decode_backend, self.last_decode_backend_reason = backend, why
+        step = FusedDecoder(self).step if backend == "fused" else self.step
         prompts = _as_prompts(input_ids, attention_mask)
         logits, state = self.prefill(prompts, state, prefill_chunk_size)
         device = logits.device
@@ -201,14 +207,16 @@ class GenerationMixin:
             if not more and not want_state:
                 break
             # feed the token: its logits give the next choice, and the state then covers every generated token
-            logits, new_state = self.step(token, state)
+            logits, new_state = step(token, state)
             state = _freeze_rows(state, new_state, done) if done.any() else new_state
             logits = logits.float()
             done = done | finished_now
             if not more:
                 break
         if _result is not None:
-            _result["state"] = state
+            # the fused decoder's state lives in buffers it reuses: hand the caller its own copy
+            _result["state"] = [{k: v.clone() for k, v in layer.items()} for layer in state] \
+                if backend == "fused" else state
 
     def generate(self, input_ids: Union[torch.Tensor, Sequence], max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -217,7 +225,7 @@ class GenerationMixin:
                  streamer: Optional[Union[Callable[[torch.Tensor], None], object]] = None,
                  state: Optional[list] = None, attention_mask: Optional[torch.Tensor] = None,
                  prefill_chunk_size: Optional[int] = None, pad_token_id: int = 0,
-                 return_state: bool = False) -> GenerationOutput:
+                 return_state: bool = False, decode_backend: Optional[str] = None) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` tokens per row.
 
         Args:
@@ -233,12 +241,16 @@ class GenerationMixin:
             state: continue from this per-layer state (a previous ``generate(..., return_state=True)``).
             prefill_chunk_size: read the prompt in pieces of this many tokens.
             return_state: return the state after the last generated token, to continue later.
+            decode_backend: how each new token runs through the model (execution only: the tokens do not
+                depend on it): "module" (``model.step``; the default), "fused" (one C++ call per layer,
+                :mod:`ssmkit.models.decoding`) or "auto" (fused where supported and built); afterwards
+                ``model.last_decode_backend`` and ``model.last_decode_backend_reason`` say which ran and why.
         """
         result = {"want_state": return_state}
         tokens = []
         for token in self.generate_stream(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, min_p,
                                           repetition_penalty, eos_token_id, seed, state, attention_mask,
-                                          prefill_chunk_size, pad_token_id, _result=result):
+                                          prefill_chunk_size, pad_token_id, decode_backend, _result=result):
             tokens.append(token)
             if streamer is not None:
                 (streamer.put if hasattr(streamer, "put") else streamer)(token)

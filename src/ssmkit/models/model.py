@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.base import Mixer
+from ..ops.lm_loss import lm_loss_chunked
 from .blocks import Block, make_norm
 from .config import ModelConfig
 from .generation import GenerationMixin
@@ -131,7 +132,7 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs: Optional[torch.Tensor] = None,
                 state: Optional[ModelState] = None, return_state: bool = False,
                 labels: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None,
-                context: Any = None, **mixer_kwargs: Any) -> ModelOutput:
+                context: Any = None, loss_chunk_size: Optional[int] = None, **mixer_kwargs: Any) -> ModelOutput:
         """Run the whole sequence in parallel.
 
         Args:
@@ -144,6 +145,8 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
             context: context parallelism (:class:`ssmkit.parallel.ContextParallel`): the inputs are this rank's
                 slice of the sequence, and each layer starts from the state that ``context.receive(i, layer, h)``
                 returns and hands its final state to ``context.send_state(i, h, state)``. Not with ``state``.
+            loss_chunk_size: with LM ``labels``, compute the loss this many tokens of logits at a time and never
+                hold the full (B, L, V) logits or their gradient (execution only; ``logits`` is then None).
             mixer_kwargs: passed to every mixer (e.g. ``seq_idx`` / ``cu_seqlens`` for packed Mamba batches).
         """
         x = self._embed(input_ids if input_ids is not None else inputs)
@@ -166,6 +169,12 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
                 h = context.send_state(i, h, layer_state)
             new_states.append(layer_state)
             aux = aux + layer_aux.float()
+        if loss_chunk_size is not None and labels is not None and self.config.head == "lm":
+            # the loss without the (B, L, V) logits (ops.lm_loss): logits=None in the output
+            normed = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))[:, :-1]
+            loss = lm_loss_chunked(normed.reshape(-1, normed.shape[-1]), self.lm_head.weight,
+                                   labels[:, 1:].reshape(-1), chunk_size=loss_chunk_size)
+            return ModelOutput(logits=None, loss=loss, aux_loss=aux, state=new_states if return_state else None)
         logits = self._head(h, lengths)
         loss = self._loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, state=new_states if return_state else None)

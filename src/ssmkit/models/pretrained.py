@@ -7,6 +7,7 @@ local directories (nothing is downloaded): every format registered in :mod:`ssmk
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Union
 
@@ -14,14 +15,21 @@ import torch
 
 from . import io
 from .interop import format_of
+from .quantization import QUANTIZATION_FILE, quantize
 
 
 class PretrainedMixin:
     """Saving and loading for a model class built as ``cls(config: ModelConfig)`` with a ``config`` attribute."""
 
     def save_pretrained(self, directory: io.PathLike) -> Path:
-        """Write config.json + model.safetensors for this model atomically into ``directory``."""
-        return io.write_checkpoint_dir(directory, io.config_to_dict(self.config), io.unique_state_dict(self))
+        """Write config.json + model.safetensors for this model atomically into ``directory`` (and, for a
+        model made by :func:`ssmkit.quantize`, quantization.json: the method and the quantised modules)."""
+        quantization = getattr(self, "quantization", None)
+        extra = None
+        if quantization is not None:
+            def extra(tmp: Path) -> None:
+                (tmp / QUANTIZATION_FILE).write_text(json.dumps(quantization, indent=2) + "\n")
+        return io.write_checkpoint_dir(directory, io.config_to_dict(self.config), io.unique_state_dict(self), extra)
 
     @classmethod
     def from_pretrained(cls, directory: io.PathLike, dtype: Optional[torch.dtype] = None,
@@ -40,6 +48,10 @@ class PretrainedMixin:
             raise ValueError(f"{directory / io.CONFIG_FILE} is not a config this ssmkit can read{version}: "
                              f"{err}") from err
         model = cls(config)
+        quantization_path = directory / QUANTIZATION_FILE
+        if quantization_path.exists():  # a quantised checkpoint: the same int8 modules first, then the weights
+            spec = json.loads(quantization_path.read_text())
+            quantize(model, spec["method"], spec["modules"])
         weights = fmt.weights_to_ssmkit(io.read_weights(directory))
         io.load_weights_strict(model, weights, source=f"{fmt.name} checkpoint {directory}")
         if dtype is not None or device is not None:

@@ -108,6 +108,9 @@ def _load():
             ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
             logger.info("loading the C++ selective scan from %s (compiling it first if needed: about a minute, "
                         "once per machine)", directory)
+            if not any(directory.glob(f"{EXTENSION_NAME}*.so")):  # say so before blocking for a minute
+                print(f"ssmkit: compiling the C++ selective scan into {directory} (about a minute, once per machine; "
+                      "`ssmkit build` does this ahead of time)...", file=sys.stderr, flush=True)
             _module = cpp_extension.load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=flags,
                                          extra_ldflags=ldflags, build_directory=str(directory), verbose=False)
         except Exception as exc:  # any failure of compiler, linker or loader means "not available here"

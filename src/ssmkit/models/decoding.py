@@ -1,0 +1,194 @@
+"""Fused one-token decoding: the whole model's ``step`` with one C++ call per layer.
+
+``model.step`` runs each layer's PyTorch step (a dozen small ops and three to five matrix products per layer,
+each allocating its output). :class:`FusedDecoder` computes the same function with the fused kernels of
+:mod:`ssmkit.ops.decode`: per layer, one C++ call runs the whole block (RMSNorm -> fused mixer step ->
+residual add); then the final norm and the LM head through the same matrix-vector kernel. Intermediates live in buffers allocated once per batch size;
+the recurrent state alternates between two preallocated sets (the state passed in is never written, so
+generation can keep finished rows' states), and the logits between two buffers.
+
+Which path runs is an execution choice of ``generate(..., decode_backend=...)``, never part of a model config:
+
+==========  ==================================================================================
+"module"    ``model.step`` (every layer's PyTorch step); the default
+"fused"     :class:`FusedDecoder`; raises if the model is not supported here (see :func:`fused_support`)
+            or the C++ kernels cannot be built
+"auto"      "fused" where it is supported and builds, else "module"; ``model.last_decode_backend`` and
+            ``model.last_decode_backend_reason`` say which ran and why
+==========  ==================================================================================
+
+Supported: CPU, float32 models with a language-model head whose layers are all Mamba or Mamba-2 blocks
+without MLP, not bidirectional; weights float32 or int8 (:func:`ssmkit.quantize`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..layers.mamba import Mamba
+from ..layers.mamba2 import Mamba2
+
+DECODE_BACKENDS = ("module", "fused", "auto")
+
+
+def fused_support(model) -> Optional[str]:
+    """None if :class:`FusedDecoder` handles ``model``, else the reason it does not."""
+    cfg = model.config
+    if cfg.head != "lm" or cfg.vocab_size is None:
+        return f"the fused decoder needs a token model with an LM head; head={cfg.head!r}"
+    if cfg.bidirectional:
+        return "a bidirectional model has no recurrent step"
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return f"the fused decoder runs on the CPU; the model is on {device}"
+    for i, layer in enumerate(model.backbone.layers):
+        if not isinstance(layer.mixer, (Mamba, Mamba2)):
+            return f"layer {i} is a {type(layer.mixer).__name__}; the fused decoder covers Mamba and Mamba2 only"
+        if layer.mlp is not None:
+            return f"layer {i} has an MLP; the fused decoder covers mixer-only blocks"
+    if cfg.norm != "rmsnorm":
+        return f"the fused decoder covers RMSNorm blocks; norm={cfg.norm!r}"
+    for name, p in model.named_parameters():
+        if p.dtype != torch.float32:
+            return f"the fused decoder needs float32 parameters; {name} is {p.dtype}"
+    return None
+
+
+def _linear_args(module: nn.Module) -> List[torch.Tensor]:
+    """[weight (float32 or int8), scale (or empty), bias (or empty)] as the kernels take them."""
+    empty = torch.empty(0)
+    bias = module.bias.detach() if module.bias is not None else empty
+    if hasattr(module, "weight_int8"):
+        return [module.weight_int8, module.weight_scale, bias]
+    return [module.weight.detach().contiguous(), empty, bias]
+
+
+class FusedDecoder:
+    """``step(ids, state) -> (logits (B, V_padded), new_state)`` like ``SSMModel.step``, with fused kernels.
+
+    A snapshot of the model's weights (references, not copies, plus a few derived tensors such as
+    A = -exp(A_log)): build a new decoder after changing the weights. The logits and state returned live in
+    the decoder's buffers and are overwritten two steps later; clone them to keep them longer.
+    """
+
+    def __init__(self, model):
+        from ..ops.decode import cpp
+
+        reason = fused_support(model)
+        if reason is not None:
+            raise ValueError(reason)
+        self.ext = cpp.extension()  # RuntimeError naming the build error where no compiler is available
+        self.model = model
+        self.layers = []
+        for layer in model.backbone.layers:
+            m = layer.mixer
+            conv_w = m.conv1d.weight.detach()[:, 0, :].contiguous()          # (channels, d_conv)
+            conv_b = m.conv1d.bias.detach() if m.conv1d.bias is not None else torch.empty(0)
+            if isinstance(m, Mamba):
+                entry = dict(kind="mamba", in_proj=_linear_args(m.in_proj), conv_w=conv_w, conv_b=conv_b,
+                             x_proj=_linear_args(m.x_proj), dt_proj=_linear_args(m.dt_proj),
+                             A=(-torch.exp(m.A_log.detach())).contiguous(), D=m.D.detach(),
+                             out_proj=_linear_args(m.out_proj))
+            else:
+                lo, hi = m.dt_limit
+                norm_mode = 0 if not m.rmsnorm else (2 if m.norm.norm_before_gate else 1)
+                entry = dict(kind="mamba2", in_proj=_linear_args(m.in_proj), conv_w=conv_w, conv_b=conv_b,
+                             dt_bias=m.dt_bias.detach(), A=(-torch.exp(m.A_log.detach())).contiguous(),
+                             D=m.D.detach().reshape(-1), norm_w=m.norm.weight.detach() if m.rmsnorm else torch.empty(0),
+                             norm_mode=norm_mode, norm_eps=float(m.norm.eps) if m.rmsnorm else 0.0,
+                             norm_groups=(m.d_inner // m.norm.group_size) if m.rmsnorm else 1,
+                             dt_min=lo, dt_max=hi, clamp=(lo, hi) != (0.0, float("inf")),
+                             out_proj=_linear_args(m.out_proj))
+            entry.update(block=layer, mixer=m)
+            self.layers.append(entry)
+        self.head = _linear_args(model.lm_head)
+        self._batch = None
+
+    def _allocate(self, batch: int) -> None:
+        model = self.model
+        d = model.config.d_model
+        self._h = torch.empty(batch, d)
+        self._normed = torch.empty(batch, d)
+        self._y = torch.empty(batch, d)
+        self._states = [[], []]
+        self._buffers = []
+        for entry in self.layers:
+            m = entry["mixer"]
+            spec = m.state_spec(batch)
+            for s in self._states:
+                s.append({m.state_key(k): torch.zeros(shape) for k, (shape, _) in spec.items()})
+            if entry["kind"] == "mamba":
+                self._buffers.append(dict(xz=torch.empty(batch, 2 * m.d_inner), u=torch.empty(batch, m.d_inner),
+                                          x_dbl=torch.empty(batch, m.dt_rank + 2 * m.d_state),
+                                          delta=torch.empty(batch, m.d_inner), y=torch.empty(batch, m.d_inner)))
+            else:
+                self._buffers.append(dict(zxbcdt=torch.empty(batch, m.in_proj.out_features),
+                                          xbc=torch.empty(batch, m.conv_dim), y=torch.empty(batch, m.d_inner)))
+        self._logits = [torch.empty(batch, model.lm_head.out_features) for _ in range(2)]
+        # each layer's kernel call with everything but the state bound (the arguments before and after it)
+        self._calls = []
+        for entry, buffers in zip(self.layers, self._buffers):
+            m, norm = entry["mixer"], entry["block"].norm
+            head = (self._h, norm.weight.detach(), float(norm.eps), self._normed, entry["in_proj"], entry["conv_w"],
+                    entry["conv_b"])
+            if entry["kind"] == "mamba":
+                call = (self.ext.mamba_step,
+                        head + (entry["x_proj"], entry["dt_proj"], entry["A"], entry["D"], entry["out_proj"]),
+                        (buffers["xz"], buffers["u"], buffers["x_dbl"], buffers["delta"], buffers["y"], self._y))
+            else:
+                call = (self.ext.mamba2_step,
+                        head + (entry["dt_bias"], entry["A"], entry["D"], entry["norm_w"], entry["norm_mode"],
+                                entry["norm_eps"], entry["norm_groups"], entry["dt_min"], entry["dt_max"],
+                                entry["clamp"], entry["out_proj"], m.headdim, m.ngroups),
+                        (buffers["zxbcdt"], buffers["xbc"], buffers["y"], self._y))
+            self._calls.append(call + (m.state_key("conv"), m.state_key("ssm")))
+        self._next = 0
+        self._batch = batch
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, state: list) -> Tuple[torch.Tensor, list]:
+        """input_ids (B,) -> (logits (B, V_padded) float32, new state); same contract as ``SSMModel.step``."""
+        model = self.model
+        model._check_model_state(state)
+        batch = input_ids.shape[0]
+        if batch != self._batch:
+            self._allocate(batch)
+        out_set = self._next
+        first_key = next(iter(state[0])) if state[0] else None
+        if first_key is not None and state[0][first_key].data_ptr() == self._states[out_set][0][first_key].data_ptr():
+            out_set = 1 - out_set  # never overwrite the state we read
+        self._next = 1 - out_set
+        new_state = self._states[out_set]
+        h = self._h
+        h.copy_(model._embed(input_ids[:, None])[:, 0])
+        for (kernel, before, after, conv_key, ssm_key), old, new in zip(self._calls, state, new_state):
+            # h <- h + mixer(rmsnorm(h)), the state read from old and written to new
+            kernel(*before, old[conv_key].float().contiguous(), old[ssm_key].float().contiguous(), new[conv_key],
+                   new[ssm_key], *after)
+        logits = self._logits[out_set]
+        self.ext.linear_out(model.backbone.norm_f(h).contiguous(), *self.head, logits)
+        return logits, new_state
+
+
+def resolve_decode_backend(model, decode_backend: Optional[str]) -> Tuple[str, str]:
+    """(backend that will run, why) for ``generate``'s ``decode_backend`` argument (see the module docstring)."""
+    choice = "module" if decode_backend is None else decode_backend
+    if choice not in DECODE_BACKENDS:
+        raise ValueError(f"decode_backend must be one of {list(DECODE_BACKENDS)} or None; got {decode_backend!r}")
+    if choice == "module":
+        return "module", "requested" if decode_backend is not None else "the default"
+    reason = fused_support(model)
+    if choice == "fused":
+        if reason is not None:
+            raise ValueError(f"decode_backend='fused': {reason}")
+        return "fused", "requested"
+    if reason is not None:
+        return "module", f"auto: {reason}"
+    from ..ops.decode import cpp
+
+    if not cpp.is_available():
+        return "module", f"auto: the C++ decoding kernels could not be built ({cpp.build_error()})"
+    return "fused", "auto: supported model and the C++ kernels built"
