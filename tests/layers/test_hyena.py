@@ -91,3 +91,27 @@ def test_history_state_grows_and_l_max_is_enforced():
         assert "l_max=16" in str(err)
     else:
         raise AssertionError("a sequence past l_max was accepted")
+
+
+def test_distilled_half_precision_model_matches_float64():
+    """A bfloat16 DistilledHyena (no autocast) follows layers/base.py's precision rule, as the contract's
+    half-precision row checks for registered mixers: output in bfloat16, float32 core, a complex64 state z and
+    a bfloat16 conv cache, forward and step within 4 u (u = 2^-8) of the float64 twin of the rounded model."""
+    import copy
+
+    u = 2.0 ** -8
+    half = make(order=3).distill(n_modes=8).to(torch.bfloat16)
+    exact = copy.deepcopy(half).double()
+    x64 = torch.randn(2, 30, 8, dtype=DT).to(torch.bfloat16).double()
+    with torch.no_grad():
+        _, state0 = half(x64[:, :10].to(torch.bfloat16), return_state=True)
+        assert {k: v.dtype for k, v in state0.items()} == {"hyena_distilled.conv": torch.bfloat16,
+                                                           "hyena_distilled.z": torch.complex64}
+        y, state = half(x64[:, 10:].to(torch.bfloat16), state0, return_state=True)
+        y_steps, _ = run_steps(half, x64[:, 10:].to(torch.bfloat16), state0)
+        y_ref = exact(x64[:, 10:], {k: v.to(torch.float64 if v.is_floating_point() else torch.complex128)
+                                    for k, v in state0.items()})
+    assert y.dtype == torch.bfloat16 and {k: v.dtype for k, v in state.items()} == \
+        {k: v.dtype for k, v in state0.items()}
+    assert_close_scaled(y.double(), y_ref, 4 * u, "bfloat16 distilled forward")
+    assert_close_scaled(y_steps.double(), y_ref, 4 * u, "bfloat16 distilled steps")

@@ -112,12 +112,15 @@ class H3(Mixer):
         return f"d_model={self.d_model}, d_state={self.d_state}, head_dim={self.head_dim}, n_heads={self.n_heads}"
 
     def discrete_parameters(self) -> H3System:
-        """The discrete shift and diagonal (ZOH) systems; the one source for the FFT pass and the step."""
-        dt = torch.exp(self.log_dt)  # (H,)
-        A = torch.complex(-torch.exp(self.A_log_re), self.A_im)  # (H, N2)
-        _, Bbar = discretize_diag(A, torch.view_as_complex(self.B), dt, "zoh")
-        return H3System(self.ssm_k_B, self.ssm_k_C, self.ssm_k_D, dt[:, None] * A, Bbar,
-                        torch.view_as_complex(self.C), self.D)
+        """The discrete shift and diagonal (ZOH) systems; the one source for the FFT pass and the step. Computed
+        in float32 (complex64) for a half-precision model: there is no complex bfloat16, and the FFT
+        convolutions and the recurrence run in float32 (layers/base.py, Precision)."""
+        dt = torch.exp(to_core_dtype(self.log_dt))  # (H,)
+        A = torch.complex(-torch.exp(to_core_dtype(self.A_log_re)), to_core_dtype(self.A_im))  # (H, N2)
+        _, Bbar = discretize_diag(A, torch.view_as_complex(to_core_dtype(self.B)), dt, "zoh")
+        shift_B, shift_C, shift_D = (to_core_dtype(p) for p in (self.ssm_k_B, self.ssm_k_C, self.ssm_k_D))
+        C = torch.view_as_complex(to_core_dtype(self.C))
+        return H3System(shift_B, shift_C, shift_D, dt[:, None] * A, Bbar, C, to_core_dtype(self.D))
 
     def state_spec(self, batch_size: int):
         d = self.head_dim
@@ -139,6 +142,7 @@ class H3(Mixer):
 
     def _step(self, x_t: torch.Tensor, state: State):
         q, k, v = (proj(x_t) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y, shift, kv = h3_step(q, k, v, self.discrete_parameters(), self.head_dim,
-                               state[self.state_key("shift")], state[self.state_key("kv")])
-        return self.output_linear(y), {self.state_key("shift"): shift, self.state_key("kv"): kv}
+        with ssm_core_precision(x_t):  # in float32 under autocast and in a half-precision model
+            y, shift, kv = h3_step(*(to_core_dtype(t) for t in (q, k, v)), self.discrete_parameters(),
+                                   self.head_dim, state[self.state_key("shift")], state[self.state_key("kv")])
+        return self.output_linear(y.to(x_t.dtype)), {self.state_key("shift"): shift, self.state_key("kv"): kv}

@@ -58,7 +58,7 @@ from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.rglru import BACKENDS as RGLRU_BACKENDS
 from ..ops.rglru import rglru, rglru_step
-from .base import Mixer, State, ssm_core_precision, to_core_dtype
+from .base import Mixer, State, ssm_core_precision, state_dtype, to_core_dtype
 from .registry import register_mixer
 
 
@@ -157,9 +157,17 @@ class Hawk(Mixer):
                 f"conv_width={self.conv_width}, backend={self.backend!r}")
 
     def state_spec(self, batch_size: int):
-        return {"conv": ((batch_size, self.lru_width, self.conv_width - 1), "real"),
+        return {"conv": ((batch_size, self.lru_width, self.conv_width - 1), "cache"),
                 "h": ((batch_size, self.lru_width), "real"),
                 "pos": ((batch_size,), "index")}
+
+    def _conv_parameters(self):
+        """Weight (W, 1, width) and bias (W,) of the convolution in the core's dtype (float32 for a half model)."""
+        return to_core_dtype(self.conv_1d.weight), to_core_dtype(self.conv_1d.bias)
+
+    def _rglru_parameters(self):
+        """The RG-LRU's parameters in the core's dtype, in the order :func:`ssmkit.ops.rglru.rglru` takes them."""
+        return tuple(to_core_dtype(p) for p in self.rg_lru.parameters_in_order())
 
     # ----------------------------------------------------------------------------------------------
     def _forward(self, x, state, return_state, seq_idx=None):
@@ -175,14 +183,13 @@ class Hawk(Mixer):
         reset[:, 0] = pos == 0
         if seq_idx is not None:
             reset[:, 1:] |= seq_idx[:, 1:] != seq_idx[:, :-1]
-        with ssm_core_precision(x):  # conv and recurrence in float32 under autocast
+        with ssm_core_precision(x):  # conv and recurrence in float32 under autocast and in a half-precision model
             conv_in = to_core_dtype(u).transpose(1, 2)                           # (B, W, L) view
-            out = causal_conv1d(conv_in, self.conv_1d.weight, self.conv_1d.bias,
+            out = causal_conv1d(conv_in, *self._conv_parameters(),
                                 None if conv_state is None else to_core_dtype(conv_state), seq_idx,
                                 return_final_state=return_state)
             u, conv_final = out if return_state else (out, None)
-            h, h_final = rglru(u.transpose(1, 2), *self.rg_lru.parameters_in_order(),
-                               initial_state=None if h0 is None else to_core_dtype(h0), reset=reset,
+            h, h_final = rglru(u.transpose(1, 2), *self._rglru_parameters(), initial_state=h0, reset=reset,
                                return_final_state=True)
         out = self.linear_out(h.to(y_branch.dtype) * y_branch)                  # (B, L, d_model)
         if not return_state:
@@ -194,14 +201,18 @@ class Hawk(Mixer):
             steps = torch.arange(length, device=x.device).expand(batch, length)
             last_start = torch.where(boundary, steps, torch.zeros_like(steps)).amax(1)
             pos_final = torch.where(boundary.any(1), length - last_start, pos + length)
-        return out, {self.state_key("conv"): conv_final.to(x.dtype), self.state_key("h"): h_final.to(x.dtype),
-                     self.state_key("pos"): pos_final}
+        # the conv window holds inputs already rounded to x's dtype: exact in a "cache" of that dtype
+        return out, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
+                     self.state_key("h"): h_final.to(state_dtype(x.dtype)), self.state_key("pos"): pos_final}
 
     def _step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         pos = state[self.state_key("pos")]
         y_branch = F.gelu(self.linear_y(x_t), approximate="tanh")               # (B, W)
-        u, conv_state = causal_conv1d_update(self.linear_x(x_t), state[self.state_key("conv")],
-                                             self.conv_1d.weight, self.conv_1d.bias)
-        h = rglru_step(u, state[self.state_key("h")], *self.rg_lru.parameters_in_order(), reset=pos == 0)
-        out = self.linear_out(h * y_branch)
-        return out, {self.state_key("conv"): conv_state, self.state_key("h"): h, self.state_key("pos"): pos + 1}
+        with ssm_core_precision(x_t):  # as in forward: conv and recurrence in float32 under autocast / half
+            u, conv_state = causal_conv1d_update(to_core_dtype(self.linear_x(x_t)),
+                                                 to_core_dtype(state[self.state_key("conv")]),
+                                                 *self._conv_parameters())
+            h = rglru_step(u, state[self.state_key("h")], *self._rglru_parameters(), reset=pos == 0)
+        out = self.linear_out(h.to(y_branch.dtype) * y_branch)
+        return out, {self.state_key("conv"): conv_state.to(state_dtype(x_t.dtype, "cache")), self.state_key("h"): h,
+                     self.state_key("pos"): pos + 1}

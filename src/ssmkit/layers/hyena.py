@@ -51,12 +51,13 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .._checks import check_positive_int
 from ..ops import causal_conv1d, causal_conv1d_update, fft_conv
 from ..ops.hyena import fit_modal, hyena_recurrence
 from ..ops.lti_kernels import final_state, initial_state_response, kernel_vandermonde
-from .base import Mixer, State, ssm_core_precision, to_core_dtype
+from .base import Mixer, State, ssm_core_precision, state_dtype, to_core_dtype
 from .registry import register_mixer
 
 
@@ -82,10 +83,13 @@ class PositionalEmbedding(nn.Module):
         angle = 2 * math.pi * torch.arange(l_max, dtype=torch.float32)[:, None] / l_max
         f = torch.linspace(1e-4, bands - 1, bands)[None, :]
         self.z = nn.Parameter(torch.cat([t, torch.cos(f * angle), -torch.sin(f * angle)], -1))  # (L, emb_dim)
-        self.register_buffer("t", t, persistent=False)
+        self.l_max = l_max
 
     def forward(self, L: int):
-        return self.z[:L], self.t[:L]
+        """z[:L] (L, emb_dim) and the positions t (L, 1) in [0, 1], the latter in float32 for a half-precision
+        model: they are constants, not parameters, and rounding them to 8 bits would shift the window."""
+        t = torch.arange(L, device=self.z.device, dtype=to_core_dtype(self.z).dtype)[:, None] / (self.l_max - 1)
+        return self.z[:L], t
 
 
 class ExponentialModulation(nn.Module):
@@ -118,10 +122,17 @@ class HyenaFilter(nn.Module):
         self.modulation = ExponentialModulation(channels)
         self.bias = nn.Parameter(torch.randn(channels))
 
-    def filter(self, L: int) -> torch.Tensor:
-        """(L, channels): the filters at lags 0 .. L-1."""
+    def forward(self, L: int) -> torch.Tensor:
+        """(L, channels): the filters at lags 0 .. L-1, in the dtype of the parameters."""
         z, t = self.pos_emb(L)
-        return self.modulation(t, self.implicit_filter(z))
+        return self.modulation(t.to(z.dtype), self.implicit_filter(z))
+
+    def filter(self, L: int) -> torch.Tensor:
+        """(L, channels): the filters at lags 0 .. L-1 as the long convolutions use them: computed in float32
+        for a half-precision model (the kernels of the core; layers/base.py, Precision), by running
+        :meth:`forward` on float32 copies of the parameters and buffers, so gradients reach the originals."""
+        core = {name: to_core_dtype(tensor) for name, tensor in (*self.named_parameters(), *self.named_buffers())}
+        return functional_call(self, core, (L,))
 
 
 @register_mixer("hyena")
@@ -171,23 +182,29 @@ class Hyena(Mixer):
 
     # ----------------------------------------------------------------------------------------------
     def long_filters(self, L: int):
-        """filters (order - 1, D, L) and skip terms (order - 1, D) of the long convolutions."""
+        """filters (order - 1, D, L) and skip terms (order - 1, D) of the long convolutions, in float32 for a
+        half-precision model."""
         if L > self.l_max:
             raise ValueError(f"Hyena's filters are defined up to l_max={self.l_max} tokens (history included); "
                              f"got {L}")
         h = self.filter_fn.filter(L)  # (L, (order - 1) D), channel n D + d
-        return h.T.reshape(self.order - 1, self.d_model, L), self.filter_fn.bias.view(self.order - 1, self.d_model)
+        bias = to_core_dtype(self.filter_fn.bias).view(self.order - 1, self.d_model)
+        return h.T.reshape(self.order - 1, self.d_model, L), bias
 
     def _gated_inputs(self, x: torch.Tensor, conv_state: Optional[torch.Tensor]):
-        """x (B, L, D) -> gates (order, B, D, L), v (B, D, L), final short-conv state (B, inner, width-1)."""
-        u = to_core_dtype(self.in_proj(x)).transpose(1, 2)  # (B, (order + 1) D, L), float32 under autocast
-        u, conv_final = causal_conv1d(u, self.short_filter.weight, self.short_filter.bias, conv_state,
+        """x (B, L, D) -> gates (order, B, D, L), v (B, D, L), final short-conv state (B, inner, width-1).
+        The convolution and everything after it run in float32 under autocast and in a half-precision model."""
+        u = to_core_dtype(self.in_proj(x)).transpose(1, 2)  # (B, (order + 1) D, L)
+        u, conv_final = causal_conv1d(u, *_short_filter_parameters(self.short_filter),
+                                      None if conv_state is None else to_core_dtype(conv_state),
                                       return_final_state=True)
         *gates, v = u.split(self.d_model, dim=1)
-        return torch.stack(gates), v, conv_final
+        return torch.stack(gates), v, conv_final.to(state_dtype(x.dtype, "cache"))
 
     def state_spec(self, batch_size: int):
-        return {"conv": ((batch_size, (self.order + 1) * self.d_model, self.short_filter_order - 1), "real"),
+        # conv: the last inputs of the short convolution, kept exactly; history: products of gates computed
+        # in the core's precision (float32 in a half-precision model), the inputs of the long convolutions
+        return {"conv": ((batch_size, (self.order + 1) * self.d_model, self.short_filter_order - 1), "cache"),
                 "history": ((batch_size, self.order - 1, self.d_model, None), "real")}
 
     def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
@@ -218,26 +235,29 @@ class Hyena(Mixer):
         new_state = None
         if return_state:
             new_history = inputs if history is None else torch.cat([history, inputs.to(history.dtype)], -1)
-            new_state = {self.state_key("conv"): conv_final, self.state_key("history"): new_history.to(x.dtype)}
+            new_state = {self.state_key("conv"): conv_final,
+                         self.state_key("history"): new_history.to(state_dtype(x.dtype))}
         return self.out_proj(y.transpose(1, 2).to(x.dtype)), new_state
 
     def _step(self, x_t: torch.Tensor, state: State):
         history = state[self.state_key("history")]
         past = history.shape[-1]
         u_all = to_core_dtype(self.in_proj(x_t))  # (B, inner)
-        u_all, conv = causal_conv1d_update(u_all, state[self.state_key("conv")], self.short_filter.weight,
-                                           self.short_filter.bias)
-        *gates, v = u_all.split(self.d_model, dim=1)
-        filters, bias = self.long_filters(past + 1)
-        u, inputs = v, []
-        for n in range(self.order - 1):
-            w_t = u * gates[self.order - 1 - n]  # (B, D)
-            inputs.append(w_t)
-            full = torch.cat([history[:, n], w_t[..., None]], -1)  # (B, D, T + 1)
-            u = (filters[n].flip(-1) * full).sum(-1) + bias[n] * w_t  # sum_s h_{T - s} w_s
-        y = u * gates[0]
-        new_history = torch.cat([history, torch.stack(inputs, 1)[..., None]], -1)
-        return self.out_proj(y), {self.state_key("conv"): conv, self.state_key("history"): new_history}
+        with ssm_core_precision(x_t):  # as in forward: float32 under autocast and in a half-precision model
+            u_all, conv = causal_conv1d_update(u_all, to_core_dtype(state[self.state_key("conv")]),
+                                               *_short_filter_parameters(self.short_filter))
+            *gates, v = u_all.split(self.d_model, dim=1)
+            filters, bias = self.long_filters(past + 1)
+            u, inputs = v, []
+            for n in range(self.order - 1):
+                w_t = u * gates[self.order - 1 - n]  # (B, D)
+                inputs.append(w_t)
+                full = torch.cat([history[:, n], w_t[..., None]], -1)  # (B, D, T + 1)
+                u = (filters[n].flip(-1) * full).sum(-1) + bias[n] * w_t  # sum_s h_{T - s} w_s
+            y = u * gates[0]
+            new_history = torch.cat([history, torch.stack(inputs, 1)[..., None].to(history.dtype)], -1)
+        return self.out_proj(y.to(x_t.dtype)), {self.state_key("conv"): conv.to(state_dtype(x_t.dtype, "cache")),
+                                                self.state_key("history"): new_history}
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -273,8 +293,9 @@ class DistilledHyena(Mixer):
         self.order, self.n_modes = source.order, poles.shape[-1]
         self.in_proj, self.out_proj, self.short_filter = source.in_proj, source.out_proj, source.short_filter
         self.bias = source.filter_fn.bias
-        dtype = source.filter_fn.bias.dtype
-        # real views, so .to(dtype) converts them with the rest of the module
+        # float32 for a half-precision source (the fit ran on float32 filters, and lambda^t over thousands of
+        # steps needs the precision); real views, so a later .to(dtype) converts them with the rest of the module
+        dtype = to_core_dtype(source.filter_fn.bias).dtype
         self.register_buffer("log_poles", torch.view_as_real(torch.log(poles)).to(dtype))
         self.register_buffer("residues", torch.view_as_real(residues).to(dtype))
         self.register_buffer("error", error.to(dtype))
@@ -284,50 +305,61 @@ class DistilledHyena(Mixer):
         return self.error
 
     def modes(self):
-        """log lambda and R, each (order - 1, D, n) complex."""
-        return torch.view_as_complex(self.log_poles), torch.view_as_complex(self.residues)
+        """log lambda and R, each (order - 1, D, n) complex (complex64 for a half-precision model)."""
+        return torch.view_as_complex(to_core_dtype(self.log_poles)), torch.view_as_complex(to_core_dtype(self.residues))
 
     def state_spec(self, batch_size: int):
         width = self.short_filter.weight.shape[-1]
-        return {"conv": ((batch_size, (self.order + 1) * self.d_model, width - 1), "real"),
+        return {"conv": ((batch_size, (self.order + 1) * self.d_model, width - 1), "cache"),
                 "z": ((batch_size, self.order - 1, self.d_model, self.n_modes), "complex")}
 
     def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
         conv0 = state[self.state_key("conv")] if state is not None else None
         z0 = state[self.state_key("z")] if state is not None else None
         u = to_core_dtype(self.in_proj(x)).transpose(1, 2)
-        u, conv_final = causal_conv1d(u, self.short_filter.weight, self.short_filter.bias, conv0,
-                                      return_final_state=True)
-        *gates, v = u.split(self.d_model, dim=1)
-        log_poles, residues = self.modes()
-        bias = self.bias.view(self.order - 1, self.d_model)
-        L = x.shape[1]
-        u, finals = v, []
-        for n in range(self.order - 1):
-            w = u * gates[self.order - 1 - n]
-            ones = torch.ones_like(residues[n])
-            u = fft_conv(w, kernel_vandermonde(log_poles[n], ones, residues[n] / 2, L), bias[n])
-            if z0 is not None:
-                u = u + initial_state_response(log_poles[n], residues[n] / 2, z0[:, n], L)
-            if return_state:
-                finals.append(final_state(log_poles[n], ones, w, None if z0 is None else z0[:, n]))
-        y = self.out_proj((u * gates[0]).transpose(1, 2))
+        with ssm_core_precision(x):  # as Hyena: float32 under autocast and in a half-precision model
+            u, conv_final = causal_conv1d(u, *_short_filter_parameters(self.short_filter),
+                                          None if conv0 is None else to_core_dtype(conv0), return_final_state=True)
+            *gates, v = u.split(self.d_model, dim=1)
+            log_poles, residues = self.modes()
+            bias = to_core_dtype(self.bias).view(self.order - 1, self.d_model)
+            L = x.shape[1]
+            u, finals = v, []
+            for n in range(self.order - 1):
+                w = u * gates[self.order - 1 - n]
+                ones = torch.ones_like(residues[n])
+                u = fft_conv(w, kernel_vandermonde(log_poles[n], ones, residues[n] / 2, L), bias[n])
+                if z0 is not None:
+                    u = u + initial_state_response(log_poles[n], residues[n] / 2, z0[:, n], L)
+                if return_state:
+                    finals.append(final_state(log_poles[n], ones, w, None if z0 is None else z0[:, n]))
+            y = u * gates[0]
         new_state = None
         if return_state:
-            new_state = {self.state_key("conv"): conv_final, self.state_key("z"): torch.stack(finals, 1)}
-        return y, new_state
+            new_state = {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
+                         self.state_key("z"): torch.stack(finals, 1).to(state_dtype(x.dtype, "complex"))}
+        return self.out_proj(y.transpose(1, 2).to(x.dtype)), new_state
 
     def _step(self, x_t: torch.Tensor, state: State):
-        u_all, conv = causal_conv1d_update(to_core_dtype(self.in_proj(x_t)), state[self.state_key("conv")],
-                                           self.short_filter.weight, self.short_filter.bias)
-        *gates, v = u_all.split(self.d_model, dim=1)
-        log_poles, residues = self.modes()
-        bias = self.bias.view(self.order - 1, self.d_model)
-        z = state[self.state_key("z")]
-        u, zs = v, []
-        for n in range(self.order - 1):
-            w = u * gates[self.order - 1 - n]
-            z_n = torch.exp(log_poles[n]) * z[:, n] + w[..., None]
-            zs.append(z_n)
-            u = (residues[n] * z_n).sum(-1).real + bias[n] * w
-        return self.out_proj(u * gates[0]), {self.state_key("conv"): conv, self.state_key("z"): torch.stack(zs, 1)}
+        u_all = to_core_dtype(self.in_proj(x_t))  # (B, inner)
+        with ssm_core_precision(x_t):
+            u_all, conv = causal_conv1d_update(u_all, to_core_dtype(state[self.state_key("conv")]),
+                                               *_short_filter_parameters(self.short_filter))
+            *gates, v = u_all.split(self.d_model, dim=1)
+            log_poles, residues = self.modes()
+            bias = to_core_dtype(self.bias).view(self.order - 1, self.d_model)
+            z = state[self.state_key("z")]
+            u, zs = v, []
+            for n in range(self.order - 1):
+                w = u * gates[self.order - 1 - n]
+                z_n = torch.exp(log_poles[n]) * z[:, n] + w[..., None]
+                zs.append(z_n)
+                u = (residues[n] * z_n).sum(-1).real + bias[n] * w
+            y = u * gates[0]
+        return self.out_proj(y.to(x_t.dtype)), {self.state_key("conv"): conv.to(state_dtype(x_t.dtype, "cache")),
+                                                self.state_key("z"): torch.stack(zs, 1)}
+
+
+def _short_filter_parameters(conv: nn.Conv1d):
+    """Weight and bias of the short depthwise convolution in the core's dtype (float32 for a half model)."""
+    return to_core_dtype(conv.weight), None if conv.bias is None else to_core_dtype(conv.bias)
