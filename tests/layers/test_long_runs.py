@@ -30,7 +30,9 @@ NON_DECAYING = {"linear_attention"}
 
 
 def _state_norm(state):
-    return sum(float(v.abs().double().pow(2).sum()) for v in state.values()) ** 0.5
+    """Norm of the recurrent state (integer entries, such as Hawk's position counter, are not state values)."""
+    return sum(float(v.abs().double().pow(2).sum()) for v in state.values()
+               if v.is_floating_point() or v.is_complex()) ** 0.5
 
 
 def run_long(name, total_steps, seed=0):

@@ -22,7 +22,7 @@ import torch
 
 from .._checks import check_shape, check_tensor
 
-__all__ = ["triton_available", "load_kernels", "real_associative_scan", "INTERPRETER_SHIM_VERSIONS"]
+__all__ = ["triton_available", "auto_picks_triton", "load_kernels", "real_associative_scan", "INTERPRETER_SHIM_VERSIONS"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -37,6 +37,14 @@ def _triton_import_error():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         return exc
     return None
+
+
+def auto_picks_triton(t, inference_only: bool = False) -> bool:
+    """The "auto" rule shared by every op with a Triton backend: CUDA tensors of a dtype the kernels take
+    (float32, bfloat16, float16; float64 stays on the PyTorch paths), without gradients for the one-token
+    (inference-only) kernels, and triton importable."""
+    return (isinstance(t, torch.Tensor) and t.is_cuda and t.dtype in _SUPPORTED_DTYPES
+            and not (inference_only and torch.is_grad_enabled()) and triton_available())
 
 
 def triton_available(device=None) -> bool:

@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._triton import _check_runnable, load_kernels, triton_available
+from .._triton import _check_runnable, auto_picks_triton, load_kernels, triton_available
 from ..backends import last_backend as _last_backend
 from ..backends import register_op, resolve
 from .args import ACTIVATIONS, check_seq_idx, packed_seq_idx
@@ -87,7 +87,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Returns:
         y (batch, dim, L), and the final state (batch, dim, width-1) when ``return_final_state``.
     """
-    if resolve("causal_conv1d", backend, lambda: "triton" if x.is_cuda and triton_available() else "torch") == "triton":
+    if resolve("causal_conv1d", backend, lambda: "triton" if auto_picks_triton(x) else "torch") == "triton":
         return causal_conv1d_triton(x, weight, bias, initial_state, seq_idx, activation, return_final_state)
     return causal_conv1d_torch(x, weight, bias, initial_state, seq_idx, activation, return_final_state)
 
@@ -101,8 +101,8 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     ``backend``: "torch", "triton" (fused GPU kernel, inference only) or None / "auto" (the
     :func:`ssmkit.ops.use_backend` context, else "triton" for CUDA tensors without gradients, else "torch").
     """
-    if resolve("causal_conv1d_update", backend, lambda: "triton" if x.is_cuda and not torch.is_grad_enabled()
-               and triton_available() else "torch") == "triton":
+    if resolve("causal_conv1d_update", backend,
+               lambda: "triton" if auto_picks_triton(x, inference_only=True) else "torch") == "triton":
         return causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
     return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
 

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 
 from ..backends import last_backend as _last_backend
 from ..backends import register_op, resolve
-from .._triton import _check_runnable, load_kernels, triton_available
+from .._triton import _check_runnable, auto_picks_triton, load_kernels, triton_available
 from . import cpp as _cpp
 from .args import mixed_precision
 from .chunked import flush_denormals, selective_scan_chunked
@@ -75,7 +74,7 @@ def last_backend() -> str | None:
 def _auto(u) -> str:
     global _warned_auto_fallback
     if u.is_cuda:
-        return "triton" if triton_available() else "torch"
+        return "triton" if auto_picks_triton(u) else "torch"
     if not _cpp.supports(u):
         return "torch"  # the C++ kernel exists only for CPU float32/float64
     if _cpp.is_available():
@@ -148,7 +147,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     CUDA tensors when triton imports and gradients are off, else "torch".
     """
     name = resolve("selective_state_update", backend,
-                   lambda: "triton" if x.is_cuda and not torch.is_grad_enabled() and triton_available() else "torch")
+                   lambda: "triton" if auto_picks_triton(x, inference_only=True) else "torch")
     if name == "triton":
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -16,11 +16,10 @@ Backends of :func:`ssd` (``backend=``):
 
 from __future__ import annotations
 
-import torch
 
 from ..backends import last_backend as _last_backend
 from ..backends import register_op, resolve
-from .._triton import _check_runnable, load_kernels, triton_available
+from .._triton import _check_runnable, auto_picks_triton, load_kernels, triton_available
 from .args import DEFAULT_DT_LIMIT
 from .chunked import ssd_chunked, ssd_state_update_torch
 from .reference import ssd_ref, ssd_state_update_ref
@@ -67,8 +66,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
         y (batch, L, heads, headdim) in x's dtype, or ``(y, final_states)`` with final_states
         (batch, heads, headdim, N) in float32 (float64 for float64 inputs).
     """
-    chosen = resolve("ssd", backend, lambda: "triton" if isinstance(x, torch.Tensor) and x.is_cuda
-                     and triton_available() else "torch")
+    chosen = resolve("ssd", backend, lambda: "triton" if auto_picks_triton(x) else "torch")
     if chosen == "triton":
         fn = ssd_triton
     else:
@@ -89,8 +87,8 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     modified. ``backend``: "torch", "triton" (fused GPU kernel, inference only) or "auto" ("triton" for CUDA
     tensors when triton imports and gradients are off, else "torch").
     """
-    chosen = resolve("ssd_state_update", backend, lambda: "triton" if x.is_cuda and not torch.is_grad_enabled()
-                     and triton_available() else "torch")
+    chosen = resolve("ssd_state_update", backend,
+                     lambda: "triton" if auto_picks_triton(x, inference_only=True) else "torch")
     if chosen == "triton":
         return ssd_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                        dt_limit=dt_limit)
