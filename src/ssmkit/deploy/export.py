@@ -41,6 +41,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..utils.process import process_settings
 from . import require
 
 FORMATS = ("onnx", "pt2")
@@ -295,7 +296,7 @@ def export_recurrence(model, directory, format: str = "onnx", batch_size: int = 
                 skipped["prefill"] = ("the parallel form computes in complex numbers from the inputs, and the ONNX "
                                       "exporter lowers too few complex operations; prompts are read with the step")
                 continue
-            with torch.no_grad(), warnings.catch_warnings():
+            with torch.no_grad(), warnings.catch_warnings(), process_settings():  # the exporter may touch them
                 # the unlifted module says it is in training mode; the model was put in eval mode above
                 warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
                 program = torch.onnx.export(folded, (inputs,) + state, dynamo=True, input_names=names_in,
@@ -354,8 +355,10 @@ class ExportedRecurrence:
             if threads is not None:
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1
-            self._programs = {k: ort.InferenceSession(str(directory / f), options, providers=["CPUExecutionProvider"])
-                              for k, f in files.items()}
+            with process_settings():  # onnxruntime resets the thread's denormal mode: put it back
+                self._programs = {k: ort.InferenceSession(str(directory / f), options,
+                                                          providers=["CPUExecutionProvider"])
+                                  for k, f in files.items()}
         else:
             self._programs = {k: torch.export.load(str(directory / f)).module() for k, f in files.items()}
 
@@ -369,7 +372,8 @@ class ExportedRecurrence:
             return out[0], list(out[1:])
         feeds = {"inputs": inputs.numpy()}
         feeds.update({e.name: _onnx_view(t).numpy() for e, t in zip(self.layout, state)})
-        out = self._programs[name].run(None, feeds)
+        with process_settings():  # (as above: a run may change the calling thread's denormal mode)
+            out = self._programs[name].run(None, feeds)
         new_state = []
         for entry, value in zip(self.layout, out[1:]):
             t = torch.from_numpy(value)
