@@ -373,3 +373,8 @@ def test_mixer_step_matches_forward(name, backend, batch, length, prefix, seed):
     assert_close_scaled(torch.stack(steps, 1), y, tol)
     for key in final:
         assert_close_scaled(state[key], final[key], tol)
+
+
+# Whole module: subprocesses, exports or many drawn cases (tens of seconds); `make test` and CI run it,
+# `make test-fast` does not.
+pytestmark = pytest.mark.slow

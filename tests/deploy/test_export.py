@@ -136,3 +136,8 @@ def test_runner_refuses_ids_outside_vocabulary(tmp_path):
 def test_missing_extra_names_it():
     with pytest.raises(ImportError, match=r"pip install 'ssmkit\[deploy\]'"):
         require("ssmkit_no_such_package", "ONNX export")
+
+
+# Whole module: subprocesses, exports or many drawn cases (tens of seconds); `make test` and CI run it,
+# `make test-fast` does not.
+pytestmark = pytest.mark.slow

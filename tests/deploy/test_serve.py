@@ -230,3 +230,8 @@ def test_killed_mid_spill_loses_no_committed_session(tmp_path):
     state = SessionStore(tmp_path, "fp").get("s")
     values = state[0]["big"].unique()
     assert values.numel() == 1 and int(values) == committed == 2
+
+
+# Whole module: subprocesses, exports or many drawn cases (tens of seconds); `make test` and CI run it,
+# `make test-fast` does not.
+pytestmark = pytest.mark.slow

@@ -74,3 +74,8 @@ def test_long_recurrence_ci(name):
 @pytest.mark.parametrize("name", CONSTANT_STATE)
 def test_long_recurrence_million_steps(name):
     run_long(name, 1_000_000)
+
+
+# Whole module: subprocesses, exports or many drawn cases (tens of seconds); `make test` and CI run it,
+# `make test-fast` does not.
+pytestmark = pytest.mark.slow

@@ -130,3 +130,8 @@ def test_state_and_context_are_not_combined():
     model = SSMModel(ModelConfig(d_model=16, n_layers=1, vocab_size=8))
     with pytest.raises(ValueError, match="state and context cannot be combined"):
         model(torch.zeros(1, 4, dtype=torch.long), state=model.init_state(1), context=object())
+
+
+# Whole module: subprocesses, exports or many drawn cases (tens of seconds); `make test` and CI run it,
+# `make test-fast` does not.
+pytestmark = pytest.mark.slow

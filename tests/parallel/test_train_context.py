@@ -122,3 +122,8 @@ def test_context_parallel_refuses_one_process_and_non_lm_tasks(tmp_path):
     run = load_run_config(None, ARGS + [f"train.out_dir={tmp_path}", "parallel.context=2"])
     with pytest.raises(ValueError, match=r"parallel.context=2 needs 2 processes"):
         train(run)
+
+
+# Whole module: subprocesses, exports or many drawn cases (tens of seconds); `make test` and CI run it,
+# `make test-fast` does not.
+pytestmark = pytest.mark.slow

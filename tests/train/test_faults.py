@@ -192,3 +192,8 @@ def test_vocabulary_mismatch_is_named(one_checkpoint, tmp_path):
         train(make_run(run_dir, "train.steps=2", "train.checkpoint_every=1",
                        "task.kwargs={vocab_size: 6, length: 8}"), resume=path)
     assert str(path) in str(err.value) and "vocab_size" in str(err.value)
+
+
+# Whole module: subprocesses, exports or many drawn cases (tens of seconds); `make test` and CI run it,
+# `make test-fast` does not.
+pytestmark = pytest.mark.slow
