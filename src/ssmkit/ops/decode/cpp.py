@@ -9,12 +9,10 @@ a first call never blocks silently; ``ssmkit build`` runs that step ahead of tim
 from __future__ import annotations
 
 import logging
-import sys
 import threading
-import time
 from pathlib import Path
 
-from ..mamba.cpp import _compile_flags, build_directory
+from ..mamba.cpp import build_directory, compile_extension
 
 logger = logging.getLogger(__name__)
 
@@ -27,38 +25,12 @@ _error: str | None = None
 _tried = False
 
 
-def _cached_library_exists(directory: Path) -> bool:
-    return any(directory.glob(f"{EXTENSION_NAME}*.so")) or any(directory.glob(f"{EXTENSION_NAME}*.pyd"))
-
-
 def _load():
     global _module, _error, _tried
     with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        try:
-            from torch.utils import cpp_extension
-
-            directory = build_directory()
-            directory.mkdir(parents=True, exist_ok=True)
-            flags = _compile_flags()
-            ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
-            fresh = not _cached_library_exists(directory)
-            if fresh:
-                print(f"ssmkit: compiling the C++ decoding kernels into {directory} (about a minute, once per "
-                      "machine; `ssmkit build` does this ahead of time)...", file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            _module = cpp_extension.load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=flags,
-                                         extra_ldflags=ldflags, build_directory=str(directory), verbose=False)
-            if fresh:
-                print(f"ssmkit: C++ decoding kernels ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
-                      flush=True)
-        except Exception as exc:  # any failure of compiler, linker or loader means "not available here"
-            message = str(exc).strip().splitlines()
-            _error = f"{type(exc).__name__}: {' | '.join(message[-6:]) if message else ''}"
-            _module = None
-            logger.warning("the C++ decoding kernels could not be built: %s", _error)
+        if not _tried:
+            _tried = True
+            _module, _error = compile_extension(EXTENSION_NAME, SOURCE, "decoding kernels")
         return _module
 
 

@@ -36,6 +36,7 @@ import os
 import platform
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -93,31 +94,42 @@ def _compile_flags() -> list[str]:
     return flags
 
 
+def compile_extension(name: str, source: Path, title: str):
+    """Build (or load from the on-disk cache) one C++ extension with these flags into :func:`build_directory`.
+
+    Returns ``(module, None)``, or ``(None, error message)`` when the compiler, linker or loader fails. Before a
+    build with nothing cached it says so on stderr (about a minute, once per machine), so a first call never
+    blocks silently. Shared by every C++ extension of ssmkit (the scan here, the decoding kernels)."""
+    try:
+        from torch.utils import cpp_extension
+
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        flags = _compile_flags()
+        ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
+        fresh = not (any(directory.glob(f"{name}*.so")) or any(directory.glob(f"{name}*.pyd")))
+        if fresh:
+            print(f"ssmkit: compiling the C++ {title} into {directory} (about a minute, once per machine; "
+                  "`ssmkit build` does this ahead of time)...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=ldflags,
+                                    build_directory=str(directory), verbose=False)
+        if fresh:
+            print(f"ssmkit: C++ {title} ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        return module, None
+    except Exception as exc:  # any failure of compiler, linker or loader means "not available here"
+        message = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {' | '.join(message[-6:]) if message else ''}"
+        logger.warning("the C++ %s could not be built: %s", title, error)
+        return None, error
+
+
 def _load():
     global _module, _error, _tried
     with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        try:
-            from torch.utils import cpp_extension
-
-            directory = build_directory()
-            directory.mkdir(parents=True, exist_ok=True)
-            flags = _compile_flags()
-            ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
-            logger.info("loading the C++ selective scan from %s (compiling it first if needed: about a minute, "
-                        "once per machine)", directory)
-            if not any(directory.glob(f"{EXTENSION_NAME}*.so")):  # say so before blocking for a minute
-                print(f"ssmkit: compiling the C++ selective scan into {directory} (about a minute, once per machine; "
-                      "`ssmkit build` does this ahead of time)...", file=sys.stderr, flush=True)
-            _module = cpp_extension.load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=flags,
-                                         extra_ldflags=ldflags, build_directory=str(directory), verbose=False)
-        except Exception as exc:  # any failure of compiler, linker or loader means "not available here"
-            message = str(exc).strip().splitlines()
-            _error = f"{type(exc).__name__}: {' | '.join(message[-6:]) if message else ''}"
-            _module = None
-            logger.warning("the C++ selective scan could not be built: %s", _error)
+        if not _tried:
+            _tried = True
+            _module, _error = compile_extension(EXTENSION_NAME, SOURCE, "selective scan")
         return _module
 
 
