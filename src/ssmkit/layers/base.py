@@ -27,6 +27,8 @@ so nothing else needs editing. The metadata is what the rest of ssmkit reads fro
   (False for a KV cache).
 * ``contract_backends``: the backends (:attr:`Mixer.backend` values) the contract suite runs the mixer with,
   one row each; ``(None,)`` for a mixer without fast paths.
+* ``inplace_step``: whether ``_step`` takes ``inplace=True`` and then writes the new state into the given
+  tensors (``step_inplace``, used by CUDA-graph decoding); other mixers' new state is copied in.
 
 **Precision.** A mixer runs in the dtype of its parameters (``model.to(torch.bfloat16)``, ``.half()``,
 ``.double()``), and its output has the input's dtype, which is the model's. In a half-precision model
@@ -87,6 +89,8 @@ class Mixer(nn.Module):
     constant_state: bool = True
     #: the backends the contract suite runs this mixer with, one row each (None: its default)
     contract_backends: Tuple[Optional[str], ...] = (None,)
+    #: whether ``_step(x_t, state, inplace=True)`` writes the new state into ``state`` (see ``step_inplace``)
+    inplace_step: bool = False
 
     def __init__(self, d_model: int):
         super().__init__()
@@ -188,6 +192,30 @@ class Mixer(nn.Module):
         self._check_state(state, x_t)
         with self._execution():
             return self._step(x_t, state)
+
+    def step_inplace(self, x_t: torch.Tensor, state: State) -> torch.Tensor:
+        """``step`` that writes the new state into ``state``'s own tensors and returns y_t (batch, d_model).
+
+        For decoding loops that keep their buffers (a CUDA graph replays fixed addresses). Mixers whose
+        ``_step`` takes ``inplace=True`` (:attr:`inplace_step`) update the state inside their kernels; the
+        others compute the new state and copy it in. Only for a state of constant size (``constant_state``).
+        """
+        if not self.constant_state:
+            raise ValueError(f"{type(self).__name__} has a growing state (a cache); step_inplace needs a "
+                             "state of constant size")
+        check_tensor("x_t", x_t)
+        check_shape("x_t", x_t, (None, self.d_model), f"(batch, d_model={self.d_model})")
+        if state is None:
+            raise ValueError("state is required for step_inplace(); make one with init_state(batch_size)")
+        self._check_state(state, x_t)
+        with self._execution():
+            if self.inplace_step:
+                y, _ = self._step(x_t, state, inplace=True)
+                return y
+            y, new_state = self._step(x_t, state)
+        for key, value in new_state.items():
+            state[key].copy_(value)
+        return y
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """A zero state for ``batch_size`` sequences. ``dtype`` is the dtype of the inputs it will see (default:

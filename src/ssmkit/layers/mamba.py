@@ -120,6 +120,7 @@ class Mamba(Mixer):
     pattern_letter = "M"
     contract_config = dict(d_state=4, d_conv=4, expand=2)
     contract_backends = ("cpp", "torch", "triton")
+    inplace_step = True
     # dt_proj.bias is the counterpart of Mamba-2's dt_bias (the step's offset before softplus)
     ssm_parameter_names = ("A_log", "D", "dt_proj.bias")
     depth_scaled = ("out_proj.weight",)
@@ -264,17 +265,17 @@ class Mamba(Mixer):
         final = last_states[torch.tensor(last, device=device)] if return_state else None
         return y, final
 
-    def _step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def _step(self, x_t: torch.Tensor, state: State, inplace: bool = False) -> Tuple[torch.Tensor, State]:
         u, z = self.in_proj(x_t).chunk(2, dim=-1)                    # (B, d_inner) each
         u, conv_state = causal_conv1d_update(u, state[self.state_key("conv")], self.conv1d.weight,
-                                             self.conv1d.bias, activation="silu")
+                                             self.conv1d.bias, activation="silu", inplace=inplace)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)                    # (B, d_inner)
         A, D, dt_bias = self._ssm_parameters()
         # the update takes one dtype: that of the (float32 in a half-precision model) state
         u, delta, B, C, z = (to_core_dtype(t) for t in (u, delta, B, C, z))
         y, ssm_state = selective_state_update(state[self.state_key("ssm")], u, delta, A, B, C, D=D, z=z,
-                                              dt_bias=dt_bias, dt_softplus=True)
+                                              dt_bias=dt_bias, dt_softplus=True, inplace=inplace)
         return self.out_proj(y.to(x_t.dtype)), {self.state_key("conv"): conv_state, self.state_key("ssm"): ssm_state}
 
     def extra_repr(self) -> str:

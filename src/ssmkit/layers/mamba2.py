@@ -127,6 +127,7 @@ class Mamba2(Mixer):
     pattern_letter = "D"
     contract_config = dict(d_state=6, headdim=4, expand=2, ngroups=2, chunk_size=16)
     contract_backends = ("torch", "triton")
+    inplace_step = True
     ssm_parameter_names = ("dt_bias", "A_log", "D")
     depth_scaled = ("out_proj.weight",)
     supports_packing = True
@@ -228,19 +229,19 @@ class Mamba2(Mixer):
         return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
                    self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
 
-    def _step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def _step(self, x_t: torch.Tensor, state: State, inplace: bool = False) -> Tuple[torch.Tensor, State]:
         batch = x_t.shape[0]
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         z, xBC, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, H], dim=-1)
         xBC, conv_state = causal_conv1d_update(xBC, state[self.state_key("conv")], self.conv1d.weight,
-                                               self.conv1d.bias, activation="silu")
+                                               self.conv1d.bias, activation="silu", inplace=inplace)
         xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         A = -torch.exp(to_core_dtype(self.A_log))
         gate = None if self.rmsnorm else z.reshape(batch, H, P)
         y, ssm_state = ssd_state_update(state[self.state_key("ssm")], xs.reshape(batch, H, P), dt, A,
                                         B.reshape(batch, G, N), C.reshape(batch, G, N), D=self._skip(), z=gate,
                                         dt_bias=to_core_dtype(self.dt_bias), dt_softplus=True,
-                                        dt_limit=self.dt_limit)
+                                        dt_limit=self.dt_limit, inplace=inplace)
         y = y.reshape(batch, self.d_inner)
         if self.rmsnorm:
             y = self.norm(y, z)

@@ -136,3 +136,9 @@ class Block(nn.Module):
         y, new_state = self.mixer.step(self.norm(x_t.to(self.norm.weight.dtype)), state)
         h, _ = self._mlp(self._residual(x_t) + y)
         return h, new_state
+
+    def step_inplace(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
+        """``step`` writing the mixer's new state into ``state`` (see ``Mixer.step_inplace``): x_t -> h_t."""
+        y = self.mixer.step_inplace(self.norm(x_t.to(self.norm.weight.dtype)), state)
+        h, _ = self._mlp(self._residual(x_t) + y)
+        return h

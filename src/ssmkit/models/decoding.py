@@ -1,4 +1,4 @@
-"""Fused one-token decoding: the whole model's ``step`` with one C++ call per layer.
+"""Fast one-token decoding: fused C++ kernels on the CPU, one CUDA graph per step on a GPU.
 
 ``model.step`` runs each layer's PyTorch step (a dozen small ops and three to five matrix products per layer,
 each allocating its output). :class:`FusedDecoder` computes the same function with the fused kernels of
@@ -7,22 +7,35 @@ residual add); then the final norm and the LM head through the same matrix-vecto
 the recurrent state alternates between two preallocated sets (the state passed in is never written, so
 generation can keep finished rows' states), and the logits between two buffers.
 
+On a GPU, :class:`CUDAGraphDecoder` records the model's whole step (embedding, every layer's
+``step_inplace`` with the Triton one-token kernels updating the states where they lie, final norm, LM head)
+as one CUDA graph per batch size and replays it: one launch per token instead of ~10 per layer, which is what
+decoding at small batch is bound by. The graph reads the token ids and states from buffers it owns, so a step
+copies the incoming state in only when it is not already the decoder's (i.e. once, after the prompt).
+
 Which path runs is an execution choice of ``generate(..., decode_backend=...)``, never part of a model config:
 
-==========  ==================================================================================
-"module"    ``model.step`` (every layer's PyTorch step); the default
-"fused"     :class:`FusedDecoder`; raises if the model is not supported here (see :func:`fused_support`)
-            or the C++ kernels cannot be built
-"auto"      "fused" where it is supported and builds, else "module"; ``model.last_decode_backend`` and
-            ``model.last_decode_backend_reason`` say which ran and why
-==========  ==================================================================================
+============  ==================================================================================
+None          "cuda_graph" for a supported model on a GPU, else "module" (the default)
+"module"      ``model.step`` (every layer's PyTorch step)
+"fused"       :class:`FusedDecoder`; raises if the model is not supported here (see :func:`fused_support`)
+              or the C++ kernels cannot be built
+"cuda_graph"  :class:`CUDAGraphDecoder`; raises if the model is not supported (:func:`graph_support`) or
+              its step cannot be captured
+"auto"        "cuda_graph" on a GPU, "fused" on the CPU, where supported (and built), else "module"
+============  ==================================================================================
 
-Supported: CPU, float32 models with a language-model head whose layers are all Mamba or Mamba-2 blocks
-without MLP, not bidirectional; weights float32 or int8 (:func:`ssmkit.quantize`).
+``model.last_decode_backend`` and ``model.last_decode_backend_reason`` say which ran and why.
+
+Fused (CPU): float32 models with a language-model head whose layers are all Mamba or Mamba-2 blocks without
+MLP, not bidirectional; weights float32 or int8 (:func:`ssmkit.quantize`). CUDA graph: a CUDA model with a
+language-model head whose mixers all have a state of constant size (no KV cache) and no MoE layer (its
+routing is data-dependent); any dtype.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import torch
@@ -31,7 +44,7 @@ from torch import nn
 from ..layers.mamba import Mamba
 from ..layers.mamba2 import Mamba2
 
-DECODE_BACKENDS = ("module", "fused", "auto")
+DECODE_BACKENDS = ("module", "fused", "cuda_graph", "auto")
 
 
 def fused_support(model) -> Optional[str]:
@@ -173,13 +186,140 @@ class FusedDecoder:
         return logits, new_state
 
 
+def graph_support(model, require_cuda: bool = True) -> Optional[str]:
+    """None if :class:`CUDAGraphDecoder` handles ``model``, else the reason it does not."""
+    from .blocks import MoE
+
+    cfg = model.config
+    if cfg.head != "lm" or cfg.vocab_size is None:
+        return f"CUDA-graph decoding needs a token model with an LM head; head={cfg.head!r}"
+    if cfg.bidirectional:
+        return "a bidirectional model has no recurrent step"
+    device = next(model.parameters()).device
+    if require_cuda and device.type != "cuda":
+        return f"CUDA-graph decoding needs a CUDA model; the model is on {device}"
+    for i, layer in enumerate(model.backbone.layers):
+        if not layer.mixer.constant_state:
+            return (f"layer {i} ({type(layer.mixer).__name__}) keeps a growing cache; a CUDA graph replays fixed "
+                    "shapes")
+        if isinstance(layer.mlp, MoE):
+            return f"layer {i} has an MoE MLP, whose routing is data-dependent (not capturable)"
+    return None
+
+
+def _parameter_addresses(model) -> tuple:
+    return tuple(p.data_ptr() for p in model.parameters())
+
+
+class CUDAGraphDecoder:
+    """``step(ids, state) -> (logits (B, V_padded), state)`` like ``SSMModel.step``, replayed from a CUDA graph.
+
+    One graph per batch size (the four most recent are kept), recorded at the first step of that size. The
+    logits and state returned are the decoder's own buffers: the state is updated in place by the next step
+    and the logits overwritten, so clone them to keep them. The graph holds the weights' addresses: changing
+    weights in place is seen, replacing parameter tensors is not (``stale()`` tells; ``generate`` then builds
+    a new decoder).
+    """
+
+    max_graphs = 4
+
+    def __init__(self, model, capture: bool = True):
+        """``capture=False`` runs the same in-place step eagerly instead of recording it (any device): the
+        bookkeeping without the graph, for tests on machines without a GPU."""
+        reason = graph_support(model, require_cuda=capture)
+        if reason is not None:
+            raise ValueError(reason)
+        self.model = model
+        self.capture = capture
+        self.device = next(model.parameters()).device
+        self._addresses = _parameter_addresses(model)
+        self._graphs: "OrderedDict[int, tuple]" = OrderedDict()
+
+    def stale(self) -> bool:
+        """Whether a parameter tensor was replaced since the decoder was built."""
+        return _parameter_addresses(self.model) != self._addresses
+
+    def _one_token(self, ids: torch.Tensor, state: list) -> torch.Tensor:
+        """The step that is recorded: ids (B,) -> logits (B, V), ``state`` updated in place."""
+        model = self.model
+        h = model.backbone.embeddings(ids[:, None])[:, 0]
+        for layer, layer_state in zip(model.backbone.layers, state):
+            h = layer.step_inplace(h, layer_state)
+        return model._head(h[:, None])[:, 0]
+
+    def prepare(self, batch: int) -> tuple:
+        """Record (or fetch) the graph for ``batch`` rows: (graph, ids buffer, state buffers, logits buffer)."""
+        if batch in self._graphs:
+            self._graphs.move_to_end(batch)
+            return self._graphs[batch]
+        ids = torch.zeros(batch, dtype=torch.long, device=self.device)
+        state = self.model.init_state(batch, device=self.device)
+        if not self.capture:
+            self._graphs[batch] = (None, ids, state, None)
+            return self._graphs[batch]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.no_grad(), torch.cuda.stream(side):  # compile the kernels and settle the allocator first
+            for _ in range(2):
+                self._one_token(ids, state)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            logits = self._one_token(ids, state)
+        self._graphs[batch] = (graph, ids, state, logits)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return self._graphs[batch]
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, state: list) -> Tuple[torch.Tensor, list]:
+        """input_ids (B,) -> (logits (B, V_padded), state); same contract as ``SSMModel.step`` except that the
+        returned state is the decoder's buffer, updated in place at the next step."""
+        graph, ids, own_state, logits = self.prepare(input_ids.shape[0])
+        if state is not own_state:
+            self.model._check_model_state(state)
+            for given, own in zip(state, own_state):
+                if set(given) != set(own):
+                    raise ValueError(f"state has keys {sorted(given)}; this model's layer expects {sorted(own)}")
+                for key, buffer in own.items():
+                    buffer.copy_(given[key])
+        ids.copy_(input_ids)
+        if graph is None:
+            return self._one_token(ids, own_state), own_state
+        graph.replay()
+        return logits, own_state
+
+
+def graph_decoder(model) -> CUDAGraphDecoder:
+    """The model's cached :class:`CUDAGraphDecoder` (a new one when the parameters were replaced)."""
+    decoder = model.__dict__.get("_cuda_graph_decoder")
+    if decoder is None or decoder.stale():
+        decoder = CUDAGraphDecoder(model)
+        model.__dict__["_cuda_graph_decoder"] = decoder
+    return decoder
+
+
 def resolve_decode_backend(model, decode_backend: Optional[str]) -> Tuple[str, str]:
     """(backend that will run, why) for ``generate``'s ``decode_backend`` argument (see the module docstring)."""
-    choice = "module" if decode_backend is None else decode_backend
-    if choice not in DECODE_BACKENDS:
+    if decode_backend is not None and decode_backend not in DECODE_BACKENDS:
         raise ValueError(f"decode_backend must be one of {list(DECODE_BACKENDS)} or None; got {decode_backend!r}")
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if decode_backend is None:
+        graph_reason = graph_support(model) if on_cuda else "the model is not on a GPU"
+        if graph_reason is None:
+            return "cuda_graph", "the default on a GPU"
+        return "module", f"the default ({graph_reason})" if on_cuda else "the default"
+    choice = decode_backend
     if choice == "module":
-        return "module", "requested" if decode_backend is not None else "the default"
+        return "module", "requested"
+    if choice == "cuda_graph":
+        reason = graph_support(model)
+        if reason is not None:
+            raise ValueError(f"decode_backend='cuda_graph': {reason}")
+        return "cuda_graph", "requested"
+    if choice == "auto" and on_cuda:
+        reason = graph_support(model)
+        return ("module", f"auto: {reason}") if reason is not None else ("cuda_graph", "auto: a GPU model")
     reason = fused_support(model)
     if choice == "fused":
         if reason is not None:

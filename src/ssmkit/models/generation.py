@@ -167,15 +167,29 @@ class GenerationMixin:
                         decode_backend: Optional[str] = None,
                         _result: Optional[dict] = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, (B,), as soon as it is chosen (see ``generate``)."""
-        from .decoding import FusedDecoder, resolve_decode_backend
+        from .decoding import FusedDecoder, graph_decoder, resolve_decode_backend
 
         if self.config.head != "lm":
             raise ValueError(f"generate needs a language-model head; this model's head is {self.config.head!r}")
         _validate(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
         backend, why = resolve_decode_backend(self, decode_backend)
-        self.last_decode_backend, self.last_decode_backend_reason = backend, why
-        step = FusedDecoder(self).step if backend == "fused" else self.step
         prompts = _as_prompts(input_ids, attention_mask)
+        if backend == "cuda_graph":
+            try:
+                decoder = graph_decoder(self)
+                decoder.prepare(len(prompts))  # record the graph now, so a failure is seen before any output
+                step = decoder.step
+            except Exception as error:
+                if decode_backend == "cuda_graph":
+                    raise RuntimeError(f"decode_backend='cuda_graph': the step could not be captured "
+                                       f"({type(error).__name__}: {error})") from error
+                backend, why = "module", f"{why}, but the step could not be captured ({type(error).__name__}: {error})"
+        if backend != "cuda_graph":
+            step = FusedDecoder(self).step if backend == "fused" else self.step
+        self.last_decode_backend, self.last_decode_backend_reason = backend, why
+        # the CUDA-graph decoder updates its state in place: finished rows are saved when they finish instead
+        in_place = backend == "cuda_graph"
+        finished_rows: list = []
         logits, state = self.prefill(prompts, state, prefill_chunk_size)
         device = logits.device
         eos = torch.tensor([] if eos_token_id is None else
@@ -198,25 +212,43 @@ class GenerationMixin:
                 token = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
             else:
                 token = scores.argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            if eos.numel():  # without EOS ids no row finishes early, and the loop never waits for the device
+                token = torch.where(done, torch.full_like(token, pad_token_id), token)
             yield token
             if history is not None:
                 history = torch.cat([history, token[:, None]], 1)
-            finished_now = torch.isin(token, eos) & ~done if eos.numel() else torch.zeros_like(done)
-            more = i < max_new_tokens - 1 and not bool((done | finished_now).all())
+            if eos.numel():
+                finished_now = torch.isin(token, eos) & ~done
+                more = i < max_new_tokens - 1 and not bool((done | finished_now).all())
+            else:
+                finished_now, more = None, i < max_new_tokens - 1
             if not more and not want_state:
                 break
             # feed the token: its logits give the next choice, and the state then covers every generated token
             logits, new_state = step(token, state)
-            state = _freeze_rows(state, new_state, done) if done.any() else new_state
+            if in_place:
+                state = new_state
+                if finished_now is not None and bool(finished_now.any()):
+                    rows = finished_now.nonzero()[:, 0]
+                    finished_rows.append((rows, [{k: v[rows].clone() for k, v in layer.items()} for layer in state]))
+            elif finished_now is not None and bool(done.any()):
+                state = _freeze_rows(state, new_state, done)
+            else:
+                state = new_state
             logits = logits.float()
-            done = done | finished_now
+            if finished_now is not None:
+                done = done | finished_now
             if not more:
                 break
         if _result is not None:
-            # the fused decoder's state lives in buffers it reuses: hand the caller its own copy
-            _result["state"] = [{k: v.clone() for k, v in layer.items()} for layer in state] \
-                if backend == "fused" else state
+            # the fused and CUDA-graph decoders' states live in buffers they reuse: hand the caller a copy
+            if backend in ("fused", "cuda_graph"):
+                state = [{k: v.clone() for k, v in layer.items()} for layer in state]
+            for rows, saved in finished_rows:  # rows that finished keep the state they had at their EOS
+                for layer, layer_saved in zip(state, saved):
+                    for key, value in layer_saved.items():
+                        layer[key][rows] = value
+            _result["state"] = state
 
     def generate(self, input_ids: Union[torch.Tensor, Sequence], max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -242,8 +274,10 @@ class GenerationMixin:
             prefill_chunk_size: read the prompt in pieces of this many tokens.
             return_state: return the state after the last generated token, to continue later.
             decode_backend: how each new token runs through the model (execution only: the tokens do not
-                depend on it): "module" (``model.step``; the default), "fused" (one C++ call per layer,
-                :mod:`ssmkit.models.decoding`) or "auto" (fused where supported and built); afterwards
+                depend on it): None (the default: "cuda_graph" for a supported model on a GPU, else
+                "module"), "module" (``model.step``), "fused" (one C++ call per layer on the CPU),
+                "cuda_graph" (the whole step replayed from one CUDA graph) or "auto" (the fast path of the
+                device where supported); see :mod:`ssmkit.models.decoding`. Afterwards
                 ``model.last_decode_backend`` and ``model.last_decode_backend_reason`` say which ran and why.
         """
         result = {"want_state": return_state}

@@ -94,17 +94,19 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
-                         backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         backend: Optional[str] = None, *, inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """One time step: x (batch, dim), conv_state (batch, dim, width-1) -> (y (batch, dim), new state).
 
-    Pure function (the state is not modified in place), so it works inside autograd and under tracing.
+    Pure function (the state is not modified in place), so it works inside autograd and under tracing,
+    unless ``inplace=True``: then the new window is written into ``conv_state``, which is returned.
     ``backend``: "torch", "triton" (fused GPU kernel, inference only) or None / "auto" (the
     :func:`ssmkit.ops.use_backend` context, else "triton" for CUDA tensors without gradients, else "torch").
     """
     if resolve("causal_conv1d_update", backend,
                lambda: "triton" if auto_picks_triton(x, inference_only=True) else "torch") == "triton":
-        return causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
-    return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
+        return causal_conv1d_update_triton(x, conv_state, weight, bias, activation, inplace=inplace)
+    y, new_state = causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
+    return (y, conv_state.copy_(new_state)) if inplace else (y, new_state)
 
 
 def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None, activation=None,

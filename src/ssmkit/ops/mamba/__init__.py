@@ -130,7 +130,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                           backend: str | None = None):
+                           backend: str | None = None, *, inplace: bool = False):
     """One decoding step of the selective scan, as mamba_ssm's ``selective_state_update``.
 
     Args:
@@ -145,12 +145,16 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     ``backend``: "torch" (a handful of vectorised tensor operations: the reference itself), "triton" (the
     fused GPU kernel; inference only, it refuses to run with gradients enabled), or "auto": "triton" for
     CUDA tensors when triton imports and gradients are off, else "torch".
+
+    ``inplace=True`` writes the new state into ``state`` and returns it as the second result (the form a
+    decoding loop or a CUDA graph wants: the state keeps its address); the Triton kernel then skips a copy.
     """
     name = resolve("selective_state_update", backend,
                    lambda: "triton" if auto_picks_triton(x, inference_only=True) else "torch")
     if name == "triton":
-        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, inplace=inplace)
+    y, new_state = selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return (y, state.copy_(new_state)) if inplace else (y, new_state)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -78,22 +78,24 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=DEFAULT_DT_LIMIT, backend=None):
+                     dt_limit=DEFAULT_DT_LIMIT, backend=None, *, inplace=False):
     """One token of the SSD recurrence (the recurrent mode used by ``step``).
 
     Args: state (batch, heads, headdim, N); x, z (batch, heads, headdim); dt (batch, heads); A, dt_bias
     (heads,); B, C (batch, groups, N); D (heads,) or (heads, headdim); dt_softplus, dt_limit as in :func:`ssd`.
     Returns: ``(y (batch, heads, headdim) in x's dtype, new_state in state's dtype)``; ``state`` is not
     modified. ``backend``: "torch", "triton" (fused GPU kernel, inference only) or "auto" ("triton" for CUDA
-    tensors when triton imports and gradients are off, else "torch").
+    tensors when triton imports and gradients are off, else "torch"). ``inplace=True`` writes the new state
+    into ``state`` and returns it (for decoding loops and CUDA graphs).
     """
     chosen = resolve("ssd_state_update", backend,
                      lambda: "triton" if auto_picks_triton(x, inference_only=True) else "torch")
     if chosen == "triton":
         return ssd_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                                       dt_limit=dt_limit)
-    return ssd_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                                  dt_limit=dt_limit)
+                                       dt_limit=dt_limit, inplace=inplace)
+    y, new_state = ssd_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                          dt_softplus=dt_softplus, dt_limit=dt_limit)
+    return (y, state.copy_(new_state)) if inplace else (y, new_state)
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
