@@ -22,14 +22,16 @@ from ..backends import register_op, resolve
 from .._triton import _check_runnable, auto_picks_triton, load_kernels, triton_available
 from .args import DEFAULT_DT_LIMIT
 from .chunked import ssd_chunked, ssd_state_update_torch
+from .norm_reference import rmsnorm_gated_ref
 from .reference import ssd_ref, ssd_state_update_ref
 
 __all__ = ["ssd", "ssd_ref", "ssd_state_update", "ssd_state_update_ref", "last_backend", "available_backends",
-           "BACKENDS", "ssd_triton", "ssd_state_update_triton"]
+           "BACKENDS", "ssd_triton", "ssd_state_update_triton", "rmsnorm_gated", "rmsnorm_gated_ref"]
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 register_op("ssd", BACKENDS[1:])
 register_op("ssd_state_update", ("torch", "triton"))
+register_op("rmsnorm_gated", ("torch", "triton"))
 
 
 def last_backend():
@@ -122,3 +124,33 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     return load_kernels("ssmkit.ops.mamba2.triton_update").ssd_state_update_triton(
         state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
         state_batch_indices=state_batch_indices, inplace=inplace)
+
+
+def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=False, backend=None):
+    """Mamba-2's gated RMSNorm (``norm_reference.py`` has the equations): x, z (..., hidden) (z may be None),
+    weight (hidden,) -> (..., hidden) in x's dtype, normalised per group of ``group_size`` channels (default:
+    all of them) in float32.
+
+    ``backend``: "torch" (the reference's tensor operations), "triton" (one fused kernel forward and one
+    backward: ``triton_norm.py``) or "auto" ("triton" for CUDA tensors when triton imports, else "torch").
+    """
+    from ..._checks import check_tensor
+
+    check_tensor("x", x)
+    hidden = x.shape[-1] if x.dim() else 0
+    if z is not None:
+        check_tensor("z", z)
+        if z.shape != x.shape:
+            raise ValueError(f"z must have x's shape {tuple(x.shape)}; got {tuple(z.shape)}")
+    check_tensor("weight", weight)
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must be (hidden={hidden},); got {tuple(weight.shape)}")
+    group_size = hidden if group_size is None else group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or hidden % group_size:
+        raise ValueError(f"group_size must be a positive divisor of hidden={hidden}; got {group_size!r}")
+    chosen = resolve("rmsnorm_gated", backend, lambda: "triton" if auto_picks_triton(x) else "torch")
+    if chosen == "triton":
+        _check_runnable("rmsnorm_gated", x)
+        return load_kernels("ssmkit.ops.mamba2.triton_norm").rmsnorm_gated_triton(
+            x, z, weight, eps, group_size, norm_before_gate)
+    return rmsnorm_gated_ref(x, z, weight, eps, group_size, norm_before_gate)
