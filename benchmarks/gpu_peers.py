@@ -5,6 +5,7 @@ Peers (built on the device from their sources, see ../shared/gpu-peers/README.md
   SSD              mamba_ssm's Triton ``mamba_chunk_scan_combined`` vs ssmkit ``ssd(backend="triton")``
   causal conv1d    causal_conv1d's CUDA ``causal_conv1d_fn``    vs ssmkit ``causal_conv1d(backend="triton")``
   layers           mamba_ssm's ``Mamba`` / ``Mamba2`` modules    vs ssmkit ``Mamba`` / ``Mamba2`` (same weights)
+  generation       mamba_ssm's ``MambaLMHeadModel.generate(cg=True)`` and a Transformer vs ``model.generate()``
 
 Every pair is checked numerically (relative error of the output) before it is timed; times are medians of
 ``triton.testing.do_bench`` (CUDA events, L2 flushed), bf16 inputs, forward and forward+backward. The ratio
@@ -164,6 +165,89 @@ def section_layers(args, results):
                 del theirs, ours
 
 
+def _timed(fn):
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def section_generation(args, results):
+    """``model.generate()`` (ssmkit's library call: CUDA-graph decoding by default on a GPU) vs mamba_ssm's
+    ``MambaLMHeadModel.generate(..., cg=True)`` on the same weights (written by mamba_ssm, read back by
+    ``ssmkit.from_pretrained``), and vs a same-size Transformer (static KV cache, flash attention for the
+    prompt, one CUDA graph per step: ``benchmarks/gpu_bench.py``). Greedy, bf16. "decode" = generation time
+    minus the prompt pass, timed separately for each model."""
+    import tempfile
+
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    import ssmkit
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_bench
+
+    vocab, P, new = 50277, args.prompt, args.new_tokens
+    shapes = {"130m": (768, 24, dict(d_model=768, n_layers=12, heads=12)),
+              "1.4b": (2048, 48, dict(d_model=2048, n_layers=24, heads=16))}
+    for size in args.gen_sizes:
+        d_model, n_layer, tcfg = shapes[size]
+        torch.manual_seed(0)
+        cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg={}, rms_norm=True,
+                          residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+        theirs = MambaLMHeadModel(cfg, device=DEV, dtype=BF16).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            theirs.save_pretrained(tmp)
+            ours = ssmkit.from_pretrained(tmp).to(device=DEV, dtype=BF16).eval()
+        with torch.device(DEV):
+            transformer = gpu_bench.TransformerLM(vocab=50280, **tcfg).to(BF16).eval()
+        for batch in args.gen_batches:
+            prompt = torch.randint(0, vocab, (batch, P), device=DEV)
+            row = dict(section="generation", size=size, batch=batch, prompt=P, new_tokens=new)
+            with torch.no_grad():
+                err = rel(ours(prompt[:, :256]).logits[..., :vocab], theirs(prompt[:, :256]).logits[..., :vocab])
+            row["rel_err_logits"] = err
+            try:
+                # warm-up calls compile the kernels and record the graphs of this batch size
+                ours.generate(prompt, new)
+                theirs.generate(prompt, max_length=P + new, cg=True, top_k=1)
+                out_ours, t_ours = _timed(lambda: ours.generate(prompt, new))
+                assert ours.last_decode_backend == "cuda_graph", ours.last_decode_backend_reason
+                out_theirs, t_theirs = _timed(lambda: theirs.generate(prompt, max_length=P + new, cg=True, top_k=1))
+                with torch.no_grad():
+                    _, pre_ours = _timed(lambda: ours.prefill(list(prompt)))
+                    _, pre_theirs = _timed(lambda: theirs(prompt, num_last_tokens=1))
+                theirs_new = out_theirs[:, P:] if isinstance(out_theirs, torch.Tensor) else out_theirs.sequences[:, P:]
+                agree = (out_ours.new_tokens[:, :8] == theirs_new[:, :8]).float().mean().item()
+                gpu_bench.generate(transformer, "transformer", prompt[:, :64], 4)
+                _, pre_t, dec_t = gpu_bench.generate(transformer, "transformer", prompt, new)
+                row.update(ours_s=t_ours, theirs_s=t_theirs, ours_prefill_s=pre_ours, theirs_prefill_s=pre_theirs,
+                           transformer_prefill_s=pre_t, transformer_decode_s=dec_t,
+                           first8_token_agreement=agree)
+                tok = batch * new
+                row["ours_tok_s"], row["theirs_tok_s"] = tok / t_ours, tok / t_theirs
+                row["transformer_tok_s"] = tok / (pre_t + dec_t)
+                row["ours_decode_tok_s"] = tok / max(t_ours - pre_ours, 1e-9)
+                row["theirs_decode_tok_s"] = tok / max(t_theirs - pre_theirs, 1e-9)
+                row["transformer_decode_tok_s"] = tok / dec_t
+                print(f"gen {size} b{batch}: err {err:.1e} agree8 {agree:.2f} | e2e tok/s ours {row['ours_tok_s']:.0f} "
+                      f"mamba_ssm {row['theirs_tok_s']:.0f} transformer {row['transformer_tok_s']:.0f} | decode tok/s "
+                      f"ours {row['ours_decode_tok_s']:.0f} mamba_ssm {row['theirs_decode_tok_s']:.0f} transformer "
+                      f"{row['transformer_decode_tok_s']:.0f} | prefill s ours {pre_ours:.3f} mamba_ssm "
+                      f"{pre_theirs:.3f} transformer {pre_t:.3f}", flush=True)
+            except torch.cuda.OutOfMemoryError:
+                row["skipped"] = "out of memory"
+                print(f"gen {size} b{batch}: out of memory", flush=True)
+            results.append(row)
+            torch.cuda.empty_cache()
+        del theirs, ours, transformer
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=Path, default=ROOT / ".peers", help="folder with the peers' sources")
@@ -174,6 +258,10 @@ def main() -> None:
     parser.add_argument("--d-models", nargs="+", type=int, default=[1024])
     parser.add_argument("--layer-lengths", nargs="+", type=int, default=[2048, 8192])
     parser.add_argument("--layer-batch", type=int, default=8)
+    parser.add_argument("--gen-sizes", nargs="+", default=["130m", "1.4b"], choices=["130m", "1.4b"])
+    parser.add_argument("--gen-batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     add_peers(args.peers)
@@ -181,11 +269,15 @@ def main() -> None:
 
     print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     results = []
-    sections = {"scan": section_scan, "ssd": section_ssd, "conv": section_conv, "layers": section_layers}
+    sections = {"scan": section_scan, "ssd": section_ssd, "conv": section_conv, "layers": section_layers,
+                "generation": section_generation}
     for name in args.sections:
         try:
             sections[name](args, results)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other sections
+            import traceback
+
+            traceback.print_exc()
             print(f"section {name} failed: {type(exc).__name__}: {exc}", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

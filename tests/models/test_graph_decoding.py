@@ -172,3 +172,16 @@ def test_cuda_graph_bf16_and_fallbacks():
                                   top_k=2)).cuda()
     moe.generate(torch.tensor([[1, 2]], device="cuda"), 2)
     assert moe.last_decode_backend == "module" and "MoE" in moe.last_decode_backend_reason
+
+
+def test_logits_to_keep():
+    model = _model("mamba")
+    ids = torch.randint(0, 37, (2, 9))
+    full = model(ids).logits
+    last = model(ids, logits_to_keep=3).logits
+    assert last.shape == (2, 3, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -3:])
+    with pytest.raises(ValueError, match="logits_to_keep must be a positive int"):
+        model(ids, logits_to_keep=0)
+    with pytest.raises(ValueError, match="no labels"):
+        model(ids, labels=ids, logits_to_keep=1)

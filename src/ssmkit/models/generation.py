@@ -150,7 +150,7 @@ class GenerationMixin:
             ids = ids.to(device)
             pieces = ids.split(chunk_size or ids.shape[1], dim=1)
             for piece in pieces:
-                out = self(piece, state=st, return_state=True)
+                out = self(piece, state=st, return_state=True, logits_to_keep=1)
                 st = out.state
             all_logits.append(out.logits[:, -1].float())
             all_states.append(st)

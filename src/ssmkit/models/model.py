@@ -132,7 +132,8 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs: Optional[torch.Tensor] = None,
                 state: Optional[ModelState] = None, return_state: bool = False,
                 labels: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None,
-                context: Any = None, loss_chunk_size: Optional[int] = None, **mixer_kwargs: Any) -> ModelOutput:
+                context: Any = None, loss_chunk_size: Optional[int] = None, logits_to_keep: Optional[int] = None,
+                **mixer_kwargs: Any) -> ModelOutput:
         """Run the whole sequence in parallel.
 
         Args:
@@ -147,8 +148,15 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
                 returns and hands its final state to ``context.send_state(i, h, state)``. Not with ``state``.
             loss_chunk_size: with LM ``labels``, compute the loss this many tokens of logits at a time and never
                 hold the full (B, L, V) logits or their gradient (execution only; ``logits`` is then None).
+            logits_to_keep: LM only: compute the logits of the last this-many positions only (1 for reading a
+                prompt: the (B, L, V) logits of a long batch are many GB), as transformers' argument of that name.
             mixer_kwargs: passed to every mixer (e.g. ``seq_idx`` / ``cu_seqlens`` for packed Mamba batches).
         """
+        if logits_to_keep is not None:
+            if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 1:
+                raise ValueError(f"logits_to_keep must be a positive int or None; got {logits_to_keep!r}")
+            if self.config.head != "lm" or labels is not None:
+                raise ValueError("logits_to_keep is for language-model inference (head 'lm', no labels)")
         x = self._embed(input_ids if input_ids is not None else inputs)
         if state is not None:
             self._check_model_state(state)
@@ -175,7 +183,7 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
             loss = lm_loss_chunked(normed.reshape(-1, normed.shape[-1]), self.lm_head.weight,
                                    labels[:, 1:].reshape(-1), chunk_size=loss_chunk_size)
             return ModelOutput(logits=None, loss=loss, aux_loss=aux, state=new_states if return_state else None)
-        logits = self._head(h, lengths)
+        logits = self._head(h if logits_to_keep is None else h[:, -logits_to_keep:], lengths)
         loss = self._loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, state=new_states if return_state else None)
 
