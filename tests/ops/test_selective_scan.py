@@ -415,3 +415,27 @@ def test_float32_parameters_beside_half_activations(backend):
     assert [t.grad.dtype for t in (u, A, D, bias)] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
     ref = selective_scan_ref(*(t.detach().double() for t in (u, delta, A, B, C, D, z, bias)), delta_softplus=True)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_half_inputs_keep_a_float32_state(backend):
+    """bf16 activations with a float32 initial state (a half-precision model's recurrent state): every
+    backend returns the last state in float32, equal to the float32 computation on the same (rounded)
+    inputs, and the gradient of the initial state in float32."""
+    if backend == "cpp" and not cpp_backend.is_available():
+        pytest.skip("the C++ scan could not be built here")
+    torch.manual_seed(0)
+    b, d, L, N = 2, 6, 9, 3
+    u, delta, z = (torch.randn(b, d, L).to(torch.bfloat16) for _ in range(3))
+    B, C = (torch.randn(b, N, L).to(torch.bfloat16) for _ in range(2))
+    A = -torch.rand(d, N) - 0.5
+    h0 = torch.randn(b, d, N, requires_grad=True)
+    y, last = selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, return_last_state=True,
+                             initial_state=h0, backend=backend)
+    assert y.dtype == torch.bfloat16 and last.dtype == torch.float32
+    want_y, want_last = selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), z=z.float(),
+                                           delta_softplus=True, return_last_state=True, initial_state=h0)
+    torch.testing.assert_close(last, want_last, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.float(), want_y, atol=1e-2, rtol=1e-2)
+    (g,) = torch.autograd.grad(last.sum(), h0)
+    assert g.dtype == torch.float32

@@ -208,10 +208,8 @@ class Mamba(Mixer):
             dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (B, N, L)
             delta = torch.matmul(self.dt_proj.weight.to(u.dtype), dt)   # (B, d_inner, L); bias added in the scan
             A, D, delta_bias = self._ssm_parameters()
-            if ssm_state is not None or return_state:
-                # the scan takes and returns its state in u's dtype; a half-precision model keeps a float32
-                # state, so the scan then reads the same (already rounded) activations as float32
-                u, delta, B, C, z = (to_core_dtype(t) for t in (u, delta, B, C, z))
+            # a half-precision model's state is float32: the scan takes it beside the half activations and
+            # returns its last state in float32
 
             if seq_idx is not None and bool((seq_idx[:, 1:] != seq_idx[:, :-1]).any()):
                 y, ssm_final = self._scan_packed(u, delta, A, B, C, z, D, delta_bias, ssm_state, seq_idx,
@@ -271,11 +269,11 @@ class Mamba(Mixer):
                                              self.conv1d.bias, activation="silu", inplace=inplace)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)                    # (B, d_inner)
-        A, D, dt_bias = self._ssm_parameters()
-        # the update takes one dtype: that of the (float32 in a half-precision model) state
-        u, delta, B, C, z = (to_core_dtype(t) for t in (u, delta, B, C, z))
-        y, ssm_state = selective_state_update(state[self.state_key("ssm")], u, delta, A, B, C, D=D, z=z,
-                                              dt_bias=dt_bias, dt_softplus=True, inplace=inplace)
+        # the update takes half-precision activations beside the float32 state and computes in float32 (as
+        # mamba_ssm's); D and the bias go in their own dtype, so a decoding step launches no cast kernels
+        A = -torch.exp(to_core_dtype(self.A_log))
+        y, ssm_state = selective_state_update(state[self.state_key("ssm")], u, delta, A, B, C, D=self.D, z=z,
+                                              dt_bias=self.dt_proj.bias, dt_softplus=True, inplace=inplace)
         return self.out_proj(y.to(x_t.dtype)), {self.state_key("conv"): conv_state, self.state_key("ssm"): ssm_state}
 
     def extra_repr(self) -> str:

@@ -101,21 +101,24 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         z: optional (batch, dim, L); the output is multiplied by silu(z).
         delta_softplus: replace delta by softplus(delta + delta_bias).
         return_last_state: also return the state after the last step.
-        initial_state: optional (batch, dim, N) state before the first step (zeros when omitted).
+        initial_state: optional (batch, dim, N) state before the first step (zeros when omitted); in u's
+            dtype or, for half-precision u, float32.
         backend: "auto", "cpp", "triton", "torch", "reference" or None (see the module docstring).
 
     Returns:
-        y (batch, dim, L), or ``(y, last_state)`` with last_state (batch, dim, N). Gradients flow to every
-        tensor argument, including initial_state, and in from last_state.
+        y (batch, dim, L) in u's dtype, or ``(y, last_state)`` with last_state (batch, dim, N) in the compute
+        dtype (u's; float32 for half-precision u, as mamba_ssm). Gradients flow to every tensor argument,
+        including initial_state, and in from last_state.
     """
     name = resolve("selective_scan", backend, lambda: _auto(u))
-    if name != "triton" and mixed_precision(u, A, D, delta_bias):
-        # float32 parameters beside half-precision activations (accepted as mamba_ssm accepts them): the
-        # kernels other than Triton's take one dtype, so they compute in float32 and return in u's dtype
+    if name != "triton" and mixed_precision(u, A, D, delta_bias, initial_state):
+        # float32 parameters or state beside half-precision activations (accepted as mamba_ssm accepts them):
+        # the kernels other than Triton's take one dtype, so they compute in float32 and return y in u's
+        # dtype (and the last state in float32, as for any half-precision u)
         f32 = [t.float() if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
         out = selective_scan(*f32[:7], delta_bias=f32[7], delta_softplus=delta_softplus,
                              return_last_state=return_last_state, initial_state=f32[8], backend=name)
-        return tuple(t.to(u.dtype) for t in out) if return_last_state else out.to(u.dtype)
+        return (out[0].to(u.dtype), out[1]) if return_last_state else out.to(u.dtype)
     if name == "triton":
         out = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                     initial_state)

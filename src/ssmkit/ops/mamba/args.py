@@ -95,19 +95,22 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
              "initial_state": initial_state}
     check_same_device(named)
-    params = {"A": A, "D": D, "delta_bias": delta_bias}
+    params = {"A": A, "D": D, "delta_bias": delta_bias, "initial_state": initial_state}
     if u.dtype in HALF_DTYPES and all(v is None or v.dtype in (u.dtype, torch.float32) for v in params.values()):
         # as mamba_ssm: float32 parameters beside half-precision activations (a model kept in float32 under
-        # autocast, or its parameters upcast); they are checked among themselves only
+        # autocast, or its parameters upcast), and a float32 state (the scan returns its last state in
+        # float32 for half-precision inputs); they are checked among themselves only
         _check_dtypes({k: v for k, v in named.items() if k not in params})
     else:
         _check_dtypes(named)
     return ScanArgs(batch, dim, length, d_state, B4, C4)
 
 
-def mixed_precision(u, A, D=None, delta_bias=None) -> bool:
-    """Whether float32 parameters (A, D, delta_bias) come with half-precision activations (u, delta, B, C, z)."""
-    return u.dtype in HALF_DTYPES and any(v is not None and v.dtype != u.dtype for v in (A, D, delta_bias))
+def mixed_precision(u, A, D=None, delta_bias=None, initial_state=None) -> bool:
+    """Whether float32 parameters (A, D, delta_bias) or a float32 initial state come with half-precision
+    activations (u, delta, B, C, z)."""
+    return u.dtype in HALF_DTYPES and any(v is not None and v.dtype != u.dtype
+                                          for v in (A, D, delta_bias, initial_state))
 
 
 def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):
@@ -131,5 +134,11 @@ def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None)
     C3 = _check_bc("C", C, batch, dim, None, d_state)
     named = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias}
     check_same_device(named)
-    _check_dtypes(named)
+    fp32_ok = {"state": state, "A": A, "D": D, "dt_bias": dt_bias}
+    if x.dtype in HALF_DTYPES and all(v is None or v.dtype in (x.dtype, torch.float32) for v in fp32_ok.values()):
+        # as mamba_ssm: a float32 state (a half-precision model's recurrent state) and float32 parameters
+        # beside half-precision activations; the update computes in float32 and returns y in x's dtype
+        _check_dtypes({k: v for k, v in named.items() if k not in fp32_ok})
+    else:
+        _check_dtypes(named)
     return B3, C3

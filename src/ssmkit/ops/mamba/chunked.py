@@ -223,4 +223,4 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     if z is not None:
         y = y * F.silu(z.to(work))
     y = y.to(dtype_in)
-    return (y, last.to(dtype_in)) if return_last_state else y
+    return (y, last) if return_last_state else y  # the state in the compute dtype, as the reference

@@ -57,7 +57,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         initial_state: optional h_0, (batch, dim, N); zeros when omitted.
 
     Returns:
-        y (batch, dim, L) in u's dtype, or ``(y, last_state)`` with last_state (batch, dim, N).
+        y (batch, dim, L) in u's dtype, or ``(y, last_state)`` with last_state (batch, dim, N) in the
+        compute dtype: u's, or float32 for half-precision u (as mamba_ssm's ``last_state``), so that a
+        half-precision model's float32 recurrent state is never rounded to 8 or 11 bits between calls.
     """
     args = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
@@ -84,7 +86,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if z is not None:
         y = y * F.silu(z.to(work))
     y = y.to(dtype_in)
-    return (y, h.to(dtype_in)) if return_last_state else y
+    return (y, h) if return_last_state else y  # the state in the compute dtype (float32 for half u)
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

@@ -384,7 +384,9 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, initial_stat
     y = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
     outpre = torch.empty_like(y) if (z is not None and save) else None
     ckpt = (torch.empty(batch, dim, n_tiles, d_state, device=u.device, dtype=torch.float32) if save else None)
-    last = torch.empty(batch, dim, d_state, device=u.device, dtype=u.dtype) if want_last else None
+    # the last state in the compute dtype (float32 for half u), as the reference returns it
+    last = torch.empty(batch, dim, d_state, device=u.device, dtype=torch.promote_types(u.dtype, torch.float32)) \
+        if want_last else None
     dummy = y
     h0 = initial_state
     zz = z if z is not None else u
@@ -481,7 +483,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         z: optional (batch, dim, L) gate; initial_state: optional (batch, dim, N).
 
     Returns:
-        y (batch, dim, L), or ``(y, last_state)`` with last_state (batch, dim, N), in u's dtype. Every
+        y (batch, dim, L) in u's dtype, or ``(y, last_state)`` with last_state (batch, dim, N) in the
+        compute dtype (float32 for half-precision u). Every
         tensor argument gets a gradient (initial_state included), and last_state passes one back.
     """
     from .._triton import _check_runnable
