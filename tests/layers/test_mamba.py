@@ -298,3 +298,15 @@ def test_bad_arguments_are_refused():
         layer(x, cu_seqlens=torch.tensor([0, 6]))
     with pytest.raises(ValueError, match=r"state\['mamba.ssm'\] must have shape \(2, 24, 5\)"):
         layer(x, {"mamba.conv": torch.zeros(2, 24, 3), "mamba.ssm": torch.zeros(2, 24, 4)})
+
+
+def test_in_proj_time_fastest_layout():
+    """The GPU's in_proj product (one 2-D product, time the fastest axis) equals the batched one."""
+    from ssmkit.layers import Mamba
+
+    torch.manual_seed(0)
+    layer = Mamba(12, d_state=4).double()
+    x = torch.randn(3, 7, 12, dtype=torch.float64)
+    xz = layer._in_proj_time_fastest(x)
+    assert xz.shape == (3, 2 * layer.d_inner, 7) and xz.stride(2) == 1
+    torch.testing.assert_close(xz, torch.matmul(layer.in_proj.weight, x.transpose(1, 2)))

@@ -189,9 +189,9 @@ class Mamba(Mixer):
         conv_state = state[self.state_key("conv")] if state is not None else None
         ssm_state = state[self.state_key("ssm")] if state is not None else None
 
-        # Channel-first (B, channels, L) throughout, as mamba_ssm does: the scan reads (B, d_inner, L)
-        # contiguously, and W @ x^T products produce exactly that layout without transposing copies.
-        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))   # (B, 2 d_inner, L)
+        # Channel-first (B, channels, L) throughout, as mamba_ssm does: the scan reads (B, d_inner, L), and
+        # W @ x^T products produce that layout without transposing copies.
+        xz = self._in_proj_time_fastest(x) if x.is_cuda else torch.matmul(self.in_proj.weight, x.transpose(1, 2))
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         # The core (conv, projections to dt/B/C, scan) runs with autocast off, in the parameters' dtype:
@@ -223,6 +223,19 @@ class Mamba(Mixer):
             return y, None
         return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
                    self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
+
+    def _in_proj_time_fastest(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, d_model) -> in_proj(x) as (B, 2 d_inner, L) with time the fastest axis (stride 1).
+
+        One (2 d_inner, d_model) x (d_model, B L) product, viewed per batch row (mamba_ssm's layout). On a
+        GPU this matters: ``torch.matmul(W, x^T)`` returns the product channel-last (time strided by
+        2 d_inner), so the scan's loads along time, of u and z here and of everything projected from u
+        after, are uncoalesced; with time fastest the later x_proj / dt_proj products keep it so (batched
+        products, no copies).
+        """
+        batch, length, _ = x.shape
+        xz = torch.matmul(self.in_proj.weight, x.reshape(batch * length, -1).t())  # (2 d_inner, B L)
+        return xz.view(-1, batch, length).transpose(0, 1)
 
     def _scan_packed(self, u, delta, A, B, C, z, D, delta_bias, ssm_state, seq_idx, return_state):
         """The selective scan restarted at every change of ``seq_idx``, by running the packed sequences as
