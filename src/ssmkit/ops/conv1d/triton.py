@@ -11,11 +11,9 @@ belong to the sequence at position 0).
 
 Kernels: ``_conv_fwd_kernel`` [batch, L blocks, dim blocks] computes y (width unrolled; x read through its
 strides, so the (batch, dim, L) view of a (batch, L, dim) projection needs no copy).
-``_conv_bwd_kernel`` gathers dxs[p] = sum_k weight[k] dy'[p + width-1-k] for p over the state's positions
-and x's (so the initial state gets its gradient from the same pass), where dy' = dy * act'(pre) is
-recomputed at each of the width shifted positions from x rather than stored (the loads hit the cache; an
-earlier two-kernel version wrote dy' to memory in float32 and read it back, which made the backward about
-three times the traffic of its inputs), and adds per-program partial sums of dweight and dbias.
+``_conv_bwd_dy_kernel`` recomputes the pre-activation, writes dy' = dy * act'(pre) and per-program partial
+sums of dweight and dbias; ``_conv_bwd_dx_kernel`` gathers dxs[p] = sum_k weight[k] dy'[p + width-1-k] for
+p over the state's positions and x's, so the initial state gets its gradient from the same pass.
 The final state (the last width-1 inputs) is cut from x by torch ops and differentiates by itself.
 """
 
@@ -33,7 +31,6 @@ from ..._checks import check_choice, check_same_device, check_shape, check_tenso
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
 
 _BLOCK_L, _BLOCK_D = 64, 64
-_TARGET_PROGRAMS = 1024  # backward: about this many programs (several per SM on current GPUs)
 
 
 @triton.jit
@@ -78,106 +75,101 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_grad_pre(x_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, b, d, d_mask, tt, L, seq_0,
-                   s_xb, s_xd, s_xl, s_wd, s_wk, s_sb, s_sd, s_sk, s_qb, s_gb, s_gd, s_gl,
-                   WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   SILU: tl.constexpr):
-    """g = dy * act'(pre) at the positions ``tt`` (BLOCK_L,) of one channel block, float32, zero outside
-    [0, L): recomputed from x (and the state) instead of stored, so the backward reads x and dy once."""
-    ok = (tt >= 0) & (tt < L)
-    m2 = d_mask[:, None] & ok[None, :]
-    g = tl.load(dy_ptr + b * s_gb + d[:, None] * s_gd + tt[None, :] * s_gl, mask=m2, other=0.0).to(tl.float32)
+def _conv_bwd_dy_kernel(
+    x_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr,
+    dim, L, n_lblocks,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_sb, s_sd, s_sk, s_qb, s_gb, s_gd, s_gl,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, W_PAD: tl.constexpr,
+):
+    """g = dy * act'(pre) into g_ptr (batch, dim, L) float32; dweight, dbias partials per (b, L block)."""
+    b = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < dim
+    t_mask = t < L
+    m2 = d_mask[:, None] & t_mask[None, :]
+    if HAS_SEQ:
+        seq_t = tl.load(seq_ptr + b * s_qb + t, mask=t_mask, other=0)
+        seq_0 = tl.load(seq_ptr + b * s_qb)
+    g = tl.load(dy_ptr + b * s_gb + d[:, None] * s_gd + t[None, :] * s_gl, mask=m2, other=0.0).to(tl.float32)
     if SILU:
-        if HAS_SEQ:
-            seq_t = tl.load(seq_ptr + b * s_qb + tl.maximum(tt, 0), mask=ok, other=0)
-        pre = tl.zeros(g.shape, dtype=tl.float32)
+        pre = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for k in tl.static_range(WIDTH):
-            src = tt + (k - (WIDTH - 1))
+            src = t + (k - (WIDTH - 1))
             wk = tl.load(w_ptr + d * s_wd + k * s_wk, mask=d_mask, other=0.0).to(tl.float32)
             xv = tl.load(x_ptr + b * s_xb + d[:, None] * s_xd + src[None, :] * s_xl,
-                         mask=d_mask[:, None] & ((src >= 0) & ok)[None, :], other=0.0).to(tl.float32)
+                         mask=d_mask[:, None] & ((src >= 0) & t_mask)[None, :], other=0.0).to(tl.float32)
             if HAS_STATE:
                 xv += tl.load(state_ptr + b * s_sb + d[:, None] * s_sd + (src[None, :] + WIDTH - 1) * s_sk,
-                              mask=d_mask[:, None] & ((src < 0) & ok)[None, :], other=0.0).to(tl.float32)
+                              mask=d_mask[:, None] & ((src < 0) & t_mask)[None, :], other=0.0).to(tl.float32)
             if HAS_SEQ:
-                seq_src = tl.where(src >= 0, tl.load(seq_ptr + b * s_qb + tl.maximum(src, 0), mask=ok, other=0),
-                                   seq_0)
+                seq_src = tl.where(src >= 0, tl.load(seq_ptr + b * s_qb + tl.maximum(src, 0), mask=t_mask,
+                                                     other=0), seq_0)
                 xv = tl.where((seq_src == seq_t)[None, :], xv, 0.0)
             pre += wk[:, None] * xv
         if HAS_BIAS:
             pre += tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
         sig = 1.0 / (1.0 + tl.exp(-pre))
         g = g * sig * (1.0 + pre * (1.0 - sig))
-    return tl.where(m2, g, 0.0)
-
-
-@triton.jit
-def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
-    dim, L, blocks_per_program, n_splits,
-    s_xb, s_xd, s_xl, s_wd, s_wk, s_sb, s_sd, s_sk, s_qb, s_gb, s_gd, s_gl, s_ob, s_od, s_ol, s_tb, s_td, s_tk,
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, W_PAD: tl.constexpr,
-):
-    """One pass: dxs[p] = sum_k weight[k] g[p + width-1-k] for p in [-(width-1), L) (p < 0: the state's
-    gradient), with g recomputed at each shifted position (cached loads, no float32 g in memory), and the
-    per-program partial sums of dweight[d, k] = sum_t g[t] xs[t + k - (width-1)] and dbias = sum_t g[t]
-    over the program's run of ``blocks_per_program`` blocks of L."""
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < dim
-    seq_0 = 0
-    if HAS_SEQ:
-        seq_0 = tl.load(seq_ptr + b * s_qb)
+    g = tl.where(m2, g, 0.0)
+    tl.store(g_ptr + b * s_gb + d[:, None] * s_gd + t[None, :] * s_gl, g, mask=m2)
+    # dweight[d, k] = sum_t g[t] xs[t + k - (width-1)]
+    part = b * n_lblocks + pid_l
     offs_k = tl.arange(0, W_PAD)
     dw = tl.zeros((BLOCK_D, W_PAD), dtype=tl.float32)
-    db = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(blocks_per_program):
-        p = (split * blocks_per_program + i) * BLOCK_L + tl.arange(0, BLOCK_L) - (WIDTH - 1)
-        p_mask = p < L
-        if HAS_SEQ:
-            seq_p = tl.load(seq_ptr + b * s_qb + tl.maximum(p, 0), mask=p_mask, other=0)
-        acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        for k in tl.static_range(WIDTH):
-            tt = p + (WIDTH - 1 - k)                                  # the output that reads p through tap k
-            g = _conv_grad_pre(x_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, b, d, d_mask, tt, L, seq_0,
-                               s_xb, s_xd, s_xl, s_wd, s_wk, s_sb, s_sd, s_sk, s_qb, s_gb, s_gd, s_gl,
-                               WIDTH, HAS_BIAS, HAS_STATE, HAS_SEQ, SILU)
-            ok = p_mask
-            if HAS_SEQ:
-                seq_t = tl.load(seq_ptr + b * s_qb + tl.minimum(tl.maximum(tt, 0), L - 1), mask=p_mask, other=0)
-                ok = ok & (seq_t == seq_p)
-            wk = tl.load(w_ptr + d * s_wd + k * s_wk, mask=d_mask, other=0.0).to(tl.float32)
-            acc += wk[:, None] * tl.where(ok[None, :], g, 0.0)
-            if k == 0:
-                # tt is the block's own run of outputs (each t in [0, L) once over the grid): dweight, dbias
-                if HAS_SEQ:
-                    seq_tt = tl.load(seq_ptr + b * s_qb + tl.minimum(tl.maximum(tt, 0), L - 1))
-                for j in tl.static_range(WIDTH):
-                    src = tt + (j - (WIDTH - 1))
-                    in_t = (tt >= 0) & (tt < L)
-                    xv = tl.load(x_ptr + b * s_xb + d[:, None] * s_xd + src[None, :] * s_xl,
-                                 mask=d_mask[:, None] & ((src >= 0) & in_t)[None, :], other=0.0).to(tl.float32)
-                    if HAS_STATE:
-                        xv += tl.load(state_ptr + b * s_sb + d[:, None] * s_sd + (src[None, :] + WIDTH - 1) * s_sk,
-                                      mask=d_mask[:, None] & ((src < 0) & in_t)[None, :], other=0.0).to(tl.float32)
-                    if HAS_SEQ:
-                        seq_src = tl.where(src >= 0, tl.load(seq_ptr + b * s_qb + tl.maximum(src, 0), mask=in_t,
-                                                             other=0), seq_0)
-                        xv = tl.where((seq_src == seq_tt)[None, :], xv, 0.0)
-                    dw = tl.where((offs_k == j)[None, :], dw + tl.sum(g * xv, axis=1)[:, None], dw)
-                db += tl.sum(g, axis=1)
-        tl.store(dx_ptr + b * s_ob + d[:, None] * s_od + p[None, :] * s_ol, acc.to(dx_ptr.dtype.element_ty),
-                 mask=d_mask[:, None] & ((p >= 0) & p_mask)[None, :])
+    for k in tl.static_range(WIDTH):
+        src = t + (k - (WIDTH - 1))
+        xv = tl.load(x_ptr + b * s_xb + d[:, None] * s_xd + src[None, :] * s_xl,
+                     mask=d_mask[:, None] & ((src >= 0) & t_mask)[None, :], other=0.0).to(tl.float32)
         if HAS_STATE:
-            tl.store(ds_ptr + b * s_tb + d[:, None] * s_td + (p[None, :] + WIDTH - 1) * s_tk,
-                     acc.to(ds_ptr.dtype.element_ty), mask=d_mask[:, None] & (p < 0)[None, :])
-    part = b * n_splits + split
+            xv += tl.load(state_ptr + b * s_sb + d[:, None] * s_sd + (src[None, :] + WIDTH - 1) * s_sk,
+                          mask=d_mask[:, None] & ((src < 0) & t_mask)[None, :], other=0.0).to(tl.float32)
+        if HAS_SEQ:
+            seq_src = tl.where(src >= 0, tl.load(seq_ptr + b * s_qb + tl.maximum(src, 0), mask=t_mask, other=0),
+                               seq_0)
+            xv = tl.where((seq_src == seq_t)[None, :], xv, 0.0)
+        col = tl.sum(g * xv, axis=1)
+        dw = tl.where((offs_k == k)[None, :], col[:, None], dw)
     tl.store(dw_ptr + (part * dim + d[:, None]) * WIDTH + offs_k[None, :], dw,
              mask=d_mask[:, None] & (offs_k < WIDTH)[None, :])
     if HAS_BIAS:
-        tl.store(db_ptr + part * dim + d, db, mask=d_mask)
+        tl.store(db_ptr + part * dim + d, tl.sum(g, axis=1), mask=d_mask)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(
+    g_ptr, w_ptr, seq_ptr, dx_ptr, ds_ptr,
+    dim, L,
+    s_wd, s_wk, s_qb, s_gb, s_gd, s_gl, s_xb, s_xd, s_xl, s_sb, s_sd, s_sk,
+    WIDTH: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dxs[p] = sum_k weight[k] g[p + width-1-k] over p in [-(width-1), L); p < 0 goes to the state."""
+    b = tl.program_id(0)
+    p = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L) - (WIDTH - 1)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < dim
+    p_mask = p < L
+    if HAS_SEQ:
+        seq_p = tl.load(seq_ptr + b * s_qb + tl.maximum(p, 0), mask=p_mask, other=0)
+    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        t = p + (WIDTH - 1 - k)                                       # the output that reads p through tap k
+        ok = (t >= 0) & (t < L) & p_mask
+        if HAS_SEQ:
+            seq_t = tl.load(seq_ptr + b * s_qb + t, mask=ok, other=0)
+            ok = ok & (seq_t == seq_p)
+        wk = tl.load(w_ptr + d * s_wd + k * s_wk, mask=d_mask, other=0.0).to(tl.float32)
+        gv = tl.load(g_ptr + b * s_gb + d[:, None] * s_gd + t[None, :] * s_gl,
+                     mask=d_mask[:, None] & ok[None, :], other=0.0)
+        acc += wk[:, None] * gv
+    tl.store(dx_ptr + b * s_xb + d[:, None] * s_xd + p[None, :] * s_xl, acc.to(dx_ptr.dtype.element_ty),
+             mask=d_mask[:, None] & ((p >= 0) & p_mask)[None, :])
+    if HAS_STATE:
+        tl.store(ds_ptr + b * s_sb + d[:, None] * s_sd + (p[None, :] + WIDTH - 1) * s_sk,
+                 acc.to(ds_ptr.dtype.element_ty), mask=d_mask[:, None] & (p < 0)[None, :])
 
 
 def _channel_last(t: torch.Tensor) -> bool:
@@ -223,27 +215,33 @@ class _CausalConv1dFn(torch.autograd.Function):
         x, w, bias, state, seq = ctx.saved_tensors
         batch, dim, L = x.shape
         width = w.shape[1]
+        n_lblocks = triton.cdiv(L, _BLOCK_L)
         f32 = dict(device=x.device, dtype=torch.float32)
-        n_dblocks = triton.cdiv(dim, _BLOCK_D)
-        n_blocks = triton.cdiv(L + width - 1, _BLOCK_L)  # blocks of p in [-(width-1), L)
-        # enough programs to fill the GPU, each walking a run of L blocks (fewer partial dweight rows to add)
-        n_splits = max(1, min(n_blocks, triton.cdiv(_TARGET_PROGRAMS, batch * n_dblocks)))
-        blocks_per_program = triton.cdiv(n_blocks, n_splits)
-        n_splits = triton.cdiv(n_blocks, blocks_per_program)
-        dx = _empty_in_layout((batch, dim, L), x, x.dtype)
-        dstate = torch.empty_like(state) if state is not None else None
-        dw_part = torch.empty(batch * n_splits, dim, width, **f32)
-        db_part = torch.empty(batch * n_splits, dim, **f32) if bias is not None else None
+        # g (the gradient before the activation) is read with dy's strides: both in dy's layout
+        dy = dy.transpose(1, 2).contiguous().transpose(1, 2) if _channel_last(dy) else dy.contiguous()
+        g = _empty_in_layout((batch, dim, L), dy, torch.float32)
+        dw_part = torch.empty(batch * n_lblocks, dim, width, **f32)
+        db_part = torch.empty(batch * n_lblocks, dim, **f32) if bias is not None else None
         s_state = state.stride() if state is not None else (0, 0, 0)
-        _conv_bwd_kernel[(batch, n_splits, n_dblocks)](
+        s_seq = seq.stride(0) if seq is not None else 0
+        grid = (batch, n_lblocks, triton.cdiv(dim, _BLOCK_D))
+        _conv_bwd_dy_kernel[grid](
             x, w, bias if bias is not None else w, state if state is not None else x, seq if seq is not None else x,
-            dy, dx, dstate if dstate is not None else dx, dw_part, db_part if db_part is not None else dw_part,
-            dim, L, blocks_per_program, n_splits, *x.stride(), *w.stride(), *s_state,
-            seq.stride(0) if seq is not None else 0, *dy.stride(), *dx.stride(),
-            *(dstate.stride() if dstate is not None else (0, 0, 0)),
+            dy, g, dw_part, db_part if db_part is not None else dw_part,
+            dim, L, n_lblocks, *x.stride(), *w.stride(), *s_state, s_seq, *g.stride(),
             WIDTH=width, HAS_BIAS=bias is not None, HAS_STATE=state is not None, HAS_SEQ=seq is not None,
             SILU=ctx.silu, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, W_PAD=max(2, triton.next_power_of_2(width)),
             num_warps=4,
+        )
+        dx = _empty_in_layout((batch, dim, L), x, x.dtype)
+        dstate = torch.empty_like(state) if state is not None else None
+        grid = (batch, triton.cdiv(L + width - 1, _BLOCK_L), triton.cdiv(dim, _BLOCK_D))
+        _conv_bwd_dx_kernel[grid](
+            g, w, seq if seq is not None else x, dx, dstate if dstate is not None else dx,
+            dim, L, *w.stride(), s_seq, *g.stride(), *dx.stride(),
+            *(dstate.stride() if dstate is not None else (0, 0, 0)),
+            WIDTH=width, HAS_STATE=state is not None, HAS_SEQ=seq is not None,
+            BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=4,
         )
         dw = dw_part.sum(0).to(w.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
