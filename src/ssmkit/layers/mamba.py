@@ -58,7 +58,7 @@ from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
 from ..ops.mamba import BACKENDS as SCAN_BACKENDS
 from ..ops.mamba import selective_scan, selective_state_update
-from .base import Mixer, State, ssm_core_precision, state_dtype, to_core_dtype
+from .base import Mixer, State, check_recompute, ssm_core_precision, state_dtype, to_core_dtype
 from .registry import register_mixer
 
 DT_INITS = ("random", "constant")
@@ -124,6 +124,9 @@ class Mamba(Mixer):
             the layer that has that backend (see :attr:`Mixer.backend`); execution only, the numbers do not
             depend on it, and it is not part of a saved configuration. After a forward, ``last_backend``
             names the selective-scan backend that ran, ``last_backends`` every op's.
+        recompute: keep only the in_proj output for the backward and recompute the rest of the block there
+            (conv, x_proj/dt_proj, scan, out_proj input), as mamba_ssm does; execution only, like ``backend``
+            (see :attr:`Mixer.recompute`).
     """
 
     pattern_letter = "M"
@@ -135,11 +138,13 @@ class Mamba(Mixer):
     depth_scaled = ("out_proj.weight",)
     supports_packing = True
     main_op = "selective_scan"
+    supports_recompute = True
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: Union[int, float] = 2,
                  dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
-                 conv_bias: bool = True, bias: bool = False, backend: Optional[str] = "auto"):
+                 conv_bias: bool = True, bias: bool = False, backend: Optional[str] = "auto",
+                 recompute: bool = False):
         super().__init__(d_model)
         self.d_state = check_positive_int("d_state", d_state)
         self.d_conv = check_positive_int("d_conv", d_conv)
@@ -155,6 +160,7 @@ class Mamba(Mixer):
         if backend is not None:
             check_choice("backend", backend, SCAN_BACKENDS)
         self.backend = backend
+        self.recompute = check_recompute(recompute)
 
         d_inner, N = self.d_inner, self.d_state
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
@@ -209,6 +215,18 @@ class Mamba(Mixer):
             xz = F.linear(x, self.in_proj.weight).transpose(1, 2)     # (B, 2 d_inner, L), channel-last
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
+        y, conv_final, ssm_final = self._run_core(
+            lambda xz, conv_state, ssm_state: self._core(x, xz, conv_state, ssm_state, return_state, seq_idx),
+            xz, conv_state, ssm_state)
+        if not return_state:
+            return y, None
+        return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
+                   self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
+
+    def _core(self, x, xz, conv_state, ssm_state, return_state, seq_idx):
+        """From the in_proj output xz (B, 2 d_inner, L) to the block's output (B, L, d_model), with the final
+        conv and scan states (None unless ``return_state``): what ``recompute`` runs again in the backward."""
+        conv_final = None
         # The core (conv, projections to dt/B/C, scan) runs with autocast off, in the parameters' dtype:
         # float32 under autocast, the model's own in a bf16/fp16 model. (Feeding the bf16 autocast activations
         # to the Triton scan instead, as Mamba2 does with its SSD, made the H200 forward 30% faster but the
@@ -235,11 +253,7 @@ class Mamba(Mixer):
                 out = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                      delta_softplus=True, return_last_state=return_state, initial_state=ssm_state)
                 y, ssm_final = out if return_state else (out, None)
-        y = self.out_proj(y.to(x.dtype).transpose(1, 2))             # (B, L, d_model)
-        if not return_state:
-            return y, None
-        return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
-                   self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
+        return self.out_proj(y.to(x.dtype).transpose(1, 2)), conv_final, ssm_final   # (B, L, d_model)
 
     def _scan_packed(self, u, delta, A, B, C, z, D, delta_bias, ssm_state, seq_idx, return_state):
         """The selective scan restarted at every change of ``seq_idx``, by running the packed sequences as
