@@ -417,8 +417,8 @@ def test_float32_parameters_beside_half_activations(backend):
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
 
 
-def _mamba_cpu_views(leaves, rank, d_state):
-    """The arguments exactly as layers/mamba.py passes them on the CPU: everything channel-last. u and z are
+def _channel_last_views(leaves, rank, d_state):
+    """Channel-last arguments, as a Mamba block keeping (batch, L, channels) memory passes them: u and z are
     column slices of one (batch, L, 2 dim) in_proj output, delta is (batch, L, dim) memory, B and C are column
     slices of x_proj's (batch, L, rank + 2N) output; all seen as (batch, channels, L) views."""
     dim = leaves["xz"].shape[-1] // 2
@@ -433,9 +433,9 @@ def _mamba_cpu_views(leaves, rank, d_state):
 @pytest.mark.parametrize("grad_layout", ["like_y", "contiguous", "transposed", "expanded"])
 @pytest.mark.parametrize("batch, dim, length, d_state", [(2, 12, 70, 5), (1, 9, 130, 16), (3, 20, 1, 3)])
 def test_channel_last_rows_match_reference_float64(backend, grad_layout, batch, dim, length, d_state):
-    """The layer's CPU layout (strided rows, read in place by the C++ kernel), on sizes that are not multiples
+    """Channel-last rows (strided, read in place by the C++ kernel), on sizes that are not multiples
     of the SIMD width or of the checkpoint interval (64), with the gradient of y arriving in every layout
-    autograd may hand over (the layer's out_proj gives a channel-last one; y.sum() a stride-0 one)."""
+    autograd may hand over (an out_proj on channel-last y gives a channel-last one; y.sum() a stride-0 one)."""
     rank = 3
     g = torch.Generator().manual_seed(7)
     leaves = {"xz": torch.randn(batch, length, 2 * dim, generator=g, dtype=torch.float64),
@@ -454,7 +454,7 @@ def test_channel_last_rows_match_reference_float64(backend, grad_layout, batch, 
 
     def run(fn):
         inputs = {k: v.clone().requires_grad_() for k, v in leaves.items()}
-        y, last = fn(**_mamba_cpu_views(inputs, rank, d_state), delta_softplus=True, return_last_state=True)
+        y, last = fn(**_channel_last_views(inputs, rank, d_state), delta_softplus=True, return_last_state=True)
         seed = grad_y if grad_layout != "like_y" else torch.empty_like(y).copy_(grad_y)
         grads = torch.autograd.grad((y, last), list(inputs.values()), (seed, grad_last))
         return y, last, dict(zip(inputs, grads))
@@ -469,7 +469,7 @@ def test_channel_last_rows_match_reference_float64(backend, grad_layout, batch, 
 
 
 def test_cpp_output_and_gradients_keep_the_channel_last_layout(cpp_ready):
-    """The point of reading strided rows: y comes back channel-last for a channel-last u (so out_proj reads it
+    """Reading strided rows: y comes back channel-last for a channel-last u (so an out_proj reads it
     without a transposing copy), and each gradient in its input's layout."""
     batch, dim, length = 2, 16, 40
     u = torch.randn(batch, length, dim).transpose(1, 2).requires_grad_()
