@@ -261,3 +261,34 @@ def test_linear_attention_chunked_on_views():
 
     _check_views(leaves, views, lambda **kw: flat(linear_attention_chunked(**kw, chunk_size=4)),
                  lambda **kw: flat(linear_attention_ref(**kw)))
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_selective_scan_on_the_views_the_mamba_layer_passes(backend, request, monkeypatch):
+    """The scan's arguments captured from a Mamba layer's own forward (u and z slices of one in_proj output,
+    B and C slices of x_proj's), rebuilt with the same sizes and strides as leaves, then compared with the
+    float64 reference on outputs, final state and every gradient."""
+    import ssmkit
+    from ssmkit.layers import mamba as mamba_module
+    from ssmkit.ops.mamba import selective_scan, selective_scan_ref
+    _scan_backend(backend, request)
+    captured = {}
+
+    def spy(*args, **kwargs):
+        captured.update(zip(["u", "delta", "A", "B", "C"], args), **kwargs)
+        return selective_scan(*args, **kwargs)
+
+    monkeypatch.setattr(mamba_module, "selective_scan", spy)
+    layer = ssmkit.build_mixer("mamba", 12, d_state=5, expand=1.5, backend="torch").to(DEVICE)
+    with torch.no_grad():
+        layer(torch.randn(2, 70, 12, device=DEVICE))
+    tensors = {k: v for k, v in captured.items() if torch.is_tensor(v)}
+    # the layer's own values (A negative, Delta a softplus away) in fresh leaves of the same strides
+    leaves = {k: torch.empty_strided(v.shape, v.stride(), device=DEVICE).copy_(v) for k, v in tensors.items()}
+    options = {k: v for k, v in captured.items() if not torch.is_tensor(v) and k != "return_last_state"}
+
+    def views(**kw):  # the leaves keep the captured strides; the scan receives them as they are
+        return dict(kw, **options, return_last_state=True)
+
+    _check_views(leaves, views, lambda **kw: selective_scan(**{**kw, "backend": backend}),
+                 lambda **kw: selective_scan_ref(**{k: v for k, v in kw.items() if k != "backend"}))

@@ -439,3 +439,69 @@ def test_half_inputs_keep_a_float32_state(backend):
     torch.testing.assert_close(y.float(), want_y, atol=1e-2, rtol=1e-2)
     (g,) = torch.autograd.grad(last.sum(), h0)
     assert g.dtype == torch.float32
+
+
+def _channel_last_views(leaves, rank, d_state):
+    """Channel-last arguments, as a Mamba block keeping (batch, L, channels) memory passes them: u and z are
+    column slices of one (batch, L, 2 dim) in_proj output, delta is (batch, L, dim) memory, B and C are column
+    slices of x_proj's (batch, L, rank + 2N) output; all seen as (batch, channels, L) views."""
+    dim = leaves["xz"].shape[-1] // 2
+    x_dbl = leaves["x_dbl"]
+    return dict(u=leaves["xz"][..., :dim].transpose(1, 2), z=leaves["xz"][..., dim:].transpose(1, 2),
+                delta=leaves["delta"].transpose(1, 2), A=leaves["A"],
+                B=x_dbl[..., rank:rank + d_state].transpose(1, 2),
+                C=x_dbl[..., rank + d_state:].transpose(1, 2), D=leaves["D"], delta_bias=leaves["delta_bias"],
+                initial_state=leaves["initial_state"])
+
+
+@pytest.mark.parametrize("grad_layout", ["like_y", "contiguous", "transposed", "expanded"])
+@pytest.mark.parametrize("batch, dim, length, d_state", [(2, 12, 70, 5), (1, 9, 130, 16), (3, 20, 1, 3)])
+def test_channel_last_rows_match_reference_float64(backend, grad_layout, batch, dim, length, d_state):
+    """Channel-last rows (strided, read in place by the C++ kernel), on sizes that are not multiples
+    of the SIMD width or of the checkpoint interval (64), with the gradient of y arriving in every layout
+    autograd may hand over (an out_proj on channel-last y gives a channel-last one; y.sum() a stride-0 one)."""
+    rank = 3
+    g = torch.Generator().manual_seed(7)
+    leaves = {"xz": torch.randn(batch, length, 2 * dim, generator=g, dtype=torch.float64),
+              "delta": torch.randn(batch, length, dim, generator=g, dtype=torch.float64) * 0.5,
+              "A": -torch.rand(dim, d_state, generator=g, dtype=torch.float64) * 3 - 0.1,
+              "x_dbl": torch.randn(batch, length, rank + 2 * d_state, generator=g, dtype=torch.float64),
+              "D": torch.randn(dim, generator=g, dtype=torch.float64),
+              "delta_bias": torch.randn(dim, generator=g, dtype=torch.float64) * 0.3,
+              "initial_state": torch.randn(batch, dim, d_state, generator=g, dtype=torch.float64)}
+    grad_y = torch.randn(batch, dim, length, generator=g, dtype=torch.float64)
+    if grad_layout == "transposed":
+        grad_y = grad_y.transpose(1, 2).contiguous().transpose(1, 2)
+    elif grad_layout == "expanded":
+        grad_y = grad_y[:, :1, :1].expand(batch, dim, length)
+    grad_last = torch.randn(batch, dim, d_state, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        inputs = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        y, last = fn(**_channel_last_views(inputs, rank, d_state), delta_softplus=True, return_last_state=True)
+        seed = grad_y if grad_layout != "like_y" else torch.empty_like(y).copy_(grad_y)
+        grads = torch.autograd.grad((y, last), list(inputs.values()), (seed, grad_last))
+        return y, last, dict(zip(inputs, grads))
+
+    y, last, grads = run(backend_fn(backend))
+    y_ref, last_ref, grads_ref = run(selective_scan_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(last, last_ref, rtol=1e-9, atol=1e-10)
+    for name in leaves:
+        assert grads[name].shape == leaves[name].shape
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
+def test_cpp_output_and_gradients_keep_the_channel_last_layout(cpp_ready):
+    """Reading strided rows: y comes back channel-last for a channel-last u (so an out_proj reads it
+    without a transposing copy), and each gradient in its input's layout."""
+    batch, dim, length = 2, 16, 40
+    u = torch.randn(batch, length, dim).transpose(1, 2).requires_grad_()
+    delta = torch.randn(batch, length, dim).transpose(1, 2).requires_grad_()
+    z = torch.randn(batch, dim, length).requires_grad_()  # channel-first: its gradient stays channel-first
+    A, B, C = -torch.rand(dim, 4) - 0.1, torch.randn(batch, 4, length), torch.randn(batch, 4, length)
+    y = selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, backend="cpp")
+    assert y.transpose(1, 2).is_contiguous()
+    grad_u, grad_delta, grad_z = torch.autograd.grad(y, (u, delta, z), torch.randn(batch, length, dim).transpose(1, 2))
+    assert grad_u.transpose(1, 2).is_contiguous() and grad_delta.transpose(1, 2).is_contiguous()
+    assert grad_z.is_contiguous()

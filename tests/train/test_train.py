@@ -262,3 +262,35 @@ def test_bf16_autocast_run(tmp_path):
                    "model.mixer_kwargs={n_heads: 2}", "train.log_every=1")
     result = train(run)
     assert all(math.isfinite(v) for v in result.losses) and math.isfinite(result.final_metrics["val_loss"])
+
+
+def test_chunked_lm_loss_and_recompute_give_the_same_run(tmp_path):
+    """train.loss_chunk_size (the model's chunked LM loss on the task's aligned targets) and train.recompute
+    change how a step runs, not what it computes: the losses of a short run agree with the default run's, and
+    the start event records the choice ("auto" resolves to the full logits for this small vocabulary)."""
+    base = make_run(tmp_path / "base", "train.steps=4")
+    assert base.train.loss_chunk_size == "auto" and base.train.recompute is False
+    plain = train(base)
+    chunked = train(make_run(tmp_path / "chunked", "train.steps=4", "train.loss_chunk_size=5",
+                             "train.recompute=true"))
+    assert chunked.losses == pytest.approx(plain.losses, rel=1e-5, abs=1e-6)
+    starts = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("base", "chunked")]
+    assert (starts[0]["loss_chunk_size"], starts[0]["recompute"]) == (None, False)
+    assert (starts[1]["loss_chunk_size"], starts[1]["recompute"]) == (5, True)
+
+
+def test_auto_loss_chunk_size_applies_to_large_vocabularies():
+    from ssmkit.train.loop import AUTO_LOSS_CHUNK_SIZE, _resolve_loss_chunk_size
+
+    class LMTask:
+        kind, default_length = "lm", 4096
+
+    plan = type("Plan", (), {"context": None})()  # no context parallelism
+    big = ModelConfig(d_model=16, n_layers=1, vocab_size=50280, mixer="mamba")
+    small = ModelConfig(d_model=16, n_layers=1, vocab_size=16, mixer="mamba")
+    cfg = RunConfig().train
+    assert _resolve_loss_chunk_size(cfg, LMTask(), plan, big, 1) == AUTO_LOSS_CHUNK_SIZE
+    assert _resolve_loss_chunk_size(cfg, LMTask(), plan, small, 1) is None
+    for bad in (0, "big", True):
+        with pytest.raises(ValueError, match="loss_chunk_size must be a positive int, 'auto' or null"):
+            dataclasses.replace(cfg, loss_chunk_size=bad)

@@ -57,6 +57,7 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -64,6 +65,13 @@ from .._checks import check_positive_int, check_shape, check_tensor
 from ..ops.backends import record_backends, use_backend
 
 State = Dict[str, torch.Tensor]
+
+
+def check_recompute(value) -> bool:
+    """The ``recompute`` argument of a mixer: a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"recompute must be True or False; got {value!r}")
+    return value
 
 
 class Mixer(nn.Module):
@@ -127,6 +135,14 @@ class Mixer(nn.Module):
     backend: Optional[str] = None
     #: the op whose backend :attr:`last_backend` reports (the mixer's recurrent core), if any
     main_op: Optional[str] = None
+    #: Execution, not architecture: when True (mixers that set ``supports_recompute``), a forward with
+    #: gradients keeps only the input of the mixer's core (e.g. Mamba's in_proj output) for the backward and
+    #: recomputes the rest of the core there (the convolution, the Delta/B/C projections, the scan), as
+    #: mamba_ssm's fused block does: less memory per layer for one more core forward. Gradients are the same
+    #: (the recomputation runs the same ops in the same order). Never saved in a model configuration.
+    recompute: bool = False
+    #: whether this mixer honours :attr:`recompute`
+    supports_recompute: bool = False
 
     @property
     def last_backends(self) -> Dict[str, str]:
@@ -138,11 +154,28 @@ class Mixer(nn.Module):
         """The backend that the latest ``forward``/``step`` ran for :attr:`main_op`, or None."""
         return self.last_backends.get(self.main_op) if self.main_op else None
 
+    def _backend_scope(self):
+        """The op-backend context of this mixer's :attr:`backend` (for a recomputation in the backward, which
+        runs outside the forward's scope)."""
+        return use_backend(self.backend) if self.backend not in (None, "auto") else contextlib.nullcontext()
+
+    def _run_core(self, core, *args):
+        """``core(*args)``, or with :attr:`recompute` and gradients on, the same under activation
+        checkpointing: only ``args`` are kept for the backward, which runs ``core`` again (in this mixer's
+        backend scope, with the forward's autocast state) to get the gradients."""
+        if not (self.recompute and torch.is_grad_enabled()):
+            return core(*args)
+
+        def scoped(*inner):
+            with self._backend_scope():
+                return core(*inner)
+
+        return torch.utils.checkpoint.checkpoint(scoped, *args, use_reentrant=False, preserve_rng_state=False)
+
     @contextlib.contextmanager
     def _execution(self):
         """The backend scope of one call, recording what ran into :attr:`last_backends`."""
-        scope = use_backend(self.backend) if self.backend not in (None, "auto") else contextlib.nullcontext()
-        with scope, record_backends() as ran:
+        with self._backend_scope(), record_backends() as ran:
             yield
         self.__dict__["_last_backends"] = dict(ran)
 

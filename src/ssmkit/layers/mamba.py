@@ -58,7 +58,7 @@ from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
 from ..ops.mamba import BACKENDS as SCAN_BACKENDS
 from ..ops.mamba import selective_scan, selective_state_update
-from .base import Mixer, State, ssm_core_precision, state_dtype, to_core_dtype
+from .base import Mixer, State, check_recompute, ssm_core_precision, state_dtype, to_core_dtype
 from .registry import register_mixer
 
 DT_INITS = ("random", "constant")
@@ -95,6 +95,15 @@ def inner_width(d_model: int, expand) -> int:
     return d_inner
 
 
+def project(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) applied over the channels of x (B, in, L) -> (B, out, L), in x's memory layout: for a
+    channel-last x (a transposed view of (B, L, in) memory) as ``F.linear`` on that memory, so the product
+    reads and writes without transposing copies; otherwise as ``weight @ x``, contiguous (B, out, L)."""
+    if x.shape[2] > 1 and x.stride(1) < x.stride(2):
+        return F.linear(x.transpose(1, 2), weight).transpose(1, 2)
+    return torch.matmul(weight, x)
+
+
 @register_mixer("mamba")
 class Mamba(Mixer):
     """Mamba block (selective SSM mixer); see the module docstring for the equations.
@@ -115,6 +124,9 @@ class Mamba(Mixer):
             the layer that has that backend (see :attr:`Mixer.backend`); execution only, the numbers do not
             depend on it, and it is not part of a saved configuration. After a forward, ``last_backend``
             names the selective-scan backend that ran, ``last_backends`` every op's.
+        recompute: keep only the in_proj output for the backward and recompute the rest of the block there
+            (conv, x_proj/dt_proj, scan, out_proj input), as mamba_ssm does; execution only, like ``backend``
+            (see :attr:`Mixer.recompute`).
     """
 
     pattern_letter = "M"
@@ -126,11 +138,13 @@ class Mamba(Mixer):
     depth_scaled = ("out_proj.weight",)
     supports_packing = True
     main_op = "selective_scan"
+    supports_recompute = True
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: Union[int, float] = 2,
                  dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
-                 conv_bias: bool = True, bias: bool = False, backend: Optional[str] = "auto"):
+                 conv_bias: bool = True, bias: bool = False, backend: Optional[str] = "auto",
+                 recompute: bool = False):
         super().__init__(d_model)
         self.d_state = check_positive_int("d_state", d_state)
         self.d_conv = check_positive_int("d_conv", d_conv)
@@ -146,6 +160,7 @@ class Mamba(Mixer):
         if backend is not None:
             check_choice("backend", backend, SCAN_BACKENDS)
         self.backend = backend
+        self.recompute = check_recompute(recompute)
 
         d_inner, N = self.d_inner, self.d_state
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
@@ -189,11 +204,27 @@ class Mamba(Mixer):
         conv_state = state[self.state_key("conv")] if state is not None else None
         ssm_state = state[self.state_key("ssm")] if state is not None else None
 
-        # Channel-first (B, channels, L) throughout, as mamba_ssm does: the scan reads (B, d_inner, L), and
-        # W @ x^T products produce that layout without transposing copies.
+        # Channel-first (B, channels, L) throughout, as mamba_ssm does: the scan reads (B, d_inner, L) rows
+        # contiguously, and W @ x^T products produce that layout (project() follows whatever layout xz has).
+        # Channel-last activations (F.linear on (B, L, .) memory, the C++ scan reading strided rows) were
+        # measured slower on the 2-core CPU at d_model 768, L 1024, 2 threads: forward 88 ms vs 69 ms, as each
+        # strided row read touches L different pages; a scan reading blocks of channels at once would be needed.
+        # On CUDA the product is made with time fastest (see _in_proj_time_fastest).
         xz = self._in_proj_time_fastest(x) if x.is_cuda else torch.matmul(self.in_proj.weight, x.transpose(1, 2))
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
+        y, conv_final, ssm_final = self._run_core(
+            lambda xz, conv_state, ssm_state: self._core(x, xz, conv_state, ssm_state, return_state, seq_idx),
+            xz, conv_state, ssm_state)
+        if not return_state:
+            return y, None
+        return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
+                   self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
+
+    def _core(self, x, xz, conv_state, ssm_state, return_state, seq_idx):
+        """From the in_proj output xz (B, 2 d_inner, L) to the block's output (B, L, d_model), with the final
+        conv and scan states (None unless ``return_state``): what ``recompute`` runs again in the backward."""
+        conv_final = None
         # The core (conv, projections to dt/B/C, scan) runs with autocast off, in the parameters' dtype:
         # float32 under autocast, the model's own in a bf16/fp16 model. (Feeding the bf16 autocast activations
         # to the Triton scan instead, as Mamba2 does with its SSD, made the H200 forward 30% faster but the
@@ -204,9 +235,9 @@ class Mamba(Mixer):
                               return_final_state=return_state)
             if return_state:
                 u, conv_final = u
-            x_dbl = torch.matmul(self.x_proj.weight.to(u.dtype), u)     # (B, dt_rank + 2N, L)
+            x_dbl = project(self.x_proj.weight.to(u.dtype), u)         # (B, dt_rank + 2N, L)
             dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (B, N, L)
-            delta = torch.matmul(self.dt_proj.weight.to(u.dtype), dt)   # (B, d_inner, L); bias added in the scan
+            delta = project(self.dt_proj.weight.to(u.dtype), dt)       # (B, d_inner, L); bias added in the scan
             A, D, delta_bias = self._ssm_parameters()
             # a half-precision model's state is float32: the scan takes it beside the half activations and
             # returns its last state in float32
@@ -218,11 +249,7 @@ class Mamba(Mixer):
                 out = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                      delta_softplus=True, return_last_state=return_state, initial_state=ssm_state)
                 y, ssm_final = out if return_state else (out, None)
-        y = self.out_proj(y.to(x.dtype).transpose(1, 2))             # (B, L, d_model)
-        if not return_state:
-            return y, None
-        return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
-                   self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
+        return self.out_proj(y.to(x.dtype).transpose(1, 2)), conv_final, ssm_final   # (B, L, d_model)
 
     def _in_proj_time_fastest(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, d_model) -> in_proj(x) as (B, 2 d_inner, L) with time the fastest axis (stride 1).

@@ -53,7 +53,7 @@ from .._checks import check_choice, check_positive_int
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update, packed_seq_idx
 from ..ops.mamba2 import BACKENDS as SSD_BACKENDS
 from ..ops.mamba2 import rmsnorm_gated, ssd, ssd_state_update
-from .base import Mixer, State, ssm_core_precision, state_dtype, to_core_dtype
+from .base import Mixer, State, check_recompute, ssm_core_precision, state_dtype, to_core_dtype
 from .mamba import check_dt_range, inner_width, inverse_softplus, log_uniform_dt
 from .registry import register_mixer
 
@@ -114,6 +114,9 @@ class Mamba2(Mixer):
             configuration. After a forward, ``last_backend`` names the SSD backend that ran, ``last_backends``
             every op's.
         dt_init_floor: lower bound of the initial Delta (mamba_ssm's default 1e-4).
+        recompute: keep only the in_proj output for the backward and recompute the rest of the block there
+            (conv, SSD, gated norm, out_proj input); execution only, like ``backend`` (see
+            :attr:`Mixer.recompute`).
     """
 
     pattern_letter = "D"
@@ -124,13 +127,14 @@ class Mamba2(Mixer):
     depth_scaled = ("out_proj.weight",)
     supports_packing = True
     main_op = "ssd"
+    supports_recompute = True
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: Union[int, float] = 2,
                  headdim: int = 64, ngroups: int = 1, A_init_range: Sequence[float] = (1, 16),
                  D_has_hdim: bool = False, rmsnorm: bool = True, norm_before_gate: bool = False,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_limit: Tuple[float, float] = (0.0, float("inf")),
                  chunk_size: int = 256, conv_bias: bool = True, bias: bool = False, backend: str = "auto",
-                 dt_init_floor: float = 1e-4):
+                 dt_init_floor: float = 1e-4, recompute: bool = False):
         super().__init__(d_model)
         self.d_state = check_positive_int("d_state", d_state)
         self.d_conv = check_positive_int("d_conv", d_conv)
@@ -151,6 +155,7 @@ class Mamba2(Mixer):
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         check_choice("backend", backend, SSD_BACKENDS)
         self.backend = backend
+        self.recompute = check_recompute(recompute)
         self.D_has_hdim = bool(D_has_hdim)
         self.rmsnorm = bool(rmsnorm)
 
@@ -186,12 +191,25 @@ class Mamba2(Mixer):
         return D.view(self.nheads, self.headdim) if self.D_has_hdim else D  # (H,) or (H, P)
 
     def _forward(self, x, state, return_state, seq_idx=None):
-        batch, length, _ = x.shape
-        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         conv_state = state[self.state_key("conv")] if state is not None else None
         ssm_state = state[self.state_key("ssm")] if state is not None else None
 
         zxbcdt = self.in_proj(x)                                             # (B, L, d_in_proj)
+        y, conv_final, ssm_final = self._run_core(
+            lambda zxbcdt, conv_state, ssm_state: self._core(x, zxbcdt, conv_state, ssm_state, return_state,
+                                                             seq_idx),
+            zxbcdt, conv_state, ssm_state)
+        if not return_state:
+            return y, None
+        return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
+                   self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
+
+    def _core(self, x, zxbcdt, conv_state, ssm_state, return_state, seq_idx):
+        """From the in_proj output (B, L, d_in_proj) to the block's output (B, L, d_model), with the final conv
+        and SSD states (None unless ``return_state``): what ``recompute`` runs again in the backward."""
+        batch, length, _ = x.shape
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        conv_final = None
         # The core (conv, SSD, gated norm) runs with autocast off. On CUDA it takes the activations as they
         # come (bf16 under autocast): its kernels accumulate in float32, as mamba_ssm's do, and a float32 copy
         # would hold the same values at twice the memory traffic and on the slow float32 tensor-core path.
@@ -215,11 +233,7 @@ class Mamba2(Mixer):
             y = y.reshape(batch, length, self.d_inner)
             if self.rmsnorm:
                 y = self.norm(y, z)
-        y = self.out_proj(y.to(x.dtype))
-        if not return_state:
-            return y, None
-        return y, {self.state_key("conv"): conv_final.to(state_dtype(x.dtype, "cache")),
-                   self.state_key("ssm"): ssm_final.to(state_dtype(x.dtype))}
+        return self.out_proj(y.to(x.dtype)), conv_final, ssm_final
 
     def _step(self, x_t: torch.Tensor, state: State, inplace: bool = False) -> Tuple[torch.Tensor, State]:
         batch = x_t.shape[0]

@@ -35,7 +35,7 @@ HEADS = ("lm", "classifier", "regression")
 POOLINGS = ("mean", "last")
 #: mixer keyword arguments that choose how a layer runs, not what it computes: never kept in a config
 #: (choose them with ``ssmkit.ops.use_backend`` or the layer's attribute at run time)
-EXECUTION_KWARGS = ("backend",)
+EXECUTION_KWARGS = ("backend", "recompute")
 
 
 @dataclass
@@ -174,6 +174,7 @@ def _without_execution_kwargs(mixer_kwargs: Dict[str, Any]) -> Dict[str, Any]:
 def _note_dropped(dropped: List[str], kwargs: Dict[str, Any]) -> Dict[str, Any]:
     if dropped:
         warnings.warn(f"ModelConfig: ignoring execution setting(s) {dropped} in mixer_kwargs: a model config holds "
-                      "architecture only; choose backends at run time with ssmkit.ops.use_backend(...)",
+                      "architecture only; choose backends at run time with ssmkit.ops.use_backend(...) and "
+                      "recomputation with ssmkit.models.set_recompute(model)",
                       UserWarning, stacklevel=4)
     return kwargs

@@ -133,7 +133,7 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
                 state: Optional[ModelState] = None, return_state: bool = False,
                 labels: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None,
                 context: Any = None, loss_chunk_size: Optional[int] = None, logits_to_keep: Optional[int] = None,
-                **mixer_kwargs: Any) -> ModelOutput:
+                targets: Optional[torch.Tensor] = None, **mixer_kwargs: Any) -> ModelOutput:
         """Run the whole sequence in parallel.
 
         Args:
@@ -150,6 +150,9 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
                 hold the full (B, L, V) logits or their gradient (execution only; ``logits`` is then None).
             logits_to_keep: LM only: compute the logits of the last this-many positions only (1 for reading a
                 prompt: the (B, L, V) logits of a long batch are many GB), as transformers' argument of that name.
+            targets: LM only, instead of ``labels``: (B, L) targets already aligned with the positions (what the
+                model must output at position t, -100 ignored; the trainer's tasks give them so); every position
+                is scored. With ``loss_chunk_size`` the loss never holds the (B, L, V) logits.
             mixer_kwargs: passed to every mixer (e.g. ``seq_idx`` / ``cu_seqlens`` for packed Mamba batches).
         """
         if logits_to_keep is not None:
@@ -157,6 +160,12 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
                 raise ValueError(f"logits_to_keep must be a positive int or None; got {logits_to_keep!r}")
             if self.config.head != "lm" or labels is not None:
                 raise ValueError("logits_to_keep is for language-model inference (head 'lm', no labels)")
+        if targets is not None:
+            if labels is not None or self.config.head != "lm":
+                raise ValueError("targets (aligned LM targets) is for head 'lm' and excludes labels")
+            if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+                raise ValueError(f"targets must be a (batch, length) tensor; got "
+                                 f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets)}")
         x = self._embed(input_ids if input_ids is not None else inputs)
         if state is not None:
             self._check_model_state(state)
@@ -183,6 +192,19 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
             loss = lm_loss_chunked(normed.reshape(-1, normed.shape[-1]), self.lm_head.weight,
                                    labels[:, 1:].reshape(-1), chunk_size=loss_chunk_size)
             return ModelOutput(logits=None, loss=loss, aux_loss=aux, state=new_states if return_state else None)
+        if targets is not None:
+            if targets.shape != h.shape[:2]:
+                raise ValueError(f"targets must be (batch, length) = {tuple(h.shape[:2])}; got {tuple(targets.shape)}")
+            if loss_chunk_size is not None:
+                normed = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+                loss = lm_loss_chunked(normed.reshape(-1, normed.shape[-1]), self.lm_head.weight,
+                                       targets.reshape(-1), chunk_size=loss_chunk_size)
+                return ModelOutput(logits=None, loss=loss, aux_loss=aux,
+                                   state=new_states if return_state else None)
+            logits = self._head(h, lengths)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+            return ModelOutput(logits=logits, loss=loss, aux_loss=aux, state=new_states if return_state else None)
         logits = self._head(h if logits_to_keep is None else h[:, -logits_to_keep:], lengths)
         loss = self._loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, state=new_states if return_state else None)
@@ -223,3 +245,17 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def set_recompute(model: nn.Module, enabled: bool = True) -> List[str]:
+    """Turn recomputation (:attr:`ssmkit.layers.base.Mixer.recompute`) on or off in every mixer of ``model``
+    that supports it (Mamba, Mamba-2): an execution choice, never saved with the model. Returns the names of
+    the mixers set, so that a model where none supports it is visible to the caller."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False; got {enabled!r}")
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, Mixer) and module.supports_recompute:
+            module.recompute = enabled
+            names.append(name)
+    return names

@@ -83,6 +83,13 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0  # max global gradient norm; null disables clipping
     aux_loss_weight: float = 0.01  # weight of the mixture-of-experts load-balancing loss
     bf16: bool = False  # torch.autocast(dtype=bfloat16) around forward and loss
+    # LM loss this many tokens of logits at a time, never holding a micro-batch's (B, L, V) logits and their
+    # gradient (ops.lm_loss): "auto" = 1024 when those logits would exceed 64 MB of float32, null = the full
+    # logits; the choice is logged in the start event. Execution only: the loss and gradients are the same.
+    loss_chunk_size: Union[int, str, None] = "auto"
+    # Mamba / Mamba-2 layers keep only their in_proj output for the backward and recompute the rest there
+    # (ssmkit.models.set_recompute): less memory for ~one more core forward. Execution only.
+    recompute: bool = False
     seed: int = 0  # model initialisation and RNG; the data order is the task's own (task.kwargs.seed)
     # evaluation
     eval_every: int = 200  # 0: only at the end
@@ -130,6 +137,12 @@ class TrainConfig:
             raise ValueError(f"eval_split must be 'val' or 'test'; got {self.eval_split!r}")
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.eval_lengths):
             raise ValueError(f"eval_lengths must be positive ints; got {self.eval_lengths!r}")
+        if self.loss_chunk_size is not None and self.loss_chunk_size != "auto" and (
+                isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int)
+                or self.loss_chunk_size < 1):
+            raise ValueError(f"loss_chunk_size must be a positive int, 'auto' or null; got {self.loss_chunk_size!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute must be true or false; got {self.recompute!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null; got {self.threads}")
         if self.device not in DEVICES:

@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from ..models.config import ModelConfig
-from ..models.model import SSMModel
+from ..models.model import SSMModel, set_recompute
 from ..tasks import make_task
 from ..utils.process import process_settings
 from . import checkpointing as ckpt
@@ -231,6 +231,7 @@ class _Session:
     logger: Optional[RunLogger] = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     last_good: Optional[Path] = None  # the newest checkpoint known to hold a finite state
+    loss_chunk_size: Optional[int] = None  # train.loss_chunk_size resolved (None: the task's loss on full logits)
 
     @property
     def cfg(self):
@@ -324,9 +325,30 @@ def _set_up(run: RunConfig, resume, task, ctx: distributed.DistContext) -> _Sess
                        fsdp=fsdp,
                        wrapped=wrapped, inner=inner, optimizer=optimizer, scheduler=scheduler,
                        num_parameters=num_parameters, last_good=source)
+    session.loss_chunk_size = _resolve_loss_chunk_size(cfg, task, plan, model_config, micro_size)
+    if cfg.recompute and not set_recompute(inner, True):
+        raise ValueError(f"train.recompute=true, but no mixer of {model_config.layer_mixers()} supports recomputation "
+                         "(Mamba and Mamba-2 do)")
     if source is not None:
         _restore_trainer_state(session, source)
     return session
+
+
+#: the chunk of the "auto" LM loss, and the size of a micro-batch's logits (elements) from which it is used
+AUTO_LOSS_CHUNK_SIZE = 1024
+AUTO_LOSS_CHUNK_MIN_LOGITS = 1 << 24  # 64 MB of float32 logits
+
+
+def _resolve_loss_chunk_size(cfg, task, plan: ContextPlan, model_config: ModelConfig, micro_size: int):
+    """Tokens of logits per chunk of the LM loss, or None for the task's own loss on the full logits: the
+    chunked loss applies to language-modelling tasks without context parallelism (whose loss is rescaled per
+    rank from the logits)."""
+    if cfg.loss_chunk_size is None or getattr(task, "kind", None) != "lm" or plan.context is not None:
+        return None
+    if cfg.loss_chunk_size != "auto":
+        return cfg.loss_chunk_size
+    logits = micro_size * max(int(getattr(task, "default_length", 0) or 0), 1) * model_config.padded_vocab_size
+    return AUTO_LOSS_CHUNK_SIZE if logits >= AUTO_LOSS_CHUNK_MIN_LOGITS else None
 
 
 def _restore_trainer_state(session: _Session, source: Path) -> None:
@@ -351,6 +373,7 @@ def _open_log(session: _Session) -> None:
                  "threads": torch.get_num_threads(), "device": str(ctx.device), "world_size": world,
                  "context": session.plan.size, "grad_accum": accum, "micro_batch_size": session.micro_size,
                  "num_parameters": session.num_parameters, "bf16": cfg.bf16,
+                 "loss_chunk_size": session.loss_chunk_size, "recompute": cfg.recompute,
                  "distributed": cfg.distributed if world > 1 else None,
                  "tensorboard": str(logger.tensorboard_dir) if logger.tensorboard_dir else None,
                  "task": session.task_config, "model": session.model_config.to_dict(), "torch": torch.__version__})
@@ -374,8 +397,13 @@ def _train_step(session: _Session, s: int) -> _StepResult:
         batch = plan.local_batch(session.task.batch("train", index, session.micro_size)).to(ctx.device)
         with distributed.gradient_sync(session.wrapped, enabled=a == accum - 1):
             with _autocast(ctx.device, cfg.bf16):
-                out = _forward_checked(session.wrapped, batch, cfg.bf16, **plan.model_kwargs())
-                loss = plan.loss(session.task, out.logits, batch)
+                if session.loss_chunk_size is not None:  # the model's chunked LM loss on aligned targets
+                    out = _forward_checked(session.wrapped, batch, cfg.bf16, targets=batch.targets,
+                                           loss_chunk_size=session.loss_chunk_size, **plan.model_kwargs())
+                    loss = out.loss
+                else:
+                    out = _forward_checked(session.wrapped, batch, cfg.bf16, **plan.model_kwargs())
+                    loss = plan.loss(session.task, out.logits, batch)
                 total = loss
                 if out.aux_loss is not None and cfg.aux_loss_weight:
                     total = loss + cfg.aux_loss_weight * out.aux_loss

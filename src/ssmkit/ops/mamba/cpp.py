@@ -18,7 +18,10 @@ from which dA, dDelta, du, dB, dC and d(h_0) = exp(Delta_1 A) * lambda_1 follow 
 
 The elementwise parts (delta_bias + softplus, the D skip term, the silu(z) gate and their gradients) are
 fused into the kernel's per-channel passes; only the small B and C are transposed to (batch, groups, L, N)
-on the Python side.
+on the Python side. u, delta, z and the incoming gradient of y are read with their own strides, so channel-last
+views (what the Mamba layer passes on the CPU: u and z column slices of one (batch, L, 2 d_inner) projection)
+are not copied; y and the gradients of u, delta and z are written in their inputs' layout (channel-last for a
+channel-last input), so the next matrix product reads them without a transposing copy either.
 
 Build: ``torch.utils.cpp_extension.load`` with ``-O3 -march=native`` (plus ``-fopenmp`` on Linux, which ATen's
 ``parallel_for`` needs to use several threads) into ``build_directory()``: ``$SSMKIT_BUILD_DIR`` if set,

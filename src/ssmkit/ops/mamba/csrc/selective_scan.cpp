@@ -7,8 +7,8 @@
 // Everything elementwise is fused into the per-channel passes, so the only tensors the kernels write are the
 // outputs and gradients themselves.
 //
-// Layouts (contiguous):  u, delta, z, y: (batch, dim, L)   A: (dim, N)   D, delta_bias: (dim,)
-//                        B, C: (batch, groups, L, N)  (N last: each step reads its N values contiguously)
+// Layouts:  u, delta, z, y: (batch, dim, L), any strides (see RowStrides)   A: (dim, N)   D, delta_bias: (dim,)
+//           B, C: (batch, groups, L, N), contiguous (N last: each step reads its N values contiguously)
 //                        h0, last state: (batch, dim, N)   checkpoints: (batch, dim, ceil(L/K), N)
 //
 // Parallelism: one task per (b, d), spread by at::parallel_for (honours torch.set_num_threads). Within a task
@@ -280,15 +280,49 @@ struct Sizes {
   bool softplus;
 };
 
+// Element strides of a (batch, dim, L) tensor. The per-channel rows need not be contiguous: Mamba on the CPU
+// keeps its activations channel-last, (batch, L, dim) in memory, so that its projections need no transposing
+// copies, and u and z are then column slices of one (batch, L, 2 dim) projection output. A task copies a
+// strided row into a per-thread buffer (and its output rows back) instead: the rows of neighbouring channels
+// share cache lines, and consecutive tasks of a thread are neighbouring channels, so these copies hit the cache.
+struct RowStrides {
+  int64_t batch, dim, time;
+  int64_t offset(int64_t b, int64_t d) const { return b * batch + d * dim; }
+};
+
 struct ForwardArgs {
   const void *u, *delta, *A, *B, *C, *D, *z, *delta_bias, *h0;
   void *out, *last, *checkpoints;  // checkpoints: null unless kept for the backward
+  RowStrides u_strides, delta_strides, z_strides, out_strides;
 };
 
 struct BackwardArgs {
   const void *u, *delta, *A, *B, *C, *D, *z, *delta_bias, *checkpoints, *grad_out, *grad_last;
   void *grad_u, *grad_delta, *grad_A, *grad_B, *grad_C, *grad_D, *grad_z, *grad_bias, *grad_h0;
+  RowStrides u_strides, delta_strides, z_strides, grad_out_strides, grad_u_strides, grad_delta_strides,
+      grad_z_strides;
 };
+
+// A length-L row whose values lie `stride` apart, as a contiguous pointer: the row itself when the stride is
+// 1, else a copy in `buffer`.
+template <typename T>
+inline const T* gather_row(const T* row, int64_t stride, int64_t L, T* buffer) {
+  if (stride == 1) return row;
+  for (int64_t t = 0; t < L; ++t) buffer[t] = row[t * stride];
+  return buffer;
+}
+
+// Where to write a length-L output row: in place when its stride is 1, else `buffer`, copied out by scatter_row.
+template <typename T>
+inline T* output_row(T* row, int64_t stride, T* buffer) {
+  return stride == 1 ? row : buffer;
+}
+
+template <typename T>
+inline void scatter_row(const T* buffer, T* row, int64_t stride, int64_t L) {
+  if (stride == 1) return;  // written in place
+  for (int64_t t = 0; t < L; ++t) row[t * stride] = buffer[t];
+}
 
 // Delta for one (b, d) row: delta + delta_bias, then softplus if asked; written to `dt` (length L).
 template <typename T>
@@ -321,17 +355,24 @@ void forward_kernel(const Sizes& s, const ForwardArgs& args) {
   at::parallel_for(0, s.batch * s.dim, 1, [&](int64_t begin, int64_t end) {
     FlushDenormalsGuard flush;
     std::vector<T> dt(L);
+    std::vector<T> u_buffer(args.u_strides.time == 1 ? 0 : L), z_buffer(z && args.z_strides.time != 1 ? L : 0);
+    std::vector<T> y_buffer(args.out_strides.time == 1 ? 0 : L);
     std::vector<V> h_storage(kVecs > 0 ? 0 : 2 * vecs);
     V h_fixed[kVecs > 0 ? 2 * kVecs : 1];
     V* h = kVecs > 0 ? h_fixed : h_storage.data();
     V* A_vec = h + vecs;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.dim, d = task % s.dim;
-      const T* u_row = u + task * L;
+      const T* u_row = gather_row(u + args.u_strides.offset(b, d), args.u_strides.time, L, u_buffer.data());
+      const T* z_row = z ? gather_row(z + args.z_strides.offset(b, d), args.z_strides.time, L, z_buffer.data())
+                         : nullptr;
       const T* B_rows = B + (b * s.groups_b + d / (s.dim / s.groups_b)) * L * N;
       const T* C_rows = C + (b * s.groups_c + d / (s.dim / s.groups_c)) * L * N;
-      T* y_row = out + task * L;
-      delta_row<T>(s, delta + task * L, delta_bias ? delta_bias[d] : T(0), dt.data());
+      T* y_out = out + args.out_strides.offset(b, d);
+      T* y_row = output_row(y_out, args.out_strides.time, y_buffer.data());
+      // the raw delta row goes through dt, where delta_row turns it into Delta in place
+      const T* delta_in = gather_row(delta + args.delta_strides.offset(b, d), args.delta_strides.time, L, dt.data());
+      delta_row<T>(s, delta_in, delta_bias ? delta_bias[d] : T(0), dt.data());
       for (int64_t k = 0; k < vecs; ++k) {
         A_vec[k] = load(A + d * N + k * W);
         h[k] = h0 ? load(h0 + task * N + k * W) : V{};
@@ -357,12 +398,13 @@ void forward_kernel(const Sizes& s, const ForwardArgs& args) {
         for_each_vector<T>(L, [&](int64_t t, int64_t count) {
           V y = load_n(y_row + t, count) + D_d * load_n(u_row + t, count);
           if (z) {
-            const V z_t = load_n(z + task * L + t, count);
+            const V z_t = load_n(z_row + t, count);
             y = y * z_t * vsigmoid<T>(z_t);
           }
           store_n(y_row + t, y, count);
         });
       }
+      scatter_row(y_row, y_out, args.out_strides.time, L);
     }
   });
 }
@@ -402,6 +444,13 @@ void backward_kernel(const Sizes& s, const BackwardArgs& args) {
     T* grad_B_thread = static_cast<T*>(args.grad_B) + thread * per_thread_b;
     T* grad_C_thread = static_cast<T*>(args.grad_C) + thread * per_thread_c;
     std::vector<T> dt(L), grad_y(L);
+    // copies of strided rows (empty when the rows are contiguous)
+    auto buffer_for = [L](const RowStrides& st, bool present) { return std::vector<T>(present && st.time != 1 ? L : 0); };
+    std::vector<T> u_buffer = buffer_for(args.u_strides, true), delta_buffer = buffer_for(args.delta_strides, true);
+    std::vector<T> z_buffer = buffer_for(args.z_strides, z != nullptr);
+    std::vector<T> grad_out_buffer = buffer_for(args.grad_out_strides, grad_out != nullptr);
+    std::vector<T> gu_buffer = buffer_for(args.grad_u_strides, true), gdt_buffer = buffer_for(args.grad_delta_strides, true);
+    std::vector<T> gz_buffer = buffer_for(args.grad_z_strides, grad_z != nullptr);
     // states[j] = h before step j of the chunk (states[0] = the checkpoint); decay[j] = exp(dt A) of step j
     std::vector<V> states((K + 1) * vecs), decay(K * vecs), registers(3 * vecs);
     V* lambda = registers.data();  // d loss / d h, carried backwards in time
@@ -409,19 +458,26 @@ void backward_kernel(const Sizes& s, const BackwardArgs& args) {
     V* A_vec = grad_A_acc + vecs;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.dim, d = task % s.dim;
-      const int64_t row = task * L;
-      const T* u_row = u + row;
+      const T* u_row = gather_row(u + args.u_strides.offset(b, d), args.u_strides.time, L, u_buffer.data());
+      const T* delta_in =
+          gather_row(delta + args.delta_strides.offset(b, d), args.delta_strides.time, L, delta_buffer.data());
+      const T* z_row = z ? gather_row(z + args.z_strides.offset(b, d), args.z_strides.time, L, z_buffer.data())
+                         : nullptr;
+      const T* grad_out_row = grad_out ? gather_row(grad_out + args.grad_out_strides.offset(b, d),
+                                                    args.grad_out_strides.time, L, grad_out_buffer.data())
+                                       : nullptr;
       const T bias_d = delta_bias ? delta_bias[d] : T(0);
       const T D_d = D ? D[d] : T(0);
-      delta_row<T>(s, delta + row, bias_d, dt.data());
+      delta_row<T>(s, delta_in, bias_d, dt.data());
       // d loss / d y before the gate; d loss / d D. The gate's gradient needs y before the gate, which the
       // replay below recomputes (cheaper than storing it): here grad_z gets the factor d out / d z / y_pre.
       V grad_D_acc{};
-      T* gz_row = grad_z ? grad_z + row : nullptr;
+      T* gz_out = grad_z ? grad_z + args.grad_z_strides.offset(b, d) : nullptr;
+      T* gz_row = grad_z ? output_row(gz_out, args.grad_z_strides.time, gz_buffer.data()) : nullptr;
       for_each_vector<T>(L, [&](int64_t t, int64_t count) {
-        V g = grad_out ? load_n(grad_out + row + t, count) : V{};
+        V g = grad_out_row ? load_n(grad_out_row + t, count) : V{};
         if (z) {
-          const V z_t = load_n(z + row + t, count);
+          const V z_t = load_n(z_row + t, count);
           const V sig = vsigmoid<T>(z_t);
           // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z)
           if (gz_row) store_n(gz_row + t, g * sig * (T(1) + z_t * (T(1) - sig)), count);
@@ -436,8 +492,10 @@ void backward_kernel(const Sizes& s, const BackwardArgs& args) {
       const T* C_rows = C + offset_c;
       T* gB_rows = grad_B_thread + offset_b;
       T* gC_rows = grad_C_thread + offset_c;
-      T* gu_row = grad_u + row;
-      T* gdt_row = grad_delta + row;  // d loss / d Delta first; turned into d loss / d delta below
+      T* gu_out = grad_u + args.grad_u_strides.offset(b, d);
+      T* gdt_out = grad_delta + args.grad_delta_strides.offset(b, d);
+      T* gu_row = output_row(gu_out, args.grad_u_strides.time, gu_buffer.data());
+      T* gdt_row = output_row(gdt_out, args.grad_delta_strides.time, gdt_buffer.data());  // d loss / d Delta first; turned into d loss / d delta below
       for (int64_t k = 0; k < vecs; ++k) {
         lambda[k] = grad_last ? load(grad_last + task * N + k * W) : V{};  // d loss / d h_L
         grad_A_acc[k] = V{};
@@ -501,10 +559,13 @@ void backward_kernel(const Sizes& s, const BackwardArgs& args) {
       for_each_vector<T>(L, [&](int64_t t, int64_t count) {
         if (D) store_n(gu_row + t, load_n(gu_row + t, count) + D_d * load_n(grad_y.data() + t, count), count);
         V g = load_n(gdt_row + t, count);
-        if (s.softplus) g = g * vsoftplus_grad<T>(load_n(delta + row + t, count) + bias_d);
+        if (s.softplus) g = g * vsoftplus_grad<T>(load_n(delta_in + t, count) + bias_d);
         store_n(gdt_row + t, g, count);
         grad_bias_acc += g;  // a tail's padding lanes are 0: they were loaded as 0 and only multiplied
       });
+      scatter_row(gu_row, gu_out, args.grad_u_strides.time, L);
+      scatter_row(gdt_row, gdt_out, args.grad_delta_strides.time, L);
+      if (gz_row) scatter_row(gz_row, gz_out, args.grad_z_strides.time, L);
       grad_D[task] = horizontal_sum<T>(grad_D_acc);
       grad_bias[task] = horizontal_sum<T>(grad_bias_acc);
     }
@@ -525,6 +586,21 @@ at::Tensor pad_last(const at::Tensor& x, int64_t padded) {
 }
 
 const void* data_or_null(const at::Tensor& x) { return x.numel() > 0 ? x.data_ptr() : nullptr; }
+
+RowStrides strides_of(const at::Tensor& x) {
+  if (x.numel() == 0) return RowStrides{0, 0, 1};  // absent optional tensor
+  return RowStrides{x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// A new (batch, dim, L) tensor laid out as `x` is: channel-last ((batch, L, dim) in memory) when x's channels
+// are closer together than its time steps, else contiguous. Outputs and gradients so keep their inputs'
+// layout, and the caller's next matrix product reads them without a transposing copy.
+at::Tensor empty_like_layout(const at::Tensor& x) {
+  if (x.size(1) > 1 && x.size(2) > 1 && x.stride(1) < x.stride(2)) {
+    return at::empty({x.size(0), x.size(2), x.size(1)}, x.options()).transpose(1, 2);
+  }
+  return at::empty(x.sizes(), x.options());
+}
 
 Sizes make_sizes(const at::Tensor& u, int64_t padded_state, const at::Tensor& B, const at::Tensor& C,
                  int64_t interval, bool softplus) {
@@ -604,18 +680,19 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u_in, const at::Tensor& d
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(u_in.scalar_type(), "selective_scan_forward", [&] {
     const int64_t Np = padded_size<scalar_t>(N);
-    at::Tensor u = u_in.contiguous(), delta = delta_in.contiguous(), z = z_in.contiguous();
+    const at::Tensor &u = u_in, &delta = delta_in, &z = z_in;  // strided rows are read as they are
     at::Tensor D = D_in.contiguous(), bias = bias_in.contiguous();
     at::Tensor A = pad_last(A_in, Np), B = pad_last(B_in, Np), C = pad_last(C_in, Np);
     at::Tensor h0 = has_h0 ? pad_last(h0_in, Np) : h0_in;
     const Sizes s = make_sizes(u, Np, B, C, interval, softplus);
-    at::Tensor out = at::empty_like(u);
+    at::Tensor out = empty_like_layout(u);
     at::Tensor last = at::empty({s.batch, s.dim, Np}, u.options());
     at::Tensor checkpoints =
         keep ? at::empty({s.batch, s.dim, s.chunks, Np}, u.options()) : at::empty({0}, u.options());
     ForwardArgs args{u.data_ptr(), delta.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), data_or_null(D),
                      data_or_null(z), data_or_null(bias), has_h0 ? h0.data_ptr() : nullptr, out.data_ptr(),
-                     last.data_ptr(), keep ? checkpoints.data_ptr() : nullptr};
+                     last.data_ptr(), keep ? checkpoints.data_ptr() : nullptr,
+                     strides_of(u), strides_of(delta), strides_of(z), strides_of(out)};
     dispatch_vecs<scalar_t, Forward>(s, args);
     result = {out, Np == N ? last : last.narrow(2, 0, N).contiguous(), checkpoints};
   });
@@ -644,9 +721,8 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u_in, const at::Tensor& 
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(u_in.scalar_type(), "selective_scan_backward", [&] {
     const int64_t Np = padded_size<scalar_t>(N);
-    at::Tensor u = u_in.contiguous(), delta = delta_in.contiguous(), z = z_in.contiguous();
+    const at::Tensor &u = u_in, &delta = delta_in, &z = z_in, &grad_out = grad_out_in;  // read as they are
     at::Tensor D = D_in.contiguous(), bias = bias_in.contiguous();
-    at::Tensor grad_out = grad_out_in.contiguous();
     at::Tensor A = pad_last(A_in, Np), B = pad_last(B_in, Np), C = pad_last(C_in, Np);
     at::Tensor grad_last = has_grad_last ? pad_last(grad_last_in, Np) : grad_last_in;
     const Sizes s = make_sizes(u, Np, B, C, interval, softplus);
@@ -654,9 +730,9 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u_in, const at::Tensor& 
                     checkpoints.size(1) == s.dim && checkpoints.size(2) == s.chunks && checkpoints.size(3) == Np,
                 "checkpoints must be the (batch, dim, chunks, N_padded) tensor returned by forward");
     const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.batch * s.dim));
-    at::Tensor grad_u = at::empty_like(u);
-    at::Tensor grad_delta = at::empty_like(u);
-    at::Tensor grad_z = has_z ? at::empty_like(u) : at::empty({0}, u.options());
+    at::Tensor grad_u = empty_like_layout(u);
+    at::Tensor grad_delta = empty_like_layout(delta);
+    at::Tensor grad_z = has_z ? empty_like_layout(z) : at::empty({0}, u.options());
     at::Tensor grad_A = at::empty({s.batch, s.dim, Np}, u.options());
     at::Tensor grad_D = at::empty({s.batch, s.dim}, u.options());
     at::Tensor grad_bias = at::empty({s.batch, s.dim}, u.options());
@@ -668,7 +744,9 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u_in, const at::Tensor& 
                       has_grad_out ? grad_out.data_ptr() : nullptr, has_grad_last ? grad_last.data_ptr() : nullptr,
                       grad_u.data_ptr(), grad_delta.data_ptr(), grad_A.data_ptr(), grad_B.data_ptr(),
                       grad_C.data_ptr(), grad_D.data_ptr(), has_z ? grad_z.data_ptr() : nullptr,
-                      grad_bias.data_ptr(), grad_h0.data_ptr()};
+                      grad_bias.data_ptr(), grad_h0.data_ptr(),
+                      strides_of(u), strides_of(delta), strides_of(z), strides_of(grad_out), strides_of(grad_u),
+                      strides_of(grad_delta), strides_of(grad_z)};
     dispatch_vecs<scalar_t, Backward>(s, args);
     // at::parallel_for may have used fewer threads than `threads`; their slices stay zero
     at::Tensor grad_B_total = threads == 1 ? grad_B.squeeze(0) : grad_B.sum(0);
