@@ -106,10 +106,13 @@ def compile_extension(name: str, source: Path, title: str):
     try:
         from torch.utils import cpp_extension
 
-        directory = build_directory()
-        directory.mkdir(parents=True, exist_ok=True)
         flags = _compile_flags()
         ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
+        # one folder per (source, flags) version: two checkouts or versions of ssmkit sharing the cache each
+        # keep their own build, instead of rebuilding over each other and waiting on one lock file
+        digest = hashlib.sha256(source.read_bytes() + " ".join(flags + ldflags).encode()).hexdigest()[:12]
+        directory = build_directory() / f"{name}-{digest}"
+        directory.mkdir(parents=True, exist_ok=True)
         fresh = not (any(directory.glob(f"{name}*.so")) or any(directory.glob(f"{name}*.pyd")))
         if fresh:
             print(f"ssmkit: compiling the C++ {title} into {directory} (about a minute, once per machine; "
