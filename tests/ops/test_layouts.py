@@ -261,3 +261,34 @@ def test_linear_attention_chunked_on_views():
 
     _check_views(leaves, views, lambda **kw: flat(linear_attention_chunked(**kw, chunk_size=4)),
                  lambda **kw: flat(linear_attention_ref(**kw)))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_wkv7_on_time_mix_views(backend):
+    """RWKV-7's time mix passes r, k, v as (B, L, H, N) views of (B, L, C) projections, a = -kappa_hat and
+    b = kappa_hat * alpha computed from them, and the state may be a stride-0 broadcast of one row; here the
+    projections are also transposed views of a channel-first leaf. Same results as contiguous copies."""
+    from ssmkit.ops.rwkv7 import wkv7
+
+    batch, L, heads, N = 2, 21, 2, 3
+    leaf = torch.randn(batch, 4 * heads * N, L, dtype=torch.float64, requires_grad=True)
+    state_row = torch.randn(1, heads, N, N, dtype=torch.float64, requires_grad=True)
+
+    def inputs(source, state):
+        r, k, v, w = (t.transpose(1, 2).reshape(batch, L, heads, N) for t in source.split(heads * N, dim=1))
+        kappa_hat = torch.nn.functional.normalize(k, dim=-1)
+        return (r, -torch.exp(-1.0 - torch.nn.functional.softplus(w)), k, v, -kappa_hat, kappa_hat * 0.7), state
+
+    views, state = inputs(leaf, state_row.expand(batch, heads, N, N))
+    assert not views[0].is_contiguous() and state.stride(0) == 0
+    y, final = wkv7(*views, initial_state=state, return_final_state=True, chunk_size=8, backend=backend)
+    seeds = [torch.randn_like(y), torch.randn_like(final)]
+    grads = torch.autograd.grad((y * seeds[0]).sum() + (final * seeds[1]).sum(), [leaf, state_row])
+
+    leaf_c, row_c = leaf.detach().clone().requires_grad_(), state_row.detach().clone().requires_grad_()
+    copies, state_c = inputs(leaf_c, row_c.expand(batch, heads, N, N))
+    y_c, final_c = wkv7(*(t.contiguous() for t in copies), initial_state=state_c.contiguous(),
+                        return_final_state=True, backend="reference")
+    grads_c = torch.autograd.grad((y_c * seeds[0]).sum() + (final_c * seeds[1]).sum(), [leaf_c, row_c])
+    for got, want in zip((y, final) + grads, (y_c, final_c) + grads_c):
+        assert rel_err(got, want) < 1e-12
