@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit import ModelConfig, SSMModel
-from ssmkit.layers.rwkv7 import RWKV7, RWKV7ChannelMix
+from ssmkit.layers.rwkv7 import RWKV7
+from ssmkit.layers.rwkv7_channel_mix import RWKV7ChannelMix
 
 from ..helpers import assert_close_scaled
 

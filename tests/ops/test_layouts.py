@@ -292,3 +292,37 @@ def test_wkv7_on_time_mix_views(backend):
     grads_c = torch.autograd.grad((y_c * seeds[0]).sum() + (final_c * seeds[1]).sum(), [leaf_c, row_c])
     for got, want in zip((y, final) + grads, (y_c, final_c) + grads_c):
         assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_mamba3_ssm_on_block_views(backend):
+    """The Mamba-3 block passes x (SISO: one rank) as an unsqueezed view of a slice of the in_proj output, Delta
+    and the trapezoid weight as slices of it, and the rotation rates expanded over the heads (stride 0). Same
+    results (outputs, final state, gradients) as on contiguous copies."""
+    from ssmkit.ops.mamba3 import mamba3_ssm
+
+    batch, L, H, P, N, S = 2, 11, 3, 2, 4, 1
+    proj = torch.randn(batch, L, H * P + 3 * H + S, dtype=torch.float64, requires_grad=True)
+    qk = torch.randn(2, batch, L, 1, H, N, dtype=torch.float64, requires_grad=True)
+
+    def inputs(proj, qk):
+        x, dd_dt, dd_a, trap, angles = torch.split(proj, [H * P, H, H, H, S], dim=-1)
+        dt = torch.nn.functional.softplus(dd_dt)
+        rates = torch.tanh(angles).unsqueeze(2).expand(batch, L, H, S)
+        return (qk[0], qk[1], x.unflatten(-1, (H, P)).unsqueeze(2), -dt * torch.sigmoid(dd_a), dt,
+                torch.sigmoid(trap), rates)
+
+    views = inputs(proj, qk)
+    assert not views[2].is_contiguous() and views[6].stride(3 - 1) == 0
+    y, final = mamba3_ssm(*views, None, None, True, "adjacent", chunk_size=4, backend=backend)
+    seeds = [torch.randn_like(y)] + [torch.randn_like(f) for f in final]
+    loss = (y * seeds[0]).sum() + sum((f * s).sum() for f, s in zip(final, seeds[1:]))
+    grads = torch.autograd.grad(loss, [proj, qk])
+
+    proj_c, qk_c = proj.detach().clone().requires_grad_(), qk.detach().clone().requires_grad_()
+    copies = [t.contiguous() for t in inputs(proj_c, qk_c)]
+    y_c, final_c = mamba3_ssm(*copies, None, None, True, "adjacent", backend="reference")
+    loss_c = (y_c * seeds[0]).sum() + sum((f * s).sum() for f, s in zip(final_c, seeds[1:]))
+    grads_c = torch.autograd.grad(loss_c, [proj_c, qk_c])
+    for got, want in zip((y, *final, *grads), (y_c, *final_c, *grads_c)):
+        assert rel_err(got, want) < 1e-12

@@ -4,7 +4,8 @@ Peng et al. 2025, "RWKV-7 'Goose' with Expressive Dynamic State Evolution", arXi
 Sec. 4 (Fig. 1), the time mix's weight preparation in Sec. 4.1, the WKV state update in Sec. 4.2 (Eq. (16)),
 the output in Sec. 4.3 and the channel mix (ReLU^2 MLP with token shift) in Sec. 4.4. An RWKV-7 layer is two
 residual sub-blocks, x += time_mix(ln1(x)); x += channel_mix(ln2(x)), which in ssmkit is two layers of one
-model, ``ModelConfig(mixer="RK" * n_layers, mlp="none")`` (``R`` = ``rwkv7``, ``K`` = ``rwkv7_channel_mix``).
+model, ``ModelConfig(mixer="RK" * n_layers, mlp="none")`` (``R`` = ``rwkv7``, ``K`` = ``rwkv7_channel_mix``,
+whose class is in ``layers/rwkv7_channel_mix.py`` since each mixer has its own file).
 
 Time mix, read top to bottom (x of (batch, L, C), heads of size N, H = C / N; x_{t-1} the token shift):
 
@@ -118,7 +119,7 @@ class RWKV7(Mixer):
 
     Args:
         d_model: C.
-        head_size: N (must divide d_model); H = C / N heads.
+        head_size: N (must divide d_model); H = C / N heads. None: the authors' 64, or d_model if smaller.
         layer_id, n_layers: the layer's depth, which only the initialisation reads (as the authors').
         decay_low_rank_dim, a_low_rank_dim, gate_low_rank_dim: widths of the low-rank pairs; None = the
             authors' suggestions max(32, round(2.5 sqrt C / 32) 32), the same, max(32, round(5 C^0.8 / 32) 32).
@@ -140,14 +141,15 @@ class RWKV7(Mixer):
     depth_scaled = ("output.weight",)
     main_op = "wkv7"
 
-    def __init__(self, d_model: int, head_size: int = 64, layer_id: int = 0, n_layers: int = 1,
+    def __init__(self, d_model: int, head_size: Optional[int] = None, layer_id: int = 0, n_layers: int = 1,
                  decay_low_rank_dim: Optional[int] = None, a_low_rank_dim: Optional[int] = None,
                  gate_low_rank_dim: Optional[int] = None, zero_init_output: bool = True, chunk_size: int = 16,
                  backend: Optional[str] = "auto"):
         super().__init__(d_model)
-        self.head_size = check_positive_int("head_size", head_size)
-        if d_model % head_size:
-            raise ValueError(f"head_size must divide d_model; got d_model={d_model}, head_size={head_size}")
+        # the authors' 64, or the whole width in a model narrower than that
+        self.head_size = min(64, d_model) if head_size is None else check_positive_int("head_size", head_size)
+        if d_model % self.head_size:
+            raise ValueError(f"head_size must divide d_model; got d_model={d_model}, head_size={self.head_size}")
         self.n_heads = d_model // head_size
         self.layer_id, self.n_layers = _check_depth(layer_id, n_layers)
         self.zero_init_output = _check_bool("zero_init_output", zero_init_output)
@@ -275,66 +277,3 @@ class RWKV7(Mixer):
         out = self._output(y_t.to(x_t.dtype).unsqueeze(1), r, k, v, g)[:, 0]
         return out, {self.state_key("shift"): x_t.to(state_dtype(x_t.dtype, "cache")),
                      self.state_key("wkv"): wkv.to(state_dtype(x_t.dtype))}
-
-
-@register_mixer("rwkv7_channel_mix")
-class RWKV7ChannelMix(Mixer):
-    """RWKV-7 channel mix (Sec. 4.4): k = relu(key(x + (x_{t-1} - x) * x_k))^2, out = value(k).
-
-    Args:
-        d_model: C.
-        hidden_dim: the hidden width (the authors' 4 C when None).
-        layer_id, n_layers: the layer's depth, read by the initialisation of ``x_k`` only.
-        zero_init_output: the authors' zero ``value`` weight (True), or U(+-0.5 / sqrt C) like ``key``.
-
-    State: ``{"rwkv7_channel_mix.shift": (batch, C)}``, the previous token's input.
-    Shapes: forward x (batch, L, d_model) -> (batch, L, d_model); step x_t (batch, d_model).
-    """
-
-    pattern_letter = "K"
-    contract_config = dict(hidden_dim=12, zero_init_output=False)  # as RWKV7's: a non-zero output to test
-    depth_scaled = ("value.weight",)
-
-    def __init__(self, d_model: int, hidden_dim: Optional[int] = None, layer_id: int = 0, n_layers: int = 1,
-                 zero_init_output: bool = True):
-        super().__init__(d_model)
-        self.hidden_dim = 4 * d_model if hidden_dim is None else check_positive_int("hidden_dim", hidden_dim)
-        self.layer_id, self.n_layers = _check_depth(layer_id, n_layers)
-        self.zero_init_output = _check_bool("zero_init_output", zero_init_output)
-        self.x_k = nn.Parameter(torch.empty(1, 1, d_model))
-        self.key = nn.Linear(d_model, self.hidden_dim, bias=False)
-        self.value = nn.Linear(self.hidden_dim, d_model, bias=False)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        ratio_1_to_almost_0 = 1.0 - self.layer_id / self.n_layers
-        self.x_k.copy_(1.0 - _channel_fraction(self.d_model) ** (ratio_1_to_almost_0 ** 4))
-        bound = 0.5 / math.sqrt(self.d_model)
-        self.key.weight.uniform_(-bound, bound)
-        if self.zero_init_output:
-            self.value.weight.zero_()
-        else:
-            self.value.weight.uniform_(-bound, bound)
-
-    def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, hidden_dim={self.hidden_dim}, layer_id={self.layer_id}"
-
-    def state_spec(self, batch_size: int):
-        return {"shift": ((batch_size, self.d_model), "cache")}
-
-    def _mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        k = torch.relu(self.key(x + (x_prev - x) * self.x_k)) ** 2
-        return self.value(k)
-
-    def _forward(self, x, state, return_state):
-        previous = None if state is None else state[self.state_key("shift")]
-        out = self._mix(x, _shifted(x, previous))
-        if not return_state:
-            return out, None
-        return out, {self.state_key("shift"): x[:, -1].to(state_dtype(x.dtype, "cache"))}
-
-    def _step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        x_prev = state[self.state_key("shift")].to(x_t.dtype)
-        out = self._mix(x_t.unsqueeze(1), x_prev.unsqueeze(1))[:, 0]
-        return out, {self.state_key("shift"): x_t.to(state_dtype(x_t.dtype, "cache"))}
