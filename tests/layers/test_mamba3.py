@@ -88,3 +88,24 @@ def test_bad_arguments_are_refused():
         Mamba3(8, headdim=4, ngroups=3)
     with pytest.raises(TypeError, match="is_mimo must be a bool; got 1"):
         Mamba3(8, headdim=4, is_mimo=1)
+
+
+@pytest.mark.parametrize("config", ["siso", "siso_outproj_norm", "mimo", "mimo_outproj_norm"])
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_the_block_matches_the_authors_module(config, backend):
+    """Against the authors' Mamba3 module run with their pure-PyTorch references in place of the GPU kernels, on
+    the same (float64) weights: how the fixture was made is in mamba3_module_fixture.py. Their module computes A
+    and the rotation angles in float32 (``.to(torch.float32)``), which bounds the agreement at ~2e-7 of outputs
+    of size ~5 here; the issue asks for 1e-5."""
+    import json
+    from pathlib import Path
+
+    from .mamba3_module_fixture import CONFIGS, build_ours, module_input
+
+    expected = torch.tensor(json.loads((Path(__file__).parent / "mamba3_module_fixture.json").read_text())[config],
+                            dtype=torch.float64)
+    layer = build_ours(CONFIGS[config])
+    layer.backend = backend
+    with torch.no_grad():
+        y = layer(module_input())
+    assert (y - expected).abs().max().item() < 1e-5
