@@ -72,7 +72,7 @@ def test_gradcheck_of_the_chunked_form():
 
 def test_reference_is_the_papers_matrix_form():
     """Two steps of S_t = S_{t-1} (diag(w_t) - kappa_hat_t^T (alpha_t kappa_hat_t)) + v_t^T k~_t, y_t = S_t r_t
-    (Peng et al. 2025, Eq. 16, with S as (value, key) as in the authors' code), written with dense matrices."""
+    (Peng et al. 2025, Sec. 4, with S as (value, key) as in the authors' code), written with dense matrices."""
     g = torch.Generator().manual_seed(1)
     K, V = 3, 2
     state = torch.randn(V, K, generator=g, dtype=torch.float64)

@@ -7,7 +7,7 @@ One block, read top to bottom (u of (batch, L, d_model); H heads of P = headdim 
 R = mimo_rank (1 for SISO), G = ngroups of B and C, S = rotation angles):
 
     z, x, B, C, dd_dt, dd_A, trap, angles = split(in_proj(u))             the authors' order
-    A      = -min(f(dd_A), ...) <= -A_floor, f(a) = 1 + a (a >= 0), 1 / (1 - a) (a < 0)    heavy-tail activation
+    A      = min(-f(dd_A), -A_floor),  f(a) = 1 + a (a >= 0), 1 / (1 - a) (a < 0)   heavy-tail activation
     Delta  = softplus(dd_dt + dt_bias),  lambda = sigmoid(trap)            (B, L, H)
     B, C   = RMSNorm(B) + B_bias, RMSNorm(C) + C_bias                      (B, L, R, H, N), groups repeated
     rates  = pi tanh(angles)                                               (B, L, H, S), shared by the heads

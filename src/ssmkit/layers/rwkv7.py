@@ -1,8 +1,9 @@
 """RWKV-7 "Goose": the time mix (generalised delta rule) and the channel mix, each a mixer.
 
-Peng et al. 2025, "RWKV-7 'Goose' with Expressive Dynamic State Evolution", arXiv 2503.14456: the block is in
-Sec. 4 (Fig. 1), the time mix's weight preparation in Sec. 4.1, the WKV state update in Sec. 4.2 (Eq. (16)),
-the output in Sec. 4.3 and the channel mix (ReLU^2 MLP with token shift) in Sec. 4.4. An RWKV-7 layer is two
+Peng et al. 2025, "RWKV-7 'Goose' with Expressive Dynamic State Evolution", arXiv 2503.14456, Sec. 4 (the
+architecture: the time mix's weight preparation, the WKV state update, its output, and the channel mix, a
+ReLU^2 MLP with token shift). Sub-section and equation numbers are not cited: they were not checked against
+the paper here; the formulas below are those of the authors' code. An RWKV-7 layer is two
 residual sub-blocks, x += time_mix(ln1(x)); x += channel_mix(ln2(x)), which in ssmkit is two layers of one
 model, ``ModelConfig(mixer="RK" * n_layers, mlp="none")`` (``R`` = ``rwkv7``, ``K`` = ``rwkv7_channel_mix``,
 whose class is in ``layers/rwkv7_channel_mix.py`` since each mixer has its own file).
@@ -16,7 +17,7 @@ Time mix, read top to bottom (x of (batch, L, C), heads of size N, H = C / N; x_
     g     = sigmoid(x^g A_g) B_g                                         output gate
     kappa_hat = normalize_per_head(k * xi)                               removal key (xi = ``k_k``)
     k~    = k * (1 + (alpha - 1) * ``k_a``)                              replacement key
-    S_t   = S_{t-1} (diag(w_t) - kappa_hat_t^T (alpha_t * kappa_hat_t)) + v_t^T k~_t      (Eq. 16; ops.rwkv7)
+    S_t   = S_{t-1} (diag(w_t) - kappa_hat_t^T (alpha_t * kappa_hat_t)) + v_t^T k~_t      (ops.rwkv7)
     y_t   = GroupNorm_H(S_t r_t) + (sum_n r_t k~_t rho)_head v_t         rho = ``r_k`` the bonus
     out   = W_o (y * g)
 
@@ -150,14 +151,14 @@ class RWKV7(Mixer):
         self.head_size = min(64, d_model) if head_size is None else check_positive_int("head_size", head_size)
         if d_model % self.head_size:
             raise ValueError(f"head_size must divide d_model; got d_model={d_model}, head_size={self.head_size}")
-        self.n_heads = d_model // head_size
+        self.n_heads = d_model // self.head_size
         self.layer_id, self.n_layers = _check_depth(layer_id, n_layers)
         self.zero_init_output = _check_bool("zero_init_output", zero_init_output)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         if backend is not None:
             check_choice("backend", backend, WKV7_BACKENDS)
         self.backend = backend
-        C, H, N = d_model, self.n_heads, head_size
+        C, H, N = d_model, self.n_heads, self.head_size
         dims = {}
         for name, value, factor, power in (("decay_low_rank_dim", decay_low_rank_dim, 2.5, 0.5),
                                            ("a_low_rank_dim", a_low_rank_dim, 2.5, 0.5),

@@ -1,4 +1,4 @@
-"""RWKV-7's channel mix (Peng et al. 2025, arXiv 2503.14456, Sec. 4.4): a ReLU^2 MLP on a token-shifted input.
+"""RWKV-7's channel mix (Peng et al. 2025, arXiv 2503.14456, Sec. 4): a ReLU^2 MLP on a token-shifted input.
 
     k   = relu(key(x_t + (x_{t-1} - x_t) * x_k))^2          (B, L, hidden), hidden = 4 C
     out = value(k)                                          (B, L, C)
@@ -27,7 +27,7 @@ from .rwkv7 import _channel_fraction, _check_bool, _check_depth, _shifted
 
 @register_mixer("rwkv7_channel_mix")
 class RWKV7ChannelMix(Mixer):
-    """RWKV-7 channel mix (Sec. 4.4): k = relu(key(x + (x_{t-1} - x) * x_k))^2, out = value(k).
+    """RWKV-7 channel mix (Sec. 4): k = relu(key(x + (x_{t-1} - x) * x_k))^2, out = value(k).
 
     Args:
         d_model: C.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-
 from ..._checks import check_shape, check_tensor
 
 ROTARY_PAIRINGS = ("adjacent", "halves")

@@ -1,8 +1,10 @@
 """The Mamba-3 SSM core, one token at a time: the specification.
 
 Lahoti et al. 2026, "Mamba-3: Improved Sequence Modeling using State Space Principles", arXiv 2603.15569,
-Sec. 3: the exponential-trapezoidal discretisation, the complex-valued state written as a data-dependent
-rotary embedding of B and C, and the multi-input multi-output (MIMO) state update. Per head (the state S is
+Sec. 3 (the three methodological changes: the exponential-trapezoidal discretisation, the complex-valued
+state written as a data-dependent rotary embedding of B and C, and the multi-input multi-output (MIMO) state
+update; sub-section and equation numbers were not checked against the paper here, the formulas are those of
+the authors' reference code). Per head (the state S is
 (headdim, d_state); SISO is rank R = 1):
 
     theta_t  = theta_{t-1} + Delta_t * angle_rate_t                      cumulative rotation angles (n_angles)

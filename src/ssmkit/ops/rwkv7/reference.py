@@ -1,8 +1,9 @@
 """The WKV-7 recurrence of RWKV-7 "Goose", one token at a time: the specification.
 
 Peng et al. 2025, "RWKV-7 'Goose' with Expressive Dynamic State Evolution", arXiv 2503.14456, Sec. 4
-(the time-mixing block; the state update is Eq. (16) there, written with the transition
-diag(w_t) - kappa_hat_t^T (a_t * kappa_hat_t)). Per head, with the state S a (value_dim, key_dim) matrix:
+(the time-mixing block and its WKV state update, written with the transition
+diag(w_t) - kappa_hat_t^T (a_t * kappa_hat_t); section and equation numbers are cited from memory of the
+paper, the formulas as the authors' code computes them). Per head, with the state S a (value_dim, key_dim) matrix:
 
     S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T        a generalised delta rule
     y_t = S_t r_t
