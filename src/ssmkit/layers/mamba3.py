@@ -103,7 +103,7 @@ class Mamba3(Mixer):
     Shapes: forward x (batch, L, d_model) -> (batch, L, d_model); step x_t (batch, d_model).
     """
 
-    pattern_letter = "T"
+    pattern_letter = "E"
     # the MIMO variant with the output norm (rank, halves pairing, norm and MIMO projections all exercised);
     # tests/layers/test_mamba3.py runs SISO through the same checks
     contract_config = dict(d_state=8, headdim=4, ngroups=2, is_mimo=True, mimo_rank=2, is_outproj_norm=True,

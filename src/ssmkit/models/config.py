@@ -13,7 +13,7 @@ layer), or a pattern string of one letter per layer, e.g. Jamba's one attention 
 ``S``   s4d                 ``4``   s4
 ``5``   s5                  ``H``   hawk (RG-LRU block)
 ``R``   rwkv7 (time mix)    ``K``   rwkv7_channel_mix
-``T``   mamba3
+``E``   mamba3
 ======  ==================  ======  ==================
 
 ``mixer_kwargs`` maps a mixer name to its keyword arguments ({"mamba": {"d_state": 16}}); with a single mixer
