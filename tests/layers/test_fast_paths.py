@@ -24,14 +24,20 @@ LAYERS = {
     "mamba2": dict(d_model=12, d_state=6, d_conv=3, expand=2, headdim=4, ngroups=2, chunk_size=8),
     "s5": dict(d_model=12, d_state=8),
     "hawk": dict(d_model=12, lru_width=15, n_heads=3),
+    "rwkv7": dict(d_model=12, head_size=4, decay_low_rank_dim=5, a_low_rank_dim=3, gate_low_rank_dim=6,
+                  zero_init_output=False, chunk_size=5),
+    "mamba3": dict(d_model=12, d_state=8, headdim=4, ngroups=3, is_mimo=True, mimo_rank=2, chunk_size=5),
 }
 # backend -> the dtypes it runs (the Triton kernels take no float64)
 BACKENDS = {"mamba": {"cpp": (torch.float64, torch.float32), "torch": (torch.float64, torch.float32),
                       "triton": (torch.float32,)},
             "mamba2": {"torch": (torch.float64, torch.float32), "triton": (torch.float32,)},
             "s5": {"associative": (torch.float64,), "chunked": (torch.float64,)},
-            "hawk": {"associative": (torch.float64, torch.float32), "chunked": (torch.float64, torch.float32)}}
-REFERENCE = {"mamba": "reference", "mamba2": "reference", "s5": "reference", "hawk": "reference"}
+            "hawk": {"associative": (torch.float64, torch.float32), "chunked": (torch.float64, torch.float32)},
+            "rwkv7": {"chunked": (torch.float64, torch.float32)},
+            "mamba3": {"chunked": (torch.float64, torch.float32)}}
+REFERENCE = {"mamba": "reference", "mamba2": "reference", "s5": "reference", "hawk": "reference",
+             "rwkv7": "reference", "mamba3": "reference"}
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
 
 

@@ -25,7 +25,7 @@ def scan_inputs():
 
 def test_every_op_with_backends_is_registered():
     assert {"selective_scan", "selective_state_update", "ssd", "ssd_state_update", "causal_conv1d",
-            "causal_conv1d_update", "linear_recurrence"} <= set(OPS)
+            "causal_conv1d_update", "linear_recurrence", "wkv7", "mamba3_ssm"} <= set(OPS)
 
 
 def test_precedence_explicit_then_context_then_auto():

@@ -292,3 +292,68 @@ def test_selective_scan_on_the_views_the_mamba_layer_passes(backend, request, mo
 
     _check_views(leaves, views, lambda **kw: selective_scan(**{**kw, "backend": backend}),
                  lambda **kw: selective_scan_ref(**{k: v for k, v in kw.items() if k != "backend"}))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_wkv7_on_time_mix_views(backend):
+    """RWKV-7's time mix passes r, k, v as (B, L, H, N) views of (B, L, C) projections, a = -kappa_hat and
+    b = kappa_hat * alpha computed from them, and the state may be a stride-0 broadcast of one row; here the
+    projections are also transposed views of a channel-first leaf. Same results as contiguous copies."""
+    from ssmkit.ops.rwkv7 import wkv7
+
+    batch, L, heads, N = 2, 21, 2, 3
+    leaf = torch.randn(batch, 4 * heads * N, L, dtype=torch.float64, requires_grad=True)
+    state_row = torch.randn(1, heads, N, N, dtype=torch.float64, requires_grad=True)
+
+    def inputs(source, state):
+        r, k, v, w = (t.transpose(1, 2).reshape(batch, L, heads, N) for t in source.split(heads * N, dim=1))
+        kappa_hat = torch.nn.functional.normalize(k, dim=-1)
+        return (r, -torch.exp(-1.0 - torch.nn.functional.softplus(w)), k, v, -kappa_hat, kappa_hat * 0.7), state
+
+    views, state = inputs(leaf, state_row.expand(batch, heads, N, N))
+    assert not views[0].is_contiguous() and state.stride(0) == 0
+    y, final = wkv7(*views, initial_state=state, return_final_state=True, chunk_size=8, backend=backend)
+    seeds = [torch.randn_like(y), torch.randn_like(final)]
+    grads = torch.autograd.grad((y * seeds[0]).sum() + (final * seeds[1]).sum(), [leaf, state_row])
+
+    leaf_c, row_c = leaf.detach().clone().requires_grad_(), state_row.detach().clone().requires_grad_()
+    copies, state_c = inputs(leaf_c, row_c.expand(batch, heads, N, N))
+    y_c, final_c = wkv7(*(t.contiguous() for t in copies), initial_state=state_c.contiguous(),
+                        return_final_state=True, backend="reference")
+    grads_c = torch.autograd.grad((y_c * seeds[0]).sum() + (final_c * seeds[1]).sum(), [leaf_c, row_c])
+    for got, want in zip((y, final) + grads, (y_c, final_c) + grads_c):
+        assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_mamba3_ssm_on_block_views(backend):
+    """The Mamba-3 block passes x (SISO: one rank) as an unsqueezed view of a slice of the in_proj output, Delta
+    and the trapezoid weight as slices of it, and the rotation rates expanded over the heads (stride 0). Same
+    results (outputs, final state, gradients) as on contiguous copies."""
+    from ssmkit.ops.mamba3 import mamba3_ssm
+
+    batch, L, H, P, N, S = 2, 11, 3, 2, 4, 1
+    proj = torch.randn(batch, L, H * P + 3 * H + S, dtype=torch.float64, requires_grad=True)
+    qk = torch.randn(2, batch, L, 1, H, N, dtype=torch.float64, requires_grad=True)
+
+    def inputs(proj, qk):
+        x, dd_dt, dd_a, trap, angles = torch.split(proj, [H * P, H, H, H, S], dim=-1)
+        dt = torch.nn.functional.softplus(dd_dt)
+        rates = torch.tanh(angles).unsqueeze(2).expand(batch, L, H, S)
+        return (qk[0], qk[1], x.unflatten(-1, (H, P)).unsqueeze(2), -dt * torch.sigmoid(dd_a), dt,
+                torch.sigmoid(trap), rates)
+
+    views = inputs(proj, qk)
+    assert not views[2].is_contiguous() and views[6].stride(3 - 1) == 0
+    y, final = mamba3_ssm(*views, None, None, True, "adjacent", chunk_size=4, backend=backend)
+    seeds = [torch.randn_like(y)] + [torch.randn_like(f) for f in final]
+    loss = (y * seeds[0]).sum() + sum((f * s).sum() for f, s in zip(final, seeds[1:]))
+    grads = torch.autograd.grad(loss, [proj, qk])
+
+    proj_c, qk_c = proj.detach().clone().requires_grad_(), qk.detach().clone().requires_grad_()
+    copies = [t.contiguous() for t in inputs(proj_c, qk_c)]
+    y_c, final_c = mamba3_ssm(*copies, None, None, True, "adjacent", backend="reference")
+    loss_c = (y_c * seeds[0]).sum() + sum((f * s).sum() for f, s in zip(final_c, seeds[1:]))
+    grads_c = torch.autograd.grad(loss_c, [proj_c, qk_c])
+    for got, want in zip((y, *final, *grads), (y_c, *final_c, *grads_c)):
+        assert rel_err(got, want) < 1e-12
