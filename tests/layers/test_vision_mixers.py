@@ -16,8 +16,13 @@ from ..helpers import assert_close_scaled
 D_MODEL = 8
 GRID = (3, 5)  # not square, so row-major and column-major orders differ in shape
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-SCAN_BACKENDS = ["torch", "reference", pytest.param("cpp", marks=pytest.mark.skipif(
-    not __import__("ssmkit.ops.mamba", fromlist=["cpp"]).cpp.is_available(), reason="C++ scan not built"))]
+SCAN_BACKENDS = ["torch", "reference",
+                 pytest.param("cpp", marks=pytest.mark.skipif(
+                     not __import__("ssmkit.ops.mamba", fromlist=["cpp"]).cpp.is_available(),
+                     reason="C++ scan not built")),
+                 # the GPU kernels, on CUDA tensors (float32 only); the one-token update then runs on Triton too
+                 pytest.param("triton", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="the Triton row runs on a GPU"))]
 
 
 def make(name, dtype=torch.float64, backend=None, seed=0):
@@ -43,9 +48,12 @@ def test_cross_scan_orders_by_hand():
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("name", ["vim", "vmamba"])
 def test_each_direction_equals_its_recurrence(name, backend, dtype):
-    mixer = make(name, dtype, backend)
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take no float64")
+    device = "cuda" if backend == "triton" else "cpu"
+    mixer = make(name, dtype, backend).to(device)
     length = GRID[0] * GRID[1]
-    x = torch.randn(2, length, D_MODEL, dtype=dtype)
+    x = torch.randn(2, length, D_MODEL, dtype=dtype).to(device)
     grid = grid_for(name)
     with torch.no_grad():
         outputs = mixer.direction_outputs(x, grid)                       # (K, B, L, E), token order
@@ -53,7 +61,7 @@ def test_each_direction_equals_its_recurrence(name, backend, dtype):
         orders = mixer.scan_orders(length, grid)
         assert outputs.shape == (mixer.n_directions, 2, length, mixer.d_inner)
         for k in range(mixer.n_directions):
-            state = mixer.init_direction_state(k, 2)
+            state = {key: value.to(device) for key, value in mixer.init_direction_state(k, 2).items()}
             stepped = torch.empty_like(outputs[k])
             for t in orders[k].tolist():                                # this direction's order of the tokens
                 stepped[:, t], state = mixer.direction_step(k, inputs[:, t], state)
