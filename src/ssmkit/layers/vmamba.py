@@ -1,5 +1,5 @@
 """VMamba's SS2D mixer: the 2-D selective scan (Liu, Tian, Zhao, Yu, Xie, Wang, Ye, Liu 2024, "VMamba: Visual
-State Space Model", arXiv 2401.10166, Sec. 4.1 and Fig. 2, "2D-Selective-Scan").
+State Space Model", arXiv 2401.10166: the 2D-Selective-Scan (SS2D) with its cross-scan and cross-merge).
 
 Over a grid of Hp x Wp patch tokens (x of (batch, L = Hp Wp, d_model), row-major):
 

@@ -8,7 +8,8 @@
 Mixers (``VisionConfig.mixer``):
 
 * ``"vim"``: :class:`ssmkit.layers.vim.Vim`, bidirectional Mamba; class token in the middle of the sequence
-  (Vim, Zhu et al. 2024, Sec. 3.2: "middle class token"), learned position embedding.
+  (Vim, Zhu et al. 2024: the position their ablation of the class token found best), learned position
+  embedding.
 * ``"vmamba"``: :class:`ssmkit.layers.vmamba.VMamba`, SS2D's four-direction cross-scan over the patch grid
   (Liu et al. 2024); no class token (the grid would lose its shape), mean pooling as VMamba's classifier.
   One resolution throughout (no patch merging): a same-size comparison, not VMamba's hierarchical backbone.
