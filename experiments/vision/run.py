@@ -15,6 +15,7 @@ augmentation; the reported test accuracy is that of the epoch with the best vali
 
     OMP_NUM_THREADS=1 python experiments/vision/run.py                 # all rows (minutes; see README.md)
     OMP_NUM_THREADS=1 python experiments/vision/run.py --sets digits --models vim --epochs 2   # a smoke run
+    python experiments/vision/run.py --merge a.json b.json          # rows of runs made in separate processes
 """
 
 from __future__ import annotations
@@ -122,6 +123,29 @@ def train_one(config: VisionConfig, image_set: str, epochs: int, seed: int, batc
             "history": history, "config": config.to_dict()}
 
 
+def summary_table(rows) -> str:
+    """Markdown: one line per (set, model), mean over seeds (min-max in brackets when several)."""
+    lines = ["| set | model | params | epochs | seeds | best val acc % | test acc % (at best val) | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = []
+    for r in rows:
+        if (r["set"], r["model"]) not in keys:
+            keys.append((r["set"], r["model"]))
+    for image_set, model in keys:
+        group = [r for r in rows if (r["set"], r["model"]) == (image_set, model)]
+
+        def stat(key, scale=100.0, digits=1):
+            values = [scale * r[key] for r in group]
+            mean = sum(values) / len(values)
+            if len(values) == 1:
+                return f"{mean:.{digits}f}"
+            return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+        lines.append(f"| {image_set} | {model} | {group[0]['params']:,} | {group[0]['epochs']} | {len(group)} | "
+                     f"{stat('best_val_acc')} | {stat('test_acc_at_best_val')} | {stat('train_seconds', 1.0, 0)} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,7 +154,15 @@ def main():
     parser.add_argument("--epochs", type=int, default=None, help="override the per-set number of epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="only merge the rows of these result files "
+                        "into --out and print the table (runs split over processes)")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = {"machine": parts[0]["machine"], "rows": [r for part in parts for r in part["rows"]]}
+        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+        print(summary_table(merged["rows"]))
+        return
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
@@ -147,11 +179,8 @@ def main():
                 row = train_one(configs[mixer], image_set, epochs, seed)
                 results["rows"].append({"set": image_set, "model": mixer, "seed": seed, "epochs": epochs, **row})
                 Path(args.out).write_text(json.dumps(results, indent=1) + "\n")  # after every row: partial runs keep theirs
-    print("\n| set | model | params | epochs | best val acc | test acc (at best val) | train s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results["rows"]:
-        print(f"| {r['set']} | {r['model']} | {r['params']:,} | {r['epochs']} | {100 * r['best_val_acc']:.1f} | "
-              f"{100 * r['test_acc_at_best_val']:.1f} | {r['train_seconds']:.0f} |")
+    print()
+    print(summary_table(results["rows"]))
 
 
 if __name__ == "__main__":
