@@ -64,7 +64,7 @@ class LiquidS4(S4D):
     Shapes: forward x (batch, L, d_model) -> (batch, L, d_model); step x_t (batch, d_model).
     """
 
-    pattern_letter = "Q"
+    pattern_letter = "U"
     contract_config = dict(d_state=8, liquid_degree=3, liquid_kernel="kb")
 
     def __init__(self, d_model: int, d_state: int = 64, liquid_degree: int = 2, liquid_kernel: str = "polyb",

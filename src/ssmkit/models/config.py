@@ -12,7 +12,7 @@ layer), or a pattern string of one letter per layer, e.g. Jamba's one attention 
 ``D``   mamba2 (SSD)        ``L``   linear_attention
 ``S``   s4d                 ``4``   s4
 ``5``   s5                  ``H``   hawk (RG-LRU block)
-``Q``   liquid_s4
+``U``   liquid_s4
 ======  ==================  ======  ==================
 
 ``mixer_kwargs`` maps a mixer name to its keyword arguments ({"mamba": {"d_state": 16}}); with a single mixer
