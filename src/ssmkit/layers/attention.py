@@ -6,7 +6,9 @@ the KV cache as its state.
     y_i = softmax(q_i k_j^T / sqrt(head_dim) over allowed j) v_j,   out = concat_heads(y) W_o
 
 Allowed keys: every j <= i (causal, Vaswani et al. 2017), or with ``window`` = w only i - w < j <= i
-(sliding window, Beltagy et al. 2020 / Mistral). Grouped-query attention (Ainslie et al. 2023): query head h
+(sliding window, Beltagy et al. 2020 / Mistral). With ``causal=False`` every token attends to every token
+(an encoder, as in ViT; Dosovitskiy et al. 2021): it reads the future, so it has no step, state or KV cache,
+and it is not a mixer of causal models; the vision classifier (:mod:`ssmkit.models.vision`) builds it. Grouped-query attention (Ainslie et al. 2023): query head h
 reads key/value head h // (n_heads / n_kv_heads).
 
 State (the KV cache), keys prefixed "attention.":
@@ -49,6 +51,7 @@ class Attention(Mixer):
         rope_base: theta_i = rope_base^(-2i / head_dim).
         window: sliding window w (each token attends to itself and the w - 1 tokens before it); None = all.
         bias: biases in the four projections.
+        causal: False for full (encoder) attention: no step, state or window then.
 
     Shapes: forward x (batch, L, d_model) -> (batch, L, d_model); step x_t (batch, d_model).
     """
@@ -60,8 +63,13 @@ class Attention(Mixer):
 
     def __init__(self, d_model: int, n_heads: int = 8, n_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, rope: bool = True, rope_base: float = 10000.0,
-                 window: Optional[int] = None, bias: bool = False):
+                 window: Optional[int] = None, bias: bool = False, causal: bool = True):
         super().__init__(d_model)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+        if not causal and window is not None:
+            raise ValueError(f"window needs causal=True (a sliding window of past tokens); got window={window}")
+        self.causal = causal
         check_positive_int("n_heads", n_heads)
         if n_kv_heads is None:
             n_kv_heads = n_heads
@@ -98,7 +106,8 @@ class Attention(Mixer):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
-                f"head_dim={self.head_dim}, rope={self.rope}, window={self.window}")
+                f"head_dim={self.head_dim}, rope={self.rope}, window={self.window}"
+                + ("" if self.causal else ", causal=False"))
 
     def state_spec(self, batch_size: int):
         cache = (batch_size, self.n_kv_heads, None, self.head_dim)
@@ -154,6 +163,8 @@ class Attention(Mixer):
             real = key_at[None, :] >= padded[:, None]  # (B, T + L)
             full = real[:, None, None, :] if mask is None else real[:, None, None, :] & mask[None, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=full)
+        elif not self.causal:
+            y = F.scaled_dot_product_attention(q, k, v)  # every query reads every key
         elif cached == 0 and self.window is None:
             # plain causal (torch's is_causal is the top-left aligned mask, right only without a cache):
             # let torch pick its fused causal path instead of reading an explicit mask
@@ -168,7 +179,19 @@ class Attention(Mixer):
             return t
         return t[:, :, t.shape[2] - limit:]
 
+    def _refuse_recurrence(self, what: str) -> None:
+        if not self.causal:
+            raise ValueError(f"non-causal Attention (causal=False) reads the whole sequence: {what} is not available")
+
+    def step(self, x_t: torch.Tensor, state: State):
+        self._refuse_recurrence("step()")
+        return super().step(x_t, state)
+
     def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
+        if state is not None:
+            self._refuse_recurrence("an initial state")
+        if return_state:
+            self._refuse_recurrence("return_state")
         batch, length, _ = x.shape
         pos = None if state is None else state[self.state_key("pos")]
         q, k, v = self._project(x, 0 if pos is None else pos)

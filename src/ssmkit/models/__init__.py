@@ -4,3 +4,4 @@ from .checkpoints import from_config, from_pretrained, save_pretrained
 from .config import ModelConfig
 from .generation import GenerationOutput
 from .model import ModelOutput, SSMModel, set_recompute
+from .vision import VisionClassifier, VisionConfig

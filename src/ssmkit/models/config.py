@@ -14,6 +14,7 @@ layer), or a pattern string of one letter per layer, e.g. Jamba's one attention 
 ``5``   s5                  ``H``   hawk (RG-LRU block)
 ``R``   rwkv7 (time mix)    ``K``   rwkv7_channel_mix
 ``E``   mamba3
+``U``   liquid_s4
 ======  ==================  ======  ==================
 
 ``mixer_kwargs`` maps a mixer name to its keyword arguments ({"mamba": {"d_state": 16}}); with a single mixer
