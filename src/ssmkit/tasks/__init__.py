@@ -30,4 +30,5 @@ from .digits import Digits  # noqa: F401
 from .listops import ListOps  # noqa: F401
 from .synthetic import MQAR, AddingProblem, CopyingMemory, InductionHeads, SelectiveCopying  # noqa: F401
 from .text import BytesLM  # noqa: F401
+from .timeseries import Forecast, ForecastBatch, UCRClassification  # noqa: F401
 from .user_data import SequenceData, load_sequences, text_task  # noqa: F401
