@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import ssmkit
 from ssmkit import viz
 from ssmkit.models.config import ModelConfig
+from ssmkit.ops import use_backend
 
 pytest.importorskip("matplotlib")
 
@@ -91,13 +92,16 @@ def test_mamba_selectivity_is_the_delta_the_layer_scans_with(monkeypatch, tmp_pa
         return real_scan(u, delta, *args, delta_bias=delta_bias, delta_softplus=delta_softplus, **kwargs)
 
     monkeypatch.setattr(mamba_module, "selective_scan", spy)
-    with torch.no_grad():
+    # the plain PyTorch scan: this test is about Delta, not about building the C++ one (which may wait on a lock)
+    with use_backend("torch"), torch.no_grad():
         model(tokens[None])
-    deltas = viz.mamba_selectivity(model, tokens)
+        deltas = viz.mamba_selectivity(model, tokens)
     assert sorted(deltas) == [0, 1] and deltas[0].shape == (16, 17)  # d_inner = 2 * d_model
     for layer, expected in zip(sorted(deltas), seen[:2]):
         torch.testing.assert_close(deltas[layer], expected.float(), rtol=1e-5, atol=1e-6)
-    assert_png(viz.plot_selectivity(model, tokens, tmp_path / "sel.png", token_labels=[str(int(t)) for t in tokens]))
+    with use_backend("torch"):
+        assert_png(viz.plot_selectivity(model, tokens, tmp_path / "sel.png",
+                                        token_labels=[str(int(t)) for t in tokens]))
     with pytest.raises(ValueError, match="no Mamba"):
         viz.mamba_selectivity(small_model("s4d"), tokens)
 

@@ -396,7 +396,7 @@ def task_figure(model, task, path: PathLike, split: str = "test", batch_size: in
                 predicted.append(scores.argmax(-1))
             names = getattr(task, "classes", None)
             return plot_confusion_matrix(torch.cat(truth).numpy(), torch.cat(predicted).numpy(), path,
-                                         class_names=names, title=f"{task.name} {split}")
+                                         class_names=names, title=f"{getattr(task, 'dataset', task.name)} {split}")
         return None
     finally:
         model.train(was_training)

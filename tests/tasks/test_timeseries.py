@@ -202,3 +202,28 @@ def test_heads_forecast_and_classify():
     logits = model(inputs=batch.inputs).logits
     assert logits.shape == (4, 4)
     assert set(classify.metrics(logits, batch)) == {"loss", "accuracy", "count"}
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: a short run from each kind of config, then `ssmkit viz --checkpoint` beside its reports
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", ["forecast_airline", "ucr_italypower"])
+def test_train_then_viz_writes_the_pictures(config, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    from ssmkit.cli import main
+    from ssmkit.train import load_run_config, train
+
+    repo = Path(__file__).resolve().parents[2]
+    run = load_run_config(repo / "configs" / f"{config}.yaml",
+                          ["train.steps=3", "train.warmup_steps=1", "train.progress=false", "train.tensorboard=false",
+                           "model.d_model=8", "model.mlp_hidden=8", f"train.out_dir={tmp_path / 'run'}",
+                           "train.threads=1", "train.eval_batches=1"])
+    result = train(run)
+    assert (tmp_path / "run" / "curves.png").is_file()
+    assert main(["viz", "--checkpoint", str(result.checkpoint_dir)]) == 0
+    shown = capsys.readouterr().out
+    for name in ("curves", "kernels", "states", "task"):
+        path = tmp_path / "run" / f"{name}.png"
+        assert name in shown and path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 2000, name
