@@ -123,9 +123,12 @@ def cmd_bench(args) -> int:
 def cmd_viz(args) -> int:
     from .viz import write_checkpoint_figures
 
-    written = write_checkpoint_figures(args.checkpoint, out_dir=args.out, split=args.split, length=args.length)
+    backend = None if args.backend == "auto" else args.backend
+    written = write_checkpoint_figures(args.checkpoint, out_dir=args.out, split=args.split, length=args.length,
+                                       backend=backend)
     for name, path in written.items():
         print(f"{name:12} {path}")
+    print(f"[ops backend: {args.backend}]", file=sys.stderr)
     return 0
 
 
@@ -334,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the PNGs (default: the run's output folder)")
     p.add_argument("--split", default="test", help="split whose first example (and whole set) is drawn")
     p.add_argument("--length", type=int, default=256, help="kernel lags to draw (at most the task's length)")
+    p.add_argument("--backend", default="torch",
+                   help="ops backend for the model's passes (default torch: no kernel build; auto: the ops' choice)")
     p.set_defaults(func=cmd_viz)
 
     p = sub.add_parser("build", help="compile the C++ kernels now (otherwise they compile at first use)")

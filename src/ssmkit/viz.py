@@ -58,6 +58,18 @@ def _save(fig, path: PathLike, dpi: int = 110) -> Path:
     return path
 
 
+def _colorbar_beside(fig, ax, image=None, label: str = "") -> None:
+    """A colour bar in a slot cut from the right of ``ax`` (an empty slot when ``image`` is None), so that
+    panels stacked above one another keep the same width and their time axes line up."""
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    slot = make_axes_locatable(ax).append_axes("right", size="2%", pad=0.1)
+    if image is None:
+        slot.axis("off")
+    else:
+        fig.colorbar(image, cax=slot, label=label)
+
+
 def _mixers(model_or_mixer) -> List[tuple]:
     """(label, mixer) pairs: every layer's mixer of a model, or the mixer itself."""
     layers = getattr(getattr(model_or_mixer, "backbone", None), "layers", None)
@@ -203,9 +215,10 @@ def plot_state_trajectory(model, inputs: torch.Tensor, path: PathLike, layer: in
     else:
         ax_in.step(np.arange(len(shown)), shown, where="mid", lw=1.0)
     ax_in.set_ylabel("input")
+    _colorbar_beside(fig, ax_in)
     image = ax_state.imshow(values, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
                             extent=(-0.5, values.shape[1] - 0.5, -0.5, values.shape[0] - 0.5))
-    fig.colorbar(image, ax=ax_state, label="|state|")
+    _colorbar_beside(fig, ax_state, image, "|state|")
     ax_state.set(xlabel="time step", ylabel="channel",
                  title=f"layer {layer} ({type(model.backbone.layers[layer].mixer).__name__}) state {key!r}")
     fig.tight_layout()
@@ -267,11 +280,12 @@ def plot_selectivity(model, inputs: torch.Tensor, path: PathLike, token_labels: 
     else:
         ax.step(np.arange(len(shown)), shown, where="mid", lw=1.0)
     ax.set_ylabel("input")
+    _colorbar_beside(fig, ax)
     for ax, (i, delta) in zip(axes[1:, 0], deltas.items()):
         values = delta[:channels].cpu().numpy()
         image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", cmap="magma",
                           extent=(-0.5, values.shape[1] - 0.5, -0.5, values.shape[0] - 0.5))
-        fig.colorbar(image, ax=ax, label="Delta")
+        _colorbar_beside(fig, ax, image, "Delta")
         ax.set(ylabel="channel", title=f"layer {i}: Delta (large: the token is written into the state; "
                                        f"small: the state is kept)")
     axes[-1, 0].set_xlabel("token")
@@ -403,12 +417,27 @@ def task_figure(model, task, path: PathLike, split: str = "test", batch_size: in
 
 
 def write_checkpoint_figures(checkpoint: PathLike, out_dir: Optional[PathLike] = None, split: str = "test",
-                             length: int = 256) -> Dict[str, Path]:
+                             length: int = 256, backend: Optional[str] = "torch") -> Dict[str, Path]:
     """Every picture that applies to a training checkpoint, written next to the run's reports (the run's
     output folder, beside metrics.jsonl and curves.png, unless ``out_dir`` is given): ``curves.png``
     (redrawn), ``kernels.png`` (S4/S4D/Hyena layers), ``states.png`` (state trajectory over the first
     example of ``split``; causal models), ``selectivity.png`` (Mamba layers) and ``task.png`` (forecast or
-    confusion matrix). Returns {name: path}."""
+    confusion matrix). Returns {name: path}; ``viz.json`` beside them lists them and the backend used.
+
+    ``backend``: the ops' backend for the model's passes (:func:`ssmkit.ops.use_backend`); "torch" by default,
+    since a handful of short sequences needs no fast kernel and should never wait for a C++ build; None keeps
+    the ops' own choice ("auto")."""
+    from .ops import use_backend
+
+    with use_backend(backend):
+        written, out = _checkpoint_figures(checkpoint, out_dir, split, length)
+    listing = {k: str(v) for k, v in written.items()}
+    listing["backend"] = backend or "auto"
+    (out / "viz.json").write_text(json.dumps(listing, indent=2))
+    return written
+
+
+def _checkpoint_figures(checkpoint: PathLike, out_dir: Optional[PathLike], split: str, length: int):
     from .models.model import SSMModel
     from .tasks import make_task
     from .train import checkpointing as ckpt
@@ -441,5 +470,4 @@ def write_checkpoint_figures(checkpoint: PathLike, out_dir: Optional[PathLike] =
     figure = task_figure(model, task, out / "task.png", split=split)
     if figure is not None:
         written["task"] = figure
-    (out / "viz.json").write_text(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
-    return written
+    return written, out
