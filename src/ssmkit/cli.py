@@ -8,6 +8,7 @@
     ssmkit export --checkpoint outputs/bytes_mamba/final --format onnx outputs/onnx   # step + prefill programs
     ssmkit serve --checkpoint outputs/bytes_mamba/final --port 8000                   # /v1/completions
     ssmkit info                                      # versions, backends, threads, which decode path runs
+    ssmkit viz --checkpoint outputs/ucr_gunpoint/final   # kernels, states, selectivity, task PNGs beside the run
     ssmkit build                                     # compile the C++ kernels now (else: at first use)
     torchrun --nproc-per-node 2 -m ssmkit train --config configs/bytes_mamba.yaml
 
@@ -116,6 +117,18 @@ def cmd_bench(args) -> int:
                          threads=args.threads)
         return 0
     run_bench(mixers=args.mixers, d_model=args.d_model, length=args.length, batch=args.batch, threads=args.threads)
+    return 0
+
+
+def cmd_viz(args) -> int:
+    from .viz import write_checkpoint_figures
+
+    backend = None if args.backend == "auto" else args.backend
+    written = write_checkpoint_figures(args.checkpoint, out_dir=args.out, split=args.split, length=args.length,
+                                       backend=backend)
+    for name, path in written.items():
+        print(f"{name:12} {path}")
+    print(f"[ops backend: {args.backend}]", file=sys.stderr)
     return 0
 
 
@@ -317,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eos", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("viz", help="draw a checkpoint's pictures (kernels, states, selectivity, forecast or "
+                                   "confusion matrix, curves) next to its run's reports")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: the run's output folder)")
+    p.add_argument("--split", default="test", help="split whose first example (and whole set) is drawn")
+    p.add_argument("--length", type=int, default=256, help="kernel lags to draw (at most the task's length)")
+    p.add_argument("--backend", default="torch",
+                   help="ops backend for the model's passes (default torch: no kernel build; auto: the ops' choice)")
+    p.set_defaults(func=cmd_viz)
 
     p = sub.add_parser("build", help="compile the C++ kernels now (otherwise they compile at first use)")
     p.set_defaults(func=cmd_build)

@@ -19,6 +19,8 @@ name                   kind            source
 ``listops``            classification  :class:`~.listops.ListOps` (LRA generator)
 ``digits``             classification  :class:`~.digits.Digits` (scikit-learn's 8x8 digits)
 ``bytes_lm``           lm              :class:`~.text.BytesLM` (default: standard-library sources)
+``ucr``                classification  :class:`~.timeseries.UCRClassification` (UCR/UEA sets in aeon's wheel)
+``forecast``           regression      :class:`~.timeseries.Forecast` (airline, CO2, sunspots; multi-horizon)
 ``text``               lm              :func:`~.user_data.text_task` (the user's files)
 ``sequences``          class./regr.    :func:`~.user_data.load_sequences` (.npz/.npy/.csv)
 =====================  ==============  ============================================================
@@ -30,4 +32,5 @@ from .digits import Digits  # noqa: F401
 from .listops import ListOps  # noqa: F401
 from .synthetic import MQAR, AddingProblem, CopyingMemory, InductionHeads, SelectiveCopying  # noqa: F401
 from .text import BytesLM  # noqa: F401
+from .timeseries import Forecast, ForecastBatch, UCRClassification  # noqa: F401
 from .user_data import SequenceData, load_sequences, text_task  # noqa: F401
