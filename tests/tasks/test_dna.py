@@ -104,7 +104,7 @@ def test_task_is_deterministic_offline_and_has_the_documented_shapes(no_network)
     assert not torch.equal(first.inputs, task.batch("test", 2, 4, length=2000).inputs)
     kmers = make_task("generated_enhancer_grammar", k=4, seed=3).batch("train", 2, 4, length=2000)
     assert kmers.inputs.shape == (4, 500) and torch.equal(kmers.targets, first.targets)  # same bases, other tokens
-    overlapping = make_task("generated_enhancer_grammar", k=3, stride=1, seed=3).batch("train", 2, 4, length=2000)
+    overlapping = make_task("generated_enhancer_grammar", k=3, stride=1, length=2000, seed=3).batch("train", 2, 4, length=2000)
     assert overlapping.inputs.shape == (4, 1998)
 
 
@@ -134,9 +134,11 @@ def test_count_pairs_reads_both_strands_and_the_spacing():
 
 
 def test_task_refuses_bad_lengths_and_settings():
-    task = make_task("generated_enhancer_grammar", k=3)
+    task = make_task("generated_enhancer_grammar", k=3, length=999)
     with pytest.raises(ValueError, match="multiple of 3"):
         task.batch("train", 0, 1, length=1000)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        make_task("generated_enhancer_grammar", k=3)  # the default length, 10,000 bases
     with pytest.raises(ValueError, match="length >= 100"):
         make_task("generated_enhancer_grammar").batch("train", 0, 1, length=50)
     with pytest.raises(ValueError, match="gc_content"):

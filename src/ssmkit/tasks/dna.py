@@ -90,9 +90,10 @@ class GeneratedEnhancerGrammar(Task):
         stride: ``k`` (non-overlapping k-mers, default) or 1 (overlapping).
         gc_content: probability that a background base is G or C.
         bp_per_pair: bases per site pair (sets K from the length; every sequence holds >= 1 pair).
+        length: the default sequence length in bases (``batch(..., length=)`` overrides it).
         seed: the stream of examples (splits draw from separate streams).
 
-    ``length`` (bases, default 10,000) must be >= 100 and readable by the tokenizer.
+    ``length`` (bases) must be >= 100 and readable by the tokenizer.
     """
 
     name = "generated_enhancer_grammar"
@@ -101,7 +102,7 @@ class GeneratedEnhancerGrammar(Task):
     default_length = 10_000
 
     def __init__(self, k: int = 1, stride: Optional[int] = None, gc_content: float = 0.41,
-                 bp_per_pair: int = 500, seed: int = 0):
+                 bp_per_pair: int = 500, length: int = 10_000, seed: int = 0):
         super().__init__(seed)
         self.tokenizer = NucleotideTokenizer(k, stride)
         if isinstance(gc_content, bool) or not isinstance(gc_content, (int, float)) or not 0 < gc_content < 1:
@@ -110,8 +111,10 @@ class GeneratedEnhancerGrammar(Task):
         self.bp_per_pair = check_int("bp_per_pair", bp_per_pair, 50)
         self.vocab_size = self.tokenizer.vocab_size
         self.complement_map = self.tokenizer.complement_map.tolist()
+        self.default_length = check_int("length", length, 1)
+        self.check_length(self.default_length)
         self._settings = {"k": k, "stride": self.tokenizer.stride, "gc_content": self.gc_content,
-                          "bp_per_pair": self.bp_per_pair}
+                          "bp_per_pair": self.bp_per_pair, "length": self.default_length}
 
     def check_length(self, length: int) -> None:
         if length < 100:
