@@ -1,17 +1,17 @@
 """DNA: accuracy vs sequence length, 10^3 to 10^5 bp, for Mamba, S4D, Hyena, attention and Caduceus-style RC.
 
-    python experiments/dna/dna_length.py                     # --budget 90 --threads 1
-    python experiments/dna/dna_length.py --models mamba s4d --budget 30 --lengths 1000 10000
+    python experiments/dna/dna_length.py                     # --steps 400 --threads 1
+    python experiments/dna/dna_length.py --models mamba s4d --steps 200 --lengths 1000 10000
 
-The task is GENERATED (``generated_enhancer_grammar``, src/ssmkit/tasks/dna.py: no labelled genome ships in a
-package we can install): pairs of two 10-bp binding sites whose gap puts them on the same face of the helix
-(class 1 when they are the majority) or on opposite faces, spread over the whole sequence at one pair per
-500 bp with as many lone-site decoys, on a background of GC content 0.41. The proportion of grammatical pairs
-is the same at every length, so a model that learnt the grammar at one length can be asked at any other: each
-model trains ``--budget`` seconds at ``--train-length`` bases (2,000) and is then tested at every
-``--lengths`` (1,000 to 100,000 bases) on ``--eval-examples`` test sequences per length.
+The task is GENERATED (``generated_a_tract_phasing``, src/ssmkit/tasks/dna.py: no labelled genome ships in a
+package we can install): is the DNA curved? Pairs of A-tracts (AAAAAA, or TTTTTT on the other strand) whose
+centres are one helical turn apart (in phase: the bends add up, class 1) or a turn and a half (out of phase:
+they cancel, class 0), one pair per 100 bp with as many lone tracts as decoys, on a background of GC content
+0.41. The proportion is the same at every length, so a model that learnt the spacing at one length can be
+asked at any other: each model trains ``--steps`` steps at ``--train-length`` bases (500) and is then tested
+at every ``--lengths`` (500 to 100,000 bases) on ``--eval-examples`` test sequences per length.
 
-Inputs are non-overlapping 4-mers (``--k 4``: 100,000 bases are 25,000 tokens). Every model is a
+Inputs are one token per base (``--k 1``; ``--k 4`` reads non-overlapping 4-mers). Every model is a
 bidirectional classifier (each layer also reads the sequence backwards; mean over positions, then a linear
 layer) of 2 layers at d_model 32; ``caduceus`` is the Mamba one with ``rc_equivariant=True`` (the same network
 on both strands, its predictions exactly equal for a sequence and its reverse complement). Hyena's implicit
@@ -44,9 +44,9 @@ from ssmkit.tasks import make_task  # noqa: E402
 from ssmkit.train import ModelSpec, evaluate  # noqa: E402
 
 NAME = "dna_length"
-TASK = "generated_enhancer_grammar"
+TASK = "generated_a_tract_phasing"
 MODELS = ("mamba", "s4d", "hyena", "attention", "caduceus")
-LENGTHS = (1_000, 2_000, 10_000, 30_000, 100_000)
+LENGTHS = (500, 1_000, 10_000, 30_000, 100_000)
 D_MODEL = 32
 
 
@@ -67,9 +67,11 @@ def spec(name: str, max_tokens: int) -> ModelSpec:
 
 def main() -> None:
     def extra(p):
-        p.add_argument("--train-length", type=int, default=2_000, help="bases per training sequence")
+        p.add_argument("--train-length", type=int, default=500, help="bases per training sequence")
+        p.add_argument("--steps", type=int, default=400, help="optimiser steps per model")
         p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="test lengths in bases")
-        p.add_argument("--k", type=int, default=4, help="bases per token (non-overlapping k-mers)")
+        p.add_argument("--k", type=int, default=1, help="bases per token (non-overlapping k-mers)")
+        p.add_argument("--bp-per-pair", type=int, default=100, help="bases per binding-site pair")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--lr", type=float, default=3e-3)
         p.add_argument("--eval-examples", type=int, default=64)
@@ -83,7 +85,7 @@ def main() -> None:
     machine = setup(args.threads)
     started = time.perf_counter()
     max_tokens = max(args.lengths + [args.train_length]) // args.k
-    task_kwargs = {"k": args.k, "length": args.train_length, "seed": args.seed}
+    task_kwargs = {"k": args.k, "bp_per_pair": args.bp_per_pair, "length": args.train_length, "seed": args.seed}
     task = make_task(TASK, **task_kwargs)
     results = {}
     for name in args.models:
@@ -91,7 +93,8 @@ def main() -> None:
         model_spec = spec(name, max_tokens)
         trained = train_for_budget(NAME, name, TASK, task_kwargs, model_spec, args.budget,
                                    batch_size=args.batch_size, lr=args.lr, threads=args.threads, seed=args.seed,
-                                   weight_decay=0.05, eval_split="test", eval_batches=2, eval_batch_size=32)
+                                   weight_decay=0.05, eval_split="test", eval_batches=2, eval_batch_size=32,
+                                   steps=args.steps)
         model = trained["result"].model
         by_length, previous = {}, None
         for length in sorted(args.lengths):
@@ -129,7 +132,7 @@ def main() -> None:
     _plot(results, lengths, args)
     write_results(NAME, {"experiment": NAME, "task": TASK, "generated_data": True, "machine": machine,
                          "note": "times measured on a shared 2-core machine with other jobs running",
-                         "train_length_bp": args.train_length, "k": args.k, "budget_per_model_s": args.budget,
+                         "train_length_bp": args.train_length, "k": args.k, "steps": args.steps,
                          "batch_size": args.batch_size, "lr": args.lr, "eval_examples": args.eval_examples,
                          "results": results, "table": table, "total_seconds": round(time.perf_counter() - started, 1),
                          "runs_dir": str(RUNS_DIR / NAME)}, args.out)

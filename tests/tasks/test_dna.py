@@ -1,4 +1,4 @@
-"""Nucleotide tokenizers, the generated enhancer-grammar task and reverse-complement-equivariant classifiers."""
+"""Nucleotide tokenizers, the generated A-tract phasing task and reverse-complement-equivariant classifiers."""
 
 import random
 import socket
@@ -8,8 +8,8 @@ import torch
 
 from ssmkit.models import ModelConfig
 from ssmkit.models.model import SSMModel
-from ssmkit.tasks import GeneratedEnhancerGrammar, NucleotideTokenizer, make_task, reverse_complement
-from ssmkit.tasks.dna import SITE_A, SITE_B, count_pairs
+from ssmkit.tasks import GeneratedATractPhasing, NucleotideTokenizer, make_task, reverse_complement
+from ssmkit.tasks.dna import TRACT, count_pairs
 from ssmkit.train import ModelSpec, model_config_for
 
 TOKENIZERS = [(1, None), (2, None), (3, None), (4, 1), (3, 1)]
@@ -67,7 +67,7 @@ def test_reverse_complement_on_tokens_is_the_tokens_of_the_reverse_complement(k,
 
 def test_reverse_complement_string():
     assert reverse_complement("AACGTn") == "NACGTT"
-    assert reverse_complement(reverse_complement(SITE_A)) == SITE_A
+    assert reverse_complement(reverse_complement(TRACT + 'GC')) == TRACT + 'GC'
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(k=0), "k must be"), (dict(k=3, stride=2), "stride must be"),
@@ -92,24 +92,24 @@ def test_tokenizer_refuses_bad_input():
 # Task
 # ------------------------------------------------------------------------------------------------------
 def test_task_is_deterministic_offline_and_has_the_documented_shapes(no_network):
-    task = make_task("generated_enhancer_grammar", seed=3)
+    task = make_task("generated_a_tract_phasing", seed=3)
     first = task.batch("train", 2, 4, length=2000)
-    again = make_task("generated_enhancer_grammar", seed=3).batch("train", 2, 4, length=2000)
+    again = make_task("generated_a_tract_phasing", seed=3).batch("train", 2, 4, length=2000)
     assert first.inputs.shape == (4, 2000) and first.inputs.dtype == torch.int64
     assert first.targets.shape == (4,) and set(first.targets.tolist()) <= {0, 1}
     assert torch.equal(first.inputs, again.inputs) and torch.equal(first.targets, again.targets)
     # rows are examples: batch 2 of size 4 holds examples 8..11, the first four rows of batch 1 of size 8
     assert torch.equal(task.batch("train", 1, 8, length=2000).inputs[:4], first.inputs)
-    assert not torch.equal(first.inputs, make_task("generated_enhancer_grammar", seed=4).batch("train", 2, 4, 2000).inputs)
+    assert not torch.equal(first.inputs, make_task("generated_a_tract_phasing", seed=4).batch("train", 2, 4, 2000).inputs)
     assert not torch.equal(first.inputs, task.batch("test", 2, 4, length=2000).inputs)
-    kmers = make_task("generated_enhancer_grammar", k=4, seed=3).batch("train", 2, 4, length=2000)
+    kmers = make_task("generated_a_tract_phasing", k=4, seed=3).batch("train", 2, 4, length=2000)
     assert kmers.inputs.shape == (4, 500) and torch.equal(kmers.targets, first.targets)  # same bases, other tokens
-    overlapping = make_task("generated_enhancer_grammar", k=3, stride=1, length=2000, seed=3).batch("train", 2, 4, length=2000)
+    overlapping = make_task("generated_a_tract_phasing", k=3, stride=1, length=2000, seed=3).batch("train", 2, 4, length=2000)
     assert overlapping.inputs.shape == (4, 1998)
 
 
 def test_labels_follow_the_grammar_and_do_not_depend_on_the_strand():
-    task = GeneratedEnhancerGrammar(seed=0)
+    task = GeneratedATractPhasing(seed=0)
     labels = []
     for example in range(24):
         codes, label = task.example("val", example, 3000)
@@ -124,32 +124,33 @@ def test_labels_follow_the_grammar_and_do_not_depend_on_the_strand():
 
 
 def test_count_pairs_reads_both_strands_and_the_spacing():
-    background = "T" * 40
-    same_face = background + SITE_A + "C" * 10 + SITE_B + background
-    opposite = background + SITE_A + "C" * 5 + SITE_B + background
-    assert count_pairs(same_face) == (1, 0)
-    assert count_pairs(opposite) == (0, 1)
-    assert count_pairs(reverse_complement(same_face)) == (1, 0)
-    assert count_pairs(background + SITE_B + "C" * 10 + SITE_A + background) == (0, 0)  # wrong order
+    background = "GC" * 20
+    in_phase = background + TRACT + "C" * 4 + TRACT + background
+    out_of_phase = background + TRACT + "G" * 10 + TRACT + background
+    assert count_pairs(in_phase) == (1, 0)
+    assert count_pairs(out_of_phase) == (0, 1)
+    assert count_pairs(reverse_complement(in_phase)) == (1, 0)  # T-tracts: the same pair on the other strand
+    assert count_pairs(background + TRACT + "C" * 7 + TRACT + background) == (0, 0)  # neither spacing
+    assert count_pairs(background + TRACT + "C" * 4 + "TTTTTT" + background) == (0, 0)  # one tract per strand
 
 
 def test_task_refuses_bad_lengths_and_settings():
-    task = make_task("generated_enhancer_grammar", k=3, length=999)
+    task = make_task("generated_a_tract_phasing", k=3, length=999)
     with pytest.raises(ValueError, match="multiple of 3"):
         task.batch("train", 0, 1, length=1000)
     with pytest.raises(ValueError, match="multiple of 3"):
-        make_task("generated_enhancer_grammar", k=3)  # the default length, 10,000 bases
+        make_task("generated_a_tract_phasing", k=3)  # the default length, 10,000 bases
     with pytest.raises(ValueError, match="length >= 100"):
-        make_task("generated_enhancer_grammar").batch("train", 0, 1, length=50)
+        make_task("generated_a_tract_phasing").batch("train", 0, 1, length=50)
     with pytest.raises(ValueError, match="gc_content"):
-        make_task("generated_enhancer_grammar", gc_content=1.5)
+        make_task("generated_a_tract_phasing", gc_content=1.5)
 
 
 # ------------------------------------------------------------------------------------------------------
 # Reverse-complement-equivariant classifier (Caduceus)
 # ------------------------------------------------------------------------------------------------------
 def dna_model(mixer, rc, bidirectional=True, k=1, seed=0):
-    task = make_task("generated_enhancer_grammar", k=k)
+    task = make_task("generated_a_tract_phasing", k=k)
     kwargs = {"hyena": {"l_max": 256}, "attention": {"n_heads": 2}}.get(mixer, {})
     config = model_config_for(task, ModelSpec(d_model=8, n_layers=2, mixer=mixer, mixer_kwargs=kwargs,
                                               bidirectional=bidirectional, rc_equivariant=rc))

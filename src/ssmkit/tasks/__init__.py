@@ -31,6 +31,6 @@ from .listops import ListOps  # noqa: F401
 from .synthetic import MQAR, AddingProblem, CopyingMemory, InductionHeads, SelectiveCopying  # noqa: F401
 from .text import BytesLM  # noqa: F401
 from .user_data import SequenceData, load_sequences, text_task  # noqa: F401
-from .dna import GeneratedEnhancerGrammar  # noqa: F401
+from .dna import GeneratedATractPhasing  # noqa: F401
 from .nucleotides import NucleotideTokenizer, reverse_complement  # noqa: F401
 from .audio import GeneratedSpokenDigits  # noqa: F401

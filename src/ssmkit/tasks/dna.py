@@ -1,30 +1,30 @@
-"""Long DNA classification, generated: a cis-regulatory "grammar" of two binding sites and their spacing.
+"""Long DNA classification, generated: is this DNA curved? A-tracts in and out of helical phase.
 
 GENERATED DATA. No real genome with labels ships inside a package that our registries serve (Biopython's
 wheel has no sequence test files; Debian's bowtie-examples has the E. coli genome but no labels), so this
-task generates its sequences. The name says so: ``generated_enhancer_grammar``.
+task generates its sequences, and its name says so: ``generated_a_tract_phasing``.
 
 Biological motivation
 ---------------------
-Transcription factors that bind DNA side by side often act together only when their sites lie on the same
-face of the double helix, i.e. when their centres are a whole number of helical turns (about 10.5 bp) apart;
-half a turn more puts them on opposite faces (helical phasing of cooperative binding, e.g. the sites of the
-interferon-beta enhanceosome). Regulatory regions are thus read by a *grammar*: which sites, in which
-orientation, at which spacing. Both sites can sit on either strand, so the label does not depend on the strand
-the sequence was read from (it is invariant under the reverse complement, as a Caduceus-style model is).
+A run of 4-6 adenines (an *A-tract*) bends the DNA double helix by about 18 degrees. When A-tracts repeat in
+phase with the helical turn (centres about 10.5 bp apart) the bends add up and the molecule is curved; half a
+turn out of phase they cancel and it stays straight (Koo, Wu & Crothers 1986, Nature 320:501). Such intrinsic
+curvature is a grammar of spacing, not of letters: the same A-tracts make curved or straight DNA depending on
+how far apart they are, and it matters in vivo (promoters, nucleosome positioning). An A-tract on one strand
+is a T-tract on the other, so the answer does not depend on the strand read (it is invariant under the
+reverse complement, as a Caduceus-style model is).
 
 The task
 --------
 Each sequence of ``length`` bases is drawn from a background with GC content ``gc_content`` (0.41, the human
-genome's average), and holds ``K = 2 * (length // (2 * bp_per_pair)) + 1`` pairs of a site A (``SITE_A``,
-NF-kB-like, 10 bp) followed by a site B (``SITE_B``, IRF-like, 10 bp) at a gap g of background bases between
-them, each pair on a random strand, plus K lone A or B sites as decoys, in separate slots across the whole
-sequence. The gap is *grammatical* (g in 10, 11: centres 20-21 bp apart, two helical turns: same face) or
-*ungrammatical* (g in 5, 6, 15, 16: 1.5 or 2.5 turns: opposite faces). The class is 1 ("active") when the
-sequence holds more grammatical than ungrammatical pairs, 0 otherwise; examples are drawn with
-``K - K // 3`` pairs of the class's kind and ``K // 3`` of the other kind, so the proportion (2:1) is the same
-at every length and a longer sequence only means more to read. Labels are computed by scanning the finished
-sequence for the sites on both strands (so a site that the background happened to form is counted too).
+genome's average), and holds ``K = 2 * (length // (2 * bp_per_pair)) + 1`` pairs of A-tracts (``TRACT``,
+6 bp) at a gap g of background bases between them, each pair on a random strand, plus K lone A-tracts as
+decoys, in separate slots across the whole sequence. The gap is *in phase* (g in 4, 5: centres 10-11 bp
+apart, one helical turn) or *out of phase* (g in 9, 10: centres 15-16 bp apart, 1.5 turns). The class is 1
+("curved") when the sequence holds more in-phase than out-of-phase pairs, 0 otherwise; examples are drawn with
+``int(minority * K)`` pairs of the other kind than their class (none by default), so the proportion is the
+same at every length and a longer sequence only means more to read. Labels are computed by scanning the
+finished sequence on both strands (so a pair that the background happened to form is counted too).
 
 Inputs are token ids from :class:`~.nucleotides.NucleotideTokenizer` (``k`` bases per token, non-overlapping
 by default): shape (B, length / k) for ``stride=k``; ``length`` always counts bases. Targets (B,) in {0, 1}.
@@ -33,7 +33,7 @@ The task's ``complement_map`` is the tokenizer's, for reverse-complement-equivar
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,10 +41,9 @@ import torch
 from .base import Batch, Task, check_int, register_task
 from .nucleotides import BASES, NucleotideTokenizer, reverse_complement
 
-SITE_A = "GGGACTTTCC"  # NF-kB-like consensus
-SITE_B = "AAGTGAAAGT"  # IRF-like (GAAA repeats)
-GRAMMATICAL_GAPS = (10, 11)
-UNGRAMMATICAL_GAPS = (5, 6, 15, 16)
+TRACT = "AAAAAA"
+IN_PHASE_GAPS = (4, 5)        # centres 10-11 bp apart: one helical turn
+OUT_OF_PHASE_GAPS = (9, 10)   # centres 15-16 bp apart: a turn and a half
 _CODE = {base: code for code, base in enumerate(BASES)}
 _LETTERS = np.frombuffer(BASES.encode("ascii"), dtype=np.uint8)
 
@@ -59,17 +58,19 @@ def _codes(text: str) -> np.ndarray:
 
 
 def count_pairs(sequence: str) -> Tuple[int, int]:
-    """(grammatical, ungrammatical) A-gap-B pairs in ``sequence`` on either strand (see the module docstring).
+    """(in phase, out of phase) pairs of A-tracts in ``sequence`` on either strand (module docstring).
 
-    On the reverse strand a pair reads RC(B), gap, RC(A) on the given strand.
+    A pair is two occurrences of ``TRACT`` (or, on the other strand, of its reverse complement, a T-tract)
+    whose gap is one of ``IN_PHASE_GAPS`` or ``OUT_OF_PHASE_GAPS``. A longer run of A's holds several
+    overlapping occurrences, and each pair of them at such a gap counts.
     """
     counts = [0, 0]
-    for first, second in ((SITE_A, SITE_B), (reverse_complement(SITE_B), reverse_complement(SITE_A))):
-        starts_first = _occurrences(sequence, first)
-        starts_second = set(_occurrences(sequence, second))
-        for start in starts_first:
-            for kind, gaps in enumerate((GRAMMATICAL_GAPS, UNGRAMMATICAL_GAPS)):
-                counts[kind] += sum(start + len(first) + gap in starts_second for gap in gaps)
+    for tract in (TRACT, reverse_complement(TRACT)):
+        starts = _occurrences(sequence, tract)
+        found = set(starts)
+        for start in starts:
+            for kind, gaps in enumerate((IN_PHASE_GAPS, OUT_OF_PHASE_GAPS)):
+                counts[kind] += sum(start + len(tract) + gap in found for gap in gaps)
     return counts[0], counts[1]
 
 
@@ -81,44 +82,49 @@ def _occurrences(text: str, word: str) -> List[int]:
     return found
 
 
-@register_task("generated_enhancer_grammar")
-class GeneratedEnhancerGrammar(Task):
-    """Is this (generated) regulatory sequence active? Binding-site pairs at helical spacing (module docstring).
+@register_task("generated_a_tract_phasing")
+class GeneratedATractPhasing(Task):
+    """Is this (generated) DNA curved? A-tract pairs in or out of helical phase (module docstring).
 
     Args:
         k: bases per token (1 = one token per base; 2..8 = k-mers).
         stride: ``k`` (non-overlapping k-mers, default) or 1 (overlapping).
         gc_content: probability that a background base is G or C.
         bp_per_pair: bases per site pair (sets K from the length; every sequence holds >= 1 pair).
+        minority: fraction of the pairs that are of the other kind than the class says (0 <= minority < 0.5):
+            0 (default) makes every pair of a sequence grammatical or every pair ungrammatical.
         length: the default sequence length in bases (``batch(..., length=)`` overrides it).
         seed: the stream of examples (splits draw from separate streams).
 
     ``length`` (bases) must be >= 100 and readable by the tokenizer.
     """
 
-    name = "generated_enhancer_grammar"
+    name = "generated_a_tract_phasing"
     kind = "classification"
     num_classes = 2
     default_length = 10_000
 
     def __init__(self, k: int = 1, stride: Optional[int] = None, gc_content: float = 0.41,
-                 bp_per_pair: int = 500, length: int = 10_000, seed: int = 0):
+                 bp_per_pair: int = 100, minority: float = 0.0, length: int = 10_000, seed: int = 0):
         super().__init__(seed)
         self.tokenizer = NucleotideTokenizer(k, stride)
         if isinstance(gc_content, bool) or not isinstance(gc_content, (int, float)) or not 0 < gc_content < 1:
             raise ValueError(f"gc_content must be a number in (0, 1); got {gc_content!r}")
         self.gc_content = float(gc_content)
         self.bp_per_pair = check_int("bp_per_pair", bp_per_pair, 50)
+        if isinstance(minority, bool) or not isinstance(minority, (int, float)) or not 0 <= minority < 0.5:
+            raise ValueError(f"minority must be a number in [0, 0.5); got {minority!r}")
+        self.minority = float(minority)
         self.vocab_size = self.tokenizer.vocab_size
         self.complement_map = self.tokenizer.complement_map.tolist()
         self.default_length = check_int("length", length, 1)
         self.check_length(self.default_length)
         self._settings = {"k": k, "stride": self.tokenizer.stride, "gc_content": self.gc_content,
-                          "bp_per_pair": self.bp_per_pair, "length": self.default_length}
+                          "bp_per_pair": self.bp_per_pair, "minority": self.minority, "length": self.default_length}
 
     def check_length(self, length: int) -> None:
         if length < 100:
-            raise ValueError(f"generated_enhancer_grammar needs length >= 100 bases; got length={length}")
+            raise ValueError(f"generated_a_tract_phasing needs length >= 100 bases; got length={length}")
         self.tokenizer.num_tokens(length)
 
     def num_pairs(self, length: int) -> int:
@@ -157,20 +163,16 @@ class GeneratedEnhancerGrammar(Task):
     def _units(self, intended: int, length: int, generator: torch.Generator) -> List[np.ndarray]:
         """The pairs and decoys of one example as base-code arrays, each on a random strand."""
         pairs = self.num_pairs(length)
-        minority = pairs // 3
-        kinds = [intended == 1] * (pairs - minority) + [intended == 0] * minority  # True = grammatical
+        minority = int(self.minority * pairs)
+        kinds = [intended == 1] * (pairs - minority) + [intended == 0] * minority  # True = in phase
         units = []
-        for grammatical in kinds:
-            gaps = GRAMMATICAL_GAPS if grammatical else UNGRAMMATICAL_GAPS
+        for in_phase in kinds:
+            gaps = IN_PHASE_GAPS if in_phase else OUT_OF_PHASE_GAPS
             gap = gaps[int(torch.randint(len(gaps), (), generator=generator))]
-            filler = _text(self._background(gap, generator))
-            units.append(SITE_A + filler + SITE_B)
-        for _ in range(pairs):  # decoys: lone sites say nothing about the class
-            units.append(SITE_A if int(torch.randint(2, (), generator=generator)) else SITE_B)
+            # the gap never starts or ends with an A, so that the tracts keep their length and their gap
+            filler = _text(self._background(gap, generator)).replace("A", "C")
+            units.append(TRACT + filler + TRACT)
+        units += [TRACT] * pairs  # decoys: lone tracts say nothing about the class
         flips = torch.randint(2, (len(units),), generator=generator).tolist()
         return [_codes(reverse_complement(u) if flip else u) for u, flip in zip(units, flips)]
 
-    @property
-    def motifs(self) -> Dict[str, str]:
-        """The two sites and their reverse complements (for plots and tests)."""
-        return {"A": SITE_A, "B": SITE_B, "rc(A)": reverse_complement(SITE_A), "rc(B)": reverse_complement(SITE_B)}
