@@ -123,7 +123,10 @@ def main() -> None:
             print(f"[{name}] {length:>7} bp ({tokens} tokens): accuracy {metrics['accuracy']:.3f} "
                   f"({seconds:.0f} s)", flush=True)
         results[name] = {**run_summary(trained), "model": name, "by_length": by_length}
+        _report(results, args, machine, started, done=name == args.models[-1])  # after every model: partial results
 
+
+def _report(results, args, machine, started, done: bool) -> None:
     lengths = sorted(args.lengths)
     table = markdown_table(["model", "params", "steps", "train s"] + [f"{n:,} bp" for n in lengths],
                            [[name, f"{r['params']:,}", r["steps"], f"{r['train_seconds']:.0f}"]
@@ -132,9 +135,10 @@ def main() -> None:
     _plot(results, lengths, args)
     write_results(NAME, {"experiment": NAME, "task": TASK, "generated_data": True, "machine": machine,
                          "note": "times measured on a shared 2-core machine with other jobs running",
-                         "train_length_bp": args.train_length, "k": args.k, "steps": args.steps,
-                         "batch_size": args.batch_size, "lr": args.lr, "eval_examples": args.eval_examples,
-                         "results": results, "table": table, "total_seconds": round(time.perf_counter() - started, 1),
+                         "complete": done, "train_length_bp": args.train_length, "k": args.k,
+                         "bp_per_pair": args.bp_per_pair, "steps": args.steps, "batch_size": args.batch_size,
+                         "lr": args.lr, "eval_examples": args.eval_examples, "results": results, "table": table,
+                         "total_seconds": round(time.perf_counter() - started, 1),
                          "runs_dir": str(RUNS_DIR / NAME)}, args.out)
 
 

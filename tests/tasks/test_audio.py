@@ -45,6 +45,9 @@ def test_batches_have_the_documented_shapes_and_are_deterministic(tmp_path):
     assert not torch.equal(make_task("generated_spoken_digits", seed=2).batch("train", 3, 4).inputs, batch.inputs)
     longer = make_task("generated_spoken_digits", sample_rate=16_000, length=16_000).batch("val", 0, 2)
     assert longer.inputs.shape == (2, 16_000, 1)
+    framed = make_task("generated_spoken_digits", seed=1, samples_per_step=8).batch("train", 3, 4)
+    assert framed.inputs.shape == (4, 1000, 8)  # the same samples, 8 per step
+    assert torch.equal(framed.inputs.reshape(4, 8000, 1), batch.inputs)
 
 
 def test_rendering_is_the_same_in_a_fresh_cache(tmp_path, monkeypatch):
@@ -81,6 +84,8 @@ def test_bad_settings_are_refused():
         make_task("generated_spoken_digits", sample_rate=4000)
     with pytest.raises(ValueError, match="length >= sample_rate / 4"):
         make_task("generated_spoken_digits", length=1000)
+    with pytest.raises(ValueError, match="multiple of samples_per_step=3"):
+        make_task("generated_spoken_digits", samples_per_step=3)
     with pytest.raises(ValueError, match="snr_db"):
         make_task("generated_spoken_digits", snr_db=(30, 5))
 

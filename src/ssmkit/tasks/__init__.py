@@ -22,6 +22,13 @@ name                   kind            source
 ``text``               lm              :func:`~.user_data.text_task` (the user's files)
 ``sequences``          class./regr.    :func:`~.user_data.load_sequences` (.npz/.npy/.csv)
 =====================  ==============  ============================================================
+
+Long signals (classification): ``generated_spoken_digits``, :class:`~.audio.GeneratedSpokenDigits` (raw 8 kHz
+waveforms of speech rendered by espeak-ng), and ``generated_a_tract_phasing``, :class:`~.dna.GeneratedATractPhasing`
+(DNA, 10^2-10^5 bp). Names that begin with ``generated_`` are synthetic stand-ins for real data that no installable package ships
+(their module docstrings say how they are made and why). DNA tasks tokenize with
+:class:`~.nucleotides.NucleotideTokenizer` (bases or k-mers) and carry a ``complement_map`` for
+reverse-complement-equivariant models (``ModelConfig.rc_equivariant``).
 """
 
 from .base import (KINDS, SPLITS, TASKS, Batch, Task, last_valid, make_task, register_task,  # noqa: F401

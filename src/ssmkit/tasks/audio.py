@@ -12,7 +12,9 @@ The word "zero" .. "nine" (class 0..9) spoken by one of 160 voices (8 English ac
 espeak-ng) at one of 5 speeds (120-230 words per minute) and 5 pitches, resampled to ``sample_rate`` Hz
 (8,000 by default), trimmed of silence, scaled to a random peak in [0.25, 0.95], placed at a random offset in
 a window of ``length`` samples (8,000 = 1 s by default) and mixed with white noise at a random SNR in
-``snr_db`` (5-30 dB). Inputs are (B, length, 1) float32 in about [-1, 1]; targets (B,) int64 digits.
+``snr_db`` (5-30 dB). Inputs are (B, length, 1) float32 in about [-1, 1]; targets (B,) int64 digits. With
+``samples_per_step`` = S > 1, each model step reads S consecutive samples: inputs (B, length / S, S), the
+same waveform folded into frames (still raw samples, no spectrogram; SaShiMi pools its input similarly).
 
 The splits are speaker-independent: the 160 voices are split once (a fixed seeded shuffle) into 130 train, 10
 val and 20 test voices, so a test example is always a voice never heard in training.
@@ -177,18 +179,19 @@ class GeneratedSpokenDigits(Task):
         sample_rate: samples per second of the inputs (>= 8,000).
         length: samples per example (default 8,000: one second at 8 kHz); ``batch(..., length=)`` overrides.
         snr_db: (low, high) signal-to-noise ratio range of the added white noise, in dB.
+        samples_per_step: consecutive samples read per model step (input_dim); must divide ``length``.
         seed: the stream of examples (which utterance, offset, gain and noise each example gets).
     """
 
     name = "generated_spoken_digits"
     kind = "classification"
     num_classes = 10
-    input_dim = 1
 
     def __init__(self, sample_rate: int = 8_000, length: int = 8_000, snr_db: Tuple[float, float] = (5.0, 30.0),
-                 seed: int = 0):
+                 samples_per_step: int = 1, seed: int = 0):
         super().__init__(seed)
         self.sample_rate = check_int("sample_rate", sample_rate, 8_000)
+        self.input_dim = self.samples_per_step = check_int("samples_per_step", samples_per_step, 1)
         self.default_length = check_int("length", length, 1)
         self.check_length(self.default_length)
         if (not isinstance(snr_db, (list, tuple)) or len(snr_db) != 2
@@ -196,13 +199,16 @@ class GeneratedSpokenDigits(Task):
                 or snr_db[0] > snr_db[1]):
             raise ValueError(f"snr_db must be (low, high) numbers in dB with low <= high; got {snr_db!r}")
         self.snr_db = (float(snr_db[0]), float(snr_db[1]))
-        self._settings = {"sample_rate": self.sample_rate, "length": self.default_length, "snr_db": list(self.snr_db)}
+        self._settings = {"sample_rate": self.sample_rate, "length": self.default_length, "snr_db": list(self.snr_db),
+                          "samples_per_step": self.samples_per_step}
         espeak_executable()  # fail now, not at the first batch, when espeak-ng is missing
 
     def check_length(self, length: int) -> None:
         if length < self.sample_rate // 4:
             raise ValueError(f"generated_spoken_digits needs length >= sample_rate / 4 = {self.sample_rate // 4} "
                              f"samples (a quarter second) to hold a word; got length={length}")
+        if length % self.samples_per_step:
+            raise ValueError(f"length={length} must be a multiple of samples_per_step={self.samples_per_step}")
 
     def utterance(self, split: str, example: int, length: int) -> Tuple[int, str, int, int]:
         """(digit, voice, speed, pitch) of example number ``example`` of ``split``."""
@@ -233,7 +239,8 @@ class GeneratedSpokenDigits(Task):
 
     def _make_batch(self, split: str, ids: List[int], length: int) -> Batch:
         waves, digits = zip(*(self.waveform(split, example, length) for example in ids))
-        inputs = torch.from_numpy(np.stack(waves)).unsqueeze(-1)     # (B, length, 1)
+        inputs = torch.from_numpy(np.stack(waves)).reshape(len(ids), length // self.samples_per_step,
+                                                           self.samples_per_step)  # (B, length / S, S)
         return Batch(inputs, torch.tensor(digits, dtype=torch.int64))
 
 
