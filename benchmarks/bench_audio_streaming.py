@@ -4,9 +4,9 @@
     python benchmarks/bench_audio_streaming.py --checkpoint outputs/experiments/spoken_digits/s4d/final
     python benchmarks/bench_audio_streaming.py --smoke                      # a few chunks: checks it runs
 
-A causal classifier (the architecture of experiments/audio/spoken_digits.py: 2 layers, d_model 64, 8 raw samples
-per step at 8 kHz) reads ``--seconds`` of audio as it would arrive from a microphone, in chunks of 10, 20, 50
-and 100 ms, through :class:`ssmkit.models.streaming.StreamingClassifier` (each chunk runs in parallel from the
+A causal classifier (the architecture of experiments/audio/spoken_digits.py: 2 layers, d_model 64, 80 raw
+samples per step at 8 kHz, i.e. one 10 ms frame) reads ``--seconds`` of audio as it would arrive from a
+microphone, in chunks of 10, 20, 50 and 100 ms, through :class:`ssmkit.models.streaming.StreamingClassifier` (each chunk runs in parallel from the
 state the previous chunk left). For each chunk size it reports the latency of one chunk (median, 95th
 percentile and maximum, in ms: the time from a chunk's arrival to the updated prediction) and the real-time
 factor RTF = compute time / audio time (below 1: faster than real time). The first second of chunks is a
@@ -40,7 +40,7 @@ from ssmkit.models.model import SSMModel  # noqa: E402
 from ssmkit.models.streaming import StreamingClassifier  # noqa: E402
 
 SAMPLE_RATE = 8_000
-SAMPLES_PER_STEP = 8
+SAMPLES_PER_STEP = 80
 ARCHITECTURES = {
     "s4d": dict(mixer="s4d", mixer_kwargs={"s4d": {"d_state": 64}}, mlp="gated", mlp_hidden=96),
     "mamba": dict(mixer="mamba", mixer_kwargs={"mamba": {"d_state": 16}}),
@@ -57,7 +57,7 @@ def build_model(name: str, checkpoint: str = None) -> SSMModel:
 
 
 def make_signal(kind: str, seconds: float) -> torch.Tensor:
-    """(1, seconds * 8000 / 8, 8): raw samples, 8 per model step."""
+    """(1, seconds * 8000 / 80, 80): raw samples, 80 per model step."""
     steps = int(seconds * SAMPLE_RATE) // SAMPLES_PER_STEP
     if kind == "noise":
         return 0.1 * torch.randn(1, steps, SAMPLES_PER_STEP, generator=torch.Generator().manual_seed(0))

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/common.py
 
-from common import RUNS_DIR, markdown_table, parse_args, run_summary, save_figure, setup, train_for_budget, write_results  # noqa: E402
+from common import RESULTS_DIR, RUNS_DIR, markdown_table, parse_args, run_summary, save_figure, setup, train_for_budget, write_results  # noqa: E402
 from ssmkit.tasks import make_task  # noqa: E402
 from ssmkit.train import ModelSpec, evaluate  # noqa: E402
 
@@ -77,11 +77,21 @@ def main() -> None:
         p.add_argument("--eval-examples", type=int, default=64)
         p.add_argument("--attention-limit", type=float, default=120.0,
                        help="seconds: skip attention at lengths predicted to take longer to test")
+        p.add_argument("--replot", action="store_true", help="redraw the PNG from the result JSON and stop")
 
     args = parse_args(__doc__, 90.0, MODELS, extra)
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}: choose from {list(MODELS)}")
+    if args.replot:
+        import json
+
+        saved = json.loads(Path(args.out or RESULTS_DIR / f"{NAME}.json").read_text())
+        results = {name: {**r, "by_length": {int(n): row for n, row in r["by_length"].items()}}
+                   for name, r in saved["results"].items()}
+        args.train_length = saved["train_length_bp"]
+        _plot(results, sorted(next(iter(results.values()))["by_length"]), args)
+        return
     machine = setup(args.threads)
     started = time.perf_counter()
     max_tokens = max(args.lengths + [args.train_length]) // args.k
@@ -170,8 +180,8 @@ def _plot(results, lengths, args) -> None:
     ax.set_ylim(0.4, 1.02)
     ax.set_xlabel("sequence length (bp)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("Generated enhancer grammar: accuracy vs length (chance 0.5)", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("Generated A-tract phasing (curved DNA?): accuracy vs length, chance 0.5", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     save_figure(fig, NAME, args.out)
 

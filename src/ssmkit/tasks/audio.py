@@ -140,17 +140,30 @@ def resample(signal: np.ndarray, from_rate: int, to_rate: int, half_width: int =
     """
     if from_rate == to_rate:
         return signal.astype(np.float64)
+    length = int(round(len(signal) * to_rate / from_rate))
+    taps, kernel, span = _sinc_kernel(from_rate, to_rate, half_width, _bucket(length))
+    padded = np.concatenate([np.zeros(span), signal.astype(np.float64), np.zeros(span + 1)])
+    taps = np.minimum(taps[:length] + span, len(padded) - 1)  # rows past the signal's end read the zero padding
+    return (padded[taps] * kernel[:length]).sum(1)
+
+
+def _bucket(length: int) -> int:
+    """The next power of two >= length, so that a few kernels serve every utterance length."""
+    return 1 << max(0, length - 1).bit_length()
+
+
+@lru_cache(maxsize=8)
+def _sinc_kernel(from_rate: int, to_rate: int, half_width: int, rows: int):
+    """(taps (rows, 2 span + 1) int64 input indices, kernel (rows, 2 span + 1) weights, span) for the first
+    ``rows`` output samples. Row n depends only on n, so one table serves every signal up to ``rows`` long."""
     ratio = to_rate / from_rate
     cutoff = 0.95 * min(1.0, ratio)                          # in units of the input Nyquist frequency
-    times = np.arange(int(round(len(signal) * ratio))) / ratio  # output instants, in input samples
+    times = np.arange(rows) / ratio                          # output instants, in input samples
     span = int(np.ceil(half_width / cutoff))
-    centre = np.floor(times).astype(np.int64)
-    taps = centre[:, None] + np.arange(-span, span + 1)[None, :]  # (N_out, 2 span + 1)
+    taps = np.floor(times).astype(np.int64)[:, None] + np.arange(-span, span + 1)[None, :]
     offset = times[:, None] - taps
     window = 0.5 + 0.5 * np.cos(np.pi * np.clip(offset / (span + 1), -1, 1))
-    kernel = cutoff * np.sinc(cutoff * offset) * window
-    padded = np.concatenate([np.zeros(span), signal.astype(np.float64), np.zeros(span + 1)])
-    return (padded[taps + span] * kernel).sum(1)
+    return taps, cutoff * np.sinc(cutoff * offset) * window, span
 
 
 def trim_silence(signal: np.ndarray, threshold: float = 0.02) -> np.ndarray:

@@ -187,7 +187,8 @@ def model_config_for(task, spec: ModelSpec) -> ModelConfig:
 
     ``task.kind`` picks the head ("lm" -> "lm", "classification" -> "classifier", "regression" ->
     "regression"); token tasks give ``vocab_size``, real-valued tasks ``input_dim``; classification gives
-    ``num_classes``, regression ``output_dim``.
+    ``num_classes``, regression ``output_dim``; a DNA task gives its tokenizer's ``complement_map`` (used when
+    ``spec.rc_equivariant``).
     """
     if not isinstance(spec, ModelSpec):
         raise TypeError(f"spec must be a ModelSpec; got {type(spec).__name__}")
