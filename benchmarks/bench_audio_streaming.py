@@ -6,8 +6,8 @@
 
 A causal classifier (the architecture of experiments/audio/spoken_digits.py: 2 layers, d_model 64, 80 raw
 samples per step at 8 kHz, i.e. one 10 ms frame) reads ``--seconds`` of audio as it would arrive from a
-microphone, in chunks of 10, 20, 50 and 100 ms, through :class:`ssmkit.models.streaming.StreamingClassifier` (each chunk runs in parallel from the
-state the previous chunk left). For each chunk size it reports the latency of one chunk (median, 95th
+microphone, in chunks of 10, 20, 50 and 100 ms, through :class:`ssmkit.models.streaming.StreamingClassifier`
+(each chunk runs in parallel from the state the previous chunk left). For each chunk size it reports the latency of one chunk (median, 95th
 percentile and maximum, in ms: the time from a chunk's arrival to the updated prediction) and the real-time
 factor RTF = compute time / audio time (below 1: faster than real time). The first second of chunks is a
 warm-up and is not counted.

@@ -2,7 +2,8 @@
 
 A causal model's output at time t depends only on the inputs up to t, so a long signal (audio, a sensor
 feed) need not be held whole: each chunk of T samples runs through the layers in parallel
-(``forward(chunk, state, return_state=True)``), starting from the state the previous chunk left, and the
+(``forward(chunk, state, return_state=True)``; a chunk of one step takes ``step``), starting from the state
+the previous chunk left, and the
 result equals the offline forward pass over the whole signal up to rounding (tests/models/test_streaming.py
 holds the two to each other for every recurrent mixer). Memory stays constant for the SSM mixers; attention's
 state is a KV cache that grows with the signal.
@@ -65,7 +66,11 @@ class StreamingClassifier:
         model = self.model
         h = model._embed(chunk)
         for i, layer in enumerate(model.backbone.layers):
-            h, self.state[i], _ = layer(h, self.state[i], True)
+            if h.shape[1] == 1:  # one step: the recurrence itself, without a parallel pass's set-up
+                h_t, self.state[i] = layer.step(h[:, 0], self.state[i])
+                h = h_t[:, None]
+            else:
+                h, self.state[i], _ = layer(h, self.state[i], True)
         self.samples_read += h.shape[1]
         if model.config.head != "classifier":
             return model._head(h)
