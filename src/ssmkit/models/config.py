@@ -65,6 +65,10 @@ class ModelConfig:
     output_dim: Optional[int] = None
     pooling: str = "mean"
     bidirectional: bool = False  # classifier only: each layer also reads the sequence backwards
+    # classifier over DNA tokens only: the prediction is exactly the same for a sequence and its reverse complement
+    # (Caduceus, Schiff et al. 2024, arXiv 2403.03234): see SSMModel's docstring
+    rc_equivariant: bool = False
+    complement_map: Optional[List[int]] = None  # token id -> id of its reverse complement (from the tokenizer)
 
     def __post_init__(self) -> None:
         self.mixer_kwargs = _without_execution_kwargs(self.mixer_kwargs)
@@ -132,7 +136,26 @@ class ModelConfig:
             raise ValueError("head='regression' needs output_dim")
         if self.bidirectional and self.head != "classifier":
             raise ValueError("bidirectional=True reads the future, so it is only allowed with head='classifier'")
+        self._validate_reverse_complement()
         self.layer_mixers()
+
+    def _validate_reverse_complement(self) -> None:
+        if self.complement_map is not None:
+            cmap = list(self.complement_map)
+            if self.vocab_size is None or len(cmap) != self.vocab_size:
+                raise ValueError(f"complement_map must list one token id per token of vocab_size={self.vocab_size}; "
+                                 f"got {len(cmap)} entries")
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < len(cmap) or cmap[t] != i
+                   for i, t in enumerate(cmap)):
+                raise ValueError("complement_map must be an involution of the token ids (complement_map[complement_map"
+                                 f"[t]] == t for every t); got {cmap}")
+        if self.rc_equivariant:
+            if self.head != "classifier":
+                raise ValueError(f"rc_equivariant=True is for head='classifier' (one label per sequence); got "
+                                 f"head={self.head!r}")
+            if self.complement_map is None:
+                raise ValueError("rc_equivariant=True needs complement_map (the tokenizer's, e.g. "
+                                 "NucleotideTokenizer(k).complement_map.tolist()); got None")
 
     # ------------------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

@@ -8,6 +8,15 @@ Parameter names follow transformers' Mamba/Mamba2 models (``backbone.embeddings`
     out = model(input_ids, return_state=True)   # ... and out.state: one dict of tensors per layer
     logits, state = model.step(next_ids, out.state)
     model.save_pretrained("ckpt"); SSMModel.from_pretrained("ckpt")   # models/pretrained.py
+
+Reverse-complement equivariance (``rc_equivariant``, DNA classifiers; Caduceus, Schiff et al. 2024, arXiv
+2403.03234). Caduceus-PS splits the channels of every layer into two halves that share weights: one reads the
+sequence, the other its reverse complement RC(x) (``complement_map`` of the flipped tokens), each in its own
+direction. Without channel mixing between the halves, that is the same network run on x and on RC(x) side by
+side; here the two are rows of one doubled batch (each strand has d_model channels), and the classifier reads
+the mean of the two pooled features, so that logits(x) == logits(RC(x)) exactly: RC(RC(x)) == x, and the mean
+of two numbers does not depend on their order. Stacking bidirectional layers (``bidirectional=True``) gives
+Caduceus's BiMamba-and-RC classifier.
 """
 
 from __future__ import annotations
@@ -127,7 +136,31 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         else:
             idx = (lengths - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1, device=h.device)
             pooled = h[torch.arange(h.shape[0], device=h.device), idx]
+        if cfg.rc_equivariant:  # rows [0, B) read the sequences, rows [B, 2B) their reverse complements
+            half = pooled.shape[0] // 2
+            pooled = (pooled[:half] + pooled[half:]) / 2
         return self.classifier(pooled)
+
+    def _with_reverse_complement(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor]):
+        """input_ids (B, L) -> (2B, L): the rows, then the reverse complement of each row's first ``lengths[b]``
+        tokens (right padding stays where it is); lengths (B,) -> (2B,) or None."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32) \
+                or input_ids.dim() != 2:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"an rc_equivariant model takes input_ids: integer tokens (batch, length); got {got}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        complement = torch.tensor(self.config.complement_map, dtype=torch.int64, device=input_ids.device)
+        if lengths is None:
+            reverse = complement[input_ids.flip(1)]
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            valid = positions < lengths[:, None]
+            source = torch.where(valid, lengths[:, None] - 1 - positions, positions)
+            picked = input_ids.gather(1, source)
+            reverse = torch.where(valid, complement[picked], picked)
+        return torch.cat([input_ids, reverse.to(input_ids.dtype)]), (None if lengths is None else lengths.repeat(2))
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs: Optional[torch.Tensor] = None,
                 state: Optional[ModelState] = None, return_state: bool = False,
@@ -166,6 +199,11 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
             if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
                 raise ValueError(f"targets must be a (batch, length) tensor; got "
                                  f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets)}")
+        if self.config.rc_equivariant:
+            if state is not None or return_state or context is not None:
+                raise ValueError("an rc_equivariant model reads both strands of the whole sequence: state, "
+                                 "return_state and context are not available")
+            input_ids, lengths = self._with_reverse_complement(input_ids, lengths)
         x = self._embed(input_ids if input_ids is not None else inputs)
         if state is not None:
             self._check_model_state(state)
@@ -221,14 +259,14 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
     # ------------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         """Zero states for every layer."""
-        if self.config.bidirectional:
-            raise ValueError("a bidirectional model reads the future and has no recurrent state")
+        if self.config.bidirectional or self.config.rc_equivariant:
+            raise ValueError("a bidirectional or rc_equivariant model reads the future and has no recurrent state")
         return [layer.mixer.init_state(batch_size, device=device, dtype=dtype) for layer in self.backbone.layers]
 
     def step(self, input_ids: torch.Tensor, state: ModelState):
         """One token per row: input_ids (B,) (or inputs (B, input_dim)) -> (logits (B, V), new state)."""
-        if self.config.bidirectional:
-            raise ValueError("a bidirectional model reads the future and has no recurrent form")
+        if self.config.bidirectional or self.config.rc_equivariant:
+            raise ValueError("a bidirectional or rc_equivariant model reads the future and has no recurrent form")
         self._check_model_state(state)
         h = self._embed(input_ids[:, None] if self.config.vocab_size is not None else input_ids[:, None, :])[:, 0]
         new_states: ModelState = []

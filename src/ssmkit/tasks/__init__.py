@@ -24,6 +24,13 @@ name                   kind            source
 ``text``               lm              :func:`~.user_data.text_task` (the user's files)
 ``sequences``          class./regr.    :func:`~.user_data.load_sequences` (.npz/.npy/.csv)
 =====================  ==============  ============================================================
+
+Long signals (classification): ``generated_spoken_digits``, :class:`~.audio.GeneratedSpokenDigits` (raw 8 kHz
+waveforms of speech rendered by espeak-ng), and ``generated_a_tract_phasing``, :class:`~.dna.GeneratedATractPhasing`
+(DNA, 10^2-10^5 bp). Names that begin with ``generated_`` are synthetic stand-ins for real data that no installable package ships
+(their module docstrings say how they are made and why). DNA tasks tokenize with
+:class:`~.nucleotides.NucleotideTokenizer` (bases or k-mers) and carry a ``complement_map`` for
+reverse-complement-equivariant models (``ModelConfig.rc_equivariant``).
 """
 
 from .base import (KINDS, SPLITS, TASKS, Batch, Task, last_valid, make_task, register_task,  # noqa: F401
@@ -34,3 +41,6 @@ from .synthetic import MQAR, AddingProblem, CopyingMemory, InductionHeads, Selec
 from .text import BytesLM  # noqa: F401
 from .timeseries import Forecast, ForecastBatch, UCRClassification  # noqa: F401
 from .user_data import SequenceData, load_sequences, text_task  # noqa: F401
+from .dna import GeneratedATractPhasing  # noqa: F401
+from .nucleotides import NucleotideTokenizer, reverse_complement  # noqa: F401
+from .audio import GeneratedSpokenDigits  # noqa: F401

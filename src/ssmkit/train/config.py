@@ -26,7 +26,7 @@ from ..models.config import ModelConfig
 from ..utils.configs import ConfigError, build, load_config
 
 #: ModelConfig fields that :func:`model_config_for` takes from the task, never from ``ModelSpec``.
-TASK_MODEL_FIELDS = ("vocab_size", "input_dim", "head", "num_classes", "output_dim")
+TASK_MODEL_FIELDS = ("vocab_size", "input_dim", "head", "num_classes", "output_dim", "complement_map")
 DISTRIBUTED = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 TASK_KIND_TO_HEAD = {"lm": "lm", "classification": "classifier", "regression": "regression"}
@@ -60,6 +60,7 @@ class ModelSpec:
     pad_vocab_size_multiple: int = 1
     pooling: str = "mean"
     bidirectional: bool = False
+    rc_equivariant: bool = False  # needs a task with a complement_map (DNA tokens)
 
 
 @dataclass
@@ -199,7 +200,8 @@ def model_config_for(task, spec: ModelSpec) -> ModelConfig:
 
     ``task.kind`` picks the head ("lm" -> "lm", "classification" -> "classifier", "regression" ->
     "regression"); token tasks give ``vocab_size``, real-valued tasks ``input_dim``; classification gives
-    ``num_classes``, regression ``output_dim``.
+    ``num_classes``, regression ``output_dim``; a DNA task gives its tokenizer's ``complement_map`` (used when
+    ``spec.rc_equivariant``).
     """
     if not isinstance(spec, ModelSpec):
         raise TypeError(f"spec must be a ModelSpec; got {type(spec).__name__}")
@@ -208,6 +210,7 @@ def model_config_for(task, spec: ModelSpec) -> ModelConfig:
         raise ValueError(f"task.kind must be one of {list(TASK_KIND_TO_HEAD)}; got {kind!r}")
     fields = dataclasses.asdict(spec)
     fields.update(head=TASK_KIND_TO_HEAD[kind], vocab_size=task.vocab_size, input_dim=task.input_dim)
+    fields["complement_map"] = getattr(task, "complement_map", None)  # DNA tasks: reverse complement of each token
     if kind == "classification":
         fields["num_classes"] = task.num_classes
     elif kind == "regression":
