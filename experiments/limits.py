@@ -1,6 +1,6 @@
 """Honest limits: where a fixed-state model falls short of attention (issue 17, item 1).
 
-    OMP_NUM_THREADS=1 python experiments/limits.py                 # --budget 10: about 8-10 minutes here
+    OMP_NUM_THREADS=1 python experiments/limits.py                 # --budget 10, 39 points: roughly 10-15 minutes (not timed)
     OMP_NUM_THREADS=1 python experiments/limits.py --quick         # smoke run: two models, one point each
     ssmkit compare --task limits_mqar_many_keys                    # one point as the main job (all presets)
 
