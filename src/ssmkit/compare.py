@@ -44,6 +44,21 @@ DEFAULT_TASKS = {
     "induction_heads": dict(kwargs={}, length=32, eval_lengths=[64, 256, 1024], lr=3e-3),
     "selective_copying": dict(kwargs={"num_tokens": 8}, length=128, eval_lengths=[256], lr=3e-3),
     "mqar": dict(kwargs={"vocab_size": 256, "num_kv_pairs": 8}, length=64, eval_lengths=[128], lr=3e-3),
+    "string_copy": dict(kwargs={"vocab_size": 32}, length=32, eval_lengths=[64], lr=3e-3),
+}
+#: the honest-limits presets (experiments/limits.py; README "When not to use an SSM"): tasks where a fixed
+#: state is known to fall short of attention. ``--task <name>`` trains the underlying ``task`` with these
+#: settings. Zoology (Arora et al. 2023, arXiv 2312.04927) for recall with many keys; "Repeat After Me"
+#: (Jelassi et al. 2024, arXiv 2402.01032) for copying a string longer than the state holds.
+LIMIT_TASKS = {
+    "limits_mqar_few_keys": dict(task="mqar", kwargs={"vocab_size": 512, "num_kv_pairs": 4}, length=128,
+                                 eval_lengths=[], lr=3e-3),
+    "limits_mqar_many_keys": dict(task="mqar", kwargs={"vocab_size": 512, "num_kv_pairs": 32}, length=128,
+                                  eval_lengths=[], lr=3e-3),
+    "limits_copy_short": dict(task="string_copy", kwargs={"vocab_size": 32}, length=16, eval_lengths=[],
+                              lr=3e-3),
+    "limits_copy_long": dict(task="string_copy", kwargs={"vocab_size": 32}, length=128, eval_lengths=[],
+                             lr=3e-3),
 }
 
 
@@ -103,7 +118,11 @@ def run_compare(task: Optional[str] = None, models: Optional[Sequence[str]] = No
                 seed: int = 0, eval_lengths: Optional[Sequence[int]] = None, overrides: Sequence[str] = (),
                 context: int = 4096, batch_size: int = 32) -> List[Dict]:
     task_name = task or "induction_heads"
-    defaults = DEFAULT_TASKS.get(task_name, dict(kwargs={}, length=None, eval_lengths=[], lr=3e-3))
+    if task_name in LIMIT_TASKS:
+        defaults = LIMIT_TASKS[task_name]
+        task_name = defaults["task"]
+    else:
+        defaults = DEFAULT_TASKS.get(task_name, dict(kwargs={}, length=None, eval_lengths=[], lr=3e-3))
     names = list(models or PRESETS)
     budget = 40.0 if budget is None else float(budget)
     threads = threads or 1

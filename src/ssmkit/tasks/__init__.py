@@ -14,6 +14,7 @@ name                   kind            source
 ``selective_copying``  lm              :class:`~.synthetic.SelectiveCopying`
 ``induction_heads``    lm              :class:`~.synthetic.InductionHeads`
 ``mqar``               lm              :class:`~.synthetic.MQAR`
+``string_copy``        lm              :class:`~.synthetic.StringCopy`
 ``copying_memory``     lm              :class:`~.synthetic.CopyingMemory`
 ``adding``             regression      :class:`~.synthetic.AddingProblem`
 ``listops``            classification  :class:`~.listops.ListOps` (LRA generator)
@@ -37,7 +38,7 @@ from .base import (KINDS, SPLITS, TASKS, Batch, Task, last_valid, make_task, reg
                    seeded_generator, stable_seed)
 from .digits import Digits  # noqa: F401
 from .listops import ListOps  # noqa: F401
-from .synthetic import MQAR, AddingProblem, CopyingMemory, InductionHeads, SelectiveCopying  # noqa: F401
+from .synthetic import MQAR, AddingProblem, CopyingMemory, InductionHeads, SelectiveCopying, StringCopy  # noqa: F401
 from .text import BytesLM  # noqa: F401
 from .timeseries import Forecast, ForecastBatch, UCRClassification  # noqa: F401
 from .user_data import SequenceData, load_sequences, text_task  # noqa: F401

@@ -9,6 +9,8 @@ task                  kind    what the model must do
                               (Olsson et al. 2022; Mamba sec. 4.1.2: train at 256, test up to 2^20)
 ``mqar``               lm     multi-query associative recall: at each re-queried key, output its value
                               (Zoology, Arora et al. 2023)
+``string_copy``        lm     after a separator, repeat a random string token by token (Jelassi et al.
+                              2024, "Repeat After Me")
 ``copying_memory``     lm     after T blanks, reproduce the 10 symbols seen at the start (Arjovsky et al.
                               2016)
 ``adding``             regr.  sum the two values marked in the second channel (Hochreiter &
@@ -28,6 +30,7 @@ Glossary (code name: symbol in the papers):
 ``num_tokens``     M, data tokens to copy (selective copying)
 ``num_kv_pairs``   number of key-value pairs (MQAR)
 ``blanks``         T, the delay in copying memory: L = T + 20
+``string_length``  n, tokens in the string to copy (string copy): L = 2n
 ``power_a``        a, exponent of the power law over query distances (MQAR), p(s) ~ s^(a - 1)
 =================  ===================================================================================
 """
@@ -205,6 +208,48 @@ class MQAR(Task):
             inputs.append(x)
             targets.append(y)
         return Batch(torch.stack(inputs), torch.stack(targets))
+
+
+@register_task("string_copy")
+class StringCopy(Task):
+    """Copy a random string (Jelassi, Brandfonbrener, Kakade & Malach 2024, "Repeat After Me", sec. 3).
+
+    Token 0 is the separator; the string is n tokens drawn uniformly from 1..V-1. The model reads
+    ``s_1 .. s_n  SEP  s_1 .. s_{n-1}`` (L = 2n positions) and must predict, from the separator on, the next
+    string token: target at position n + k is s_{k+1} (k = 0..n-1), -100 on the first n positions. Every
+    token of the string has to be held until it is asked for, so a model with a fixed state of S numbers
+    cannot copy strings carrying much more than S numbers' worth of information (their Theorem 2.7);
+    attention looks each token up. ``length`` must be even: n = L / 2.
+    """
+
+    name = "string_copy"
+    kind = "lm"
+    SEPARATOR = 0
+
+    def __init__(self, vocab_size: int = 32, length: int = 64, seed: int = 0):
+        super().__init__(seed)
+        self.vocab_size = check_int("vocab_size", vocab_size, 3)
+        self.default_length = check_int("length", length, 2)
+        self.check_length(length)
+        self._settings = {"vocab_size": vocab_size, "length": length}
+
+    def check_length(self, length: int) -> None:
+        if length < 2 or length % 2:
+            raise ValueError(f"string_copy length must be even and >= 2 (string of length/2 tokens, then its "
+                             f"copy); got {length}")
+
+    def _make_batch(self, split: str, ids: List[int], length: int) -> Batch:
+        n = length // 2
+        inputs, targets = [], []
+        for example in ids:
+            g = self.example_generator(split, example, length)
+            string = torch.randint(1, self.vocab_size, (n,), generator=g)       # (n,)
+            x = torch.cat([string, torch.tensor([self.SEPARATOR]), string[:-1]])  # (2n,)
+            y = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+            y[n:] = string
+            inputs.append(x)
+            targets.append(y)
+        return Batch(torch.stack(inputs), torch.stack(targets))                 # (B, L), (B, L)
 
 
 @register_task("copying_memory")
