@@ -144,11 +144,18 @@ def cmd_build(args) -> int:
 
 def cmd_convert(args) -> int:
     from .models import from_pretrained
-    from .models.interop.transformers_format import save_hf
+    from .models.interop import save_transformers
 
     model = from_pretrained(args.source)
-    path = save_hf(model, args.dest) if args.to == "hf" else model.save_pretrained(args.dest)
-    print(f"wrote {args.to} checkpoint to {path}")
+    if args.to == "hf":
+        try:
+            path, name = save_transformers(model, args.dest)
+        except ValueError as err:
+            raise SystemExit(f"ssmkit convert: {err}") from None
+        print(f"wrote transformers checkpoint (model_type {name}) to {path}")
+    else:
+        path = model.save_pretrained(args.dest)
+        print(f"wrote {args.to} checkpoint to {path}")
     return 0
 
 

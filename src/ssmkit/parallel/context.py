@@ -83,7 +83,7 @@ def check_context_parallel(model) -> None:
     if config.head == "classifier":
         raise ValueError("context parallelism needs per-position outputs; head='classifier' pools over the whole "
                          "sequence: use parallel.context=1")
-    if config.mlp == "moe":
+    if "moe" in config.layer_mlps():
         raise ValueError("context parallelism does not support mlp='moe': the load-balancing loss is not a sum "
                          "over positions, so per-slice losses would not add up to the whole sequence's")
     for index, layer in enumerate(model.backbone.layers):

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ..config import ModelConfig
-from ..io import SSMKIT_MODEL_TYPE, config_from_dict, config_to_dict, unique_state_dict
+from ..io import SSMKIT_MODEL_TYPE, config_from_dict, config_to_dict, unique_state_dict, write_checkpoint_dir
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -80,3 +80,32 @@ def format_of(raw: dict, source: str = "config.json") -> CheckpointFormat:
 SSMKIT = register_format(CheckpointFormat(name=SSMKIT_MODEL_TYPE, config_from_raw=config_from_dict,
                                           export=lambda model: (config_to_dict(model.config), unique_state_dict(model))),
                          model_types=(SSMKIT_MODEL_TYPE,))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Writing a model in a transformers format (``ssmkit convert --to hf``)
+# ------------------------------------------------------------------------------------------------------
+def transformers_export(model) -> Tuple[str, dict, Tensors]:
+    """(format name, config.json dict, tensors) of the transformers format that describes ``model``.
+
+    Every registered format with an ``export`` (other than ssmkit's own) is asked in turn, plain
+    transformers Mamba/Mamba2 first, then the others by name; each refuses with a ValueError a model it
+    cannot describe exactly. When all refuse, the ValueError lists each one's reason.
+    """
+    candidates = {id(f): f for f in FORMATS.values() if f.export is not None and f is not SSMKIT}.values()
+    reasons = []
+    for fmt in sorted(candidates, key=lambda f: (f.name != "transformers", f.name)):
+        try:
+            raw, tensors = fmt.export(model)
+        except ValueError as err:
+            reasons.append(f"  {fmt.name}: {err}")
+            continue
+        return fmt.name, raw, tensors
+    raise ValueError("no transformers format describes this model:\n" + "\n".join(reasons))
+
+
+def save_transformers(model, directory):
+    """Write ``model`` as a transformers checkpoint directory (config.json + model.safetensors) in the format
+    :func:`transformers_export` picks, atomically. Returns (path, format name)."""
+    name, raw, tensors = transformers_export(model)
+    return write_checkpoint_dir(directory, raw, tensors), name
