@@ -4,3 +4,6 @@ from .checkpoints import from_config, from_pretrained, save_pretrained
 from .config import ModelConfig
 from .generation import GenerationOutput
 from .model import ModelOutput, SSMModel
+
+# the checkpoint formats register themselves in models.formats' table (interop sits above the model)
+from . import interop  # noqa: E402,F401
