@@ -133,3 +133,28 @@ def test_convert_to_hf_loads_back_in_transformers(saved, tmp_path, capsys):
     ids = _ids(seed=3)
     with torch.no_grad():
         _assert_close(again(ids).logits, hf(ids).logits, f"{model_type} written by ssmkit convert")
+
+
+def test_nemotron_h_mixture_of_experts_layers_are_refused_by_name(tmp_path):
+    cfg = _config_class("NemotronHConfig")(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, layers_block_type=["mamba", "moe"],
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, n_groups=1,
+        ssm_state_size=4, n_routed_experts=2, moe_intermediate_size=8, moe_shared_expert_intermediate_size=8)
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"layers of type \['moe'\] are not supported"):
+        from_pretrained(tmp_path)
+
+
+def test_a_damaged_hybrid_checkpoint_lists_what_does_not_match(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_type, _, directory = saved
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text((directory / "config.json").read_text())
+    tensors = load_file(str(directory / "model.safetensors"))
+    dropped = sorted(k for k in tensors if "A_log" in k)[0]
+    del tensors[dropped]
+    tensors["model.extra.weight"] = torch.zeros(2)
+    save_file(tensors, str(tmp_path / "d" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"(?s)missing \(1\): .*A_log.*unexpected \(1\): model.extra.weight"):
+        from_pretrained(tmp_path / "d")
