@@ -69,6 +69,17 @@ def hf_config(model_type: str, d_model: int, layers: int, vocab: int, quick: boo
     raise SystemExit(f"unknown model type {model_type!r}; choose from {TYPES}")
 
 
+def runners(ours, hf, chunk: int) -> dict:
+    """side -> (generate(ids, n) -> the n greedy tokens, forward(ids) over the prompt keeping state or cache)."""
+    return {
+        "ssmkit": (lambda ids, n: ours.generate(ids, max_new_tokens=n).new_tokens,
+                   lambda ids: ours.prefill(list(ids), chunk_size=chunk)),
+        "transformers": (lambda ids, n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n,
+                                                    do_sample=False)[:, ids.shape[1]:],
+                         lambda ids: hf(ids, use_cache=True)),
+    }
+
+
 @torch.no_grad()
 def time_side(generate, forward, ids: torch.Tensor, new_tokens: int):
     """(prefill seconds, decode seconds per token, peak MB, the 1 + new_tokens greedy tokens)."""
@@ -116,13 +127,7 @@ def main(argv=None):
             hf.save_pretrained(tmp)
             ours = ssmkit.from_pretrained(tmp)
         params = sum(p.numel() for p in ours.parameters())
-        sides = {
-            "ssmkit": (lambda ids, n: ours.generate(ids, max_new_tokens=n).new_tokens,
-                       lambda ids: ours.prefill(list(ids), chunk_size=args.chunk)),
-            "transformers": (lambda ids, n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n,
-                                                        do_sample=False)[:, ids.shape[1]:],
-                             lambda ids: hf(ids, use_cache=True)),
-        }
+        sides = runners(ours, hf, args.chunk)
         warm = torch.randint(0, args.vocab, (1, 16))
         for generate, forward in sides.values():  # first-call costs (extension loading, allocator) out of the way
             generate(warm, 2), forward(warm)
@@ -140,7 +145,7 @@ def main(argv=None):
                 mismatches.append(f"{model_type} prompt {length}")
                 print(f"  {model_type:11} prompt {length}: greedy tokens differ: {tokens['ssmkit'].tolist()} vs "
                       f"{tokens['transformers'].tolist()}", flush=True)
-        del hf, ours
+        del hf, ours, sides  # free this type's models before the next is built
     write_json(args.out, dict(machine=machine_info(args.threads), args=vars(args), rows=rows, mismatches=mismatches))
     print(f"written {args.out}" + (f"; greedy tokens differ for {mismatches}" if mismatches else
                                    "; greedy tokens agree everywhere"))

@@ -75,7 +75,8 @@ def test_mamba_rms_norms_on_dt_b_c(kind):
     torch.manual_seed(0)
     layer = Mamba(10, d_state=3, dt_rank=2, dt_bc_rmsnorm=kind, dt_bc_rmsnorm_eps=1e-5, backend="torch").double()
     names = {n for n, _ in layer.named_parameters() if "layernorm" in n}
-    assert names == ({"dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight"} if kind == "weighted" else set())
+    learned = {"dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight"}
+    assert names == (learned if kind == "weighted" else set())
     x = torch.randn(2, 11, 10, dtype=torch.float64)
     with torch.no_grad():
         if kind == "weighted":

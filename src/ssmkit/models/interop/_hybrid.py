@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -69,11 +69,6 @@ def unpack_experts(weights: Tensors, prefix: str) -> Tensors:
             out[f"{prefix}experts.{e}.up_proj.weight"] = gate_up[e, hidden:]
             out[f"{prefix}experts.{e}.down_proj.weight"] = down[e]
     return out
-
-
-def mixers_and_mlps(model) -> Tuple[List[str], List[str]]:
-    cfg = model.config
-    return cfg.layer_mixers(), cfg.layer_mlps()
 
 
 def check_language_model(model, fmt: str) -> None:

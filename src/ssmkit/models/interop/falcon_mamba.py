@@ -45,7 +45,8 @@ def to_falcon_mamba(model) -> Tuple[dict, Tensors]:
         raise ValueError(f"{fmt}: Mamba layers with weightless RMS norms on dt, B and C and d_inner a multiple of "
                          f"d_model; this model's: {m.extra_repr()}")
     raw = dict(model_type="falcon_mamba", architectures=["FalconMambaForCausalLM"], vocab_size=cfg.padded_vocab_size,
-               hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, state_size=m.d_state, expand=m.d_inner // cfg.d_model,
+               hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, state_size=m.d_state,
+               expand=m.d_inner // cfg.d_model,
                conv_kernel=m.d_conv, time_step_rank=m.dt_rank, use_bias=has_bias(m.in_proj),
                use_conv_bias=has_bias(m.conv1d), layer_norm_epsilon=cfg.norm_eps, mixer_rms_eps=m.dt_layernorm.eps,
                residual_in_fp32=cfg.residual_in_fp32, tie_word_embeddings=cfg.tie_embeddings,

@@ -84,8 +84,8 @@ def config_from_nemotron_h(raw: dict) -> ModelConfig:
 
 
 def weights_from_nemotron_h(weights: Tensors) -> Tensors:
-    mlp_layers = {k.split(".")[2] for k in weights
-                  if k.startswith("backbone.layers.") and k.endswith(("mixer.up_proj.weight", "mixer.down_proj.weight"))}
+    mlp_weights = ("mixer.up_proj.weight", "mixer.down_proj.weight")  # only the MLP-only layers have these
+    mlp_layers = {k.split(".")[2] for k in weights if k.startswith("backbone.layers.") and k.endswith(mlp_weights)}
 
     def inner(i: int, rest: str):
         if str(i) not in mlp_layers:
