@@ -158,3 +158,13 @@ def test_a_damaged_hybrid_checkpoint_lists_what_does_not_match(saved, tmp_path):
     save_file(tensors, str(tmp_path / "d" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"(?s)missing \(1\): .*A_log.*unexpected \(1\): model.extra.weight"):
         from_pretrained(tmp_path / "d")
+
+
+def test_sharded_checkpoints_load(saved, tmp_path):
+    model_type, hf, _ = saved
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    ours = from_pretrained(tmp_path / "sharded")
+    ids = _ids(seed=4)
+    with torch.no_grad():
+        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"{model_type} from shards")

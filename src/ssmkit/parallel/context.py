@@ -88,6 +88,9 @@ def check_context_parallel(model) -> None:
                          "over positions, so per-slice losses would not add up to the whole sequence's")
     for index, layer in enumerate(model.backbone.layers):
         mixer = layer.mixer
+        if mixer is None:
+            raise ValueError(f"layer {index} is an MLP-only layer (mixer 'none'); context parallelism does not pass "
+                             "through such layers yet: use parallel.context=1")
         try:
             spec = mixer.state_spec(1)
         except NotImplementedError:
