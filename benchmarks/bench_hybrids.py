@@ -12,8 +12,9 @@ very same tensors, through ssmkit's converters):
               layer, relu^2 MLP-only layers
 
 For each prompt length and each side: prefill tokens/s (one forward over the prompt that keeps the state or
-cache), decode ms/token (greedy; the time of generating 1 + N tokens minus that of generating 1, over N, so
-each side's own generation loop is what is timed), and the peak resident memory growth of that generation.
+cache and computes the last position's logits only), decode ms/token (greedy; the time of generating 1 + N
+tokens minus that of generating 1, over N, so each side's own generation loop is what is timed), and the peak
+resident memory growth of that generation.
 The greedy tokens of both sides are compared and a mismatch is reported. Run it on a quiet machine:
 
     python benchmarks/bench_hybrids.py                           # 2 threads, prompts 512 8192, 64 new tokens
@@ -76,7 +77,7 @@ def runners(ours, hf, chunk: int) -> dict:
                    lambda ids: ours.prefill(list(ids), chunk_size=chunk)),
         "transformers": (lambda ids, n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n,
                                                     do_sample=False)[:, ids.shape[1]:],
-                         lambda ids: hf(ids, use_cache=True)),
+                         lambda ids: hf(ids, use_cache=True, logits_to_keep=1)),  # last logits, as ssmkit's
     }
 
 
