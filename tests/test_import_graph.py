@@ -128,10 +128,12 @@ def test_src_ssmkit_has_no_import_cycles():
 
 
 def test_models_depend_one_way():
-    """config -> io -> interop -> pretrained -> model: nothing earlier in the chain imports a later module."""
+    """config -> io -> formats -> pretrained -> model -> checkpoints -> interop: nothing earlier in the chain
+    imports a later module. Issue 14 put interop last: the checkpoint formats depend on the model and its
+    checkpoints, never the reverse (the format table, models.formats, sits below the model)."""
     graph = import_graph()
-    chain = ["ssmkit.models.config", "ssmkit.models.io", "ssmkit.models.interop", "ssmkit.models.pretrained",
-             "ssmkit.models.model"]
+    chain = ["ssmkit.models.config", "ssmkit.models.io", "ssmkit.models.formats", "ssmkit.models.pretrained",
+             "ssmkit.models.model", "ssmkit.models.checkpoints", "ssmkit.models.interop"]
     for position, module in enumerate(chain):
         later = set(chain[position + 1:])
         members = [m for m in graph if m == module or m.startswith(module + ".")]

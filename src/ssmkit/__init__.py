@@ -11,3 +11,4 @@ from .layers import S4, S4D, S5, Attention, LinearAttention, Mamba, Mamba2  # no
 globals().update({cls.__name__: cls for cls in MIXERS.values()})
 from .models import ModelConfig, SSMModel, from_config, from_pretrained  # noqa: F401
 from .models.quantization import quantize  # noqa: F401
+from .text import generate_text, load_tokenizer  # noqa: F401

@@ -67,34 +67,36 @@ def cmd_generate(args) -> int:
 
         quantize(model, args.quantize)
     vocab = model.config.vocab_size
+    stream = None
     if args.ids is not None:
         ids = [int(t) for t in args.ids.split(",") if t.strip()]
-        as_text = False
     else:
-        if vocab != 256:
-            raise SystemExit(f"ssmkit generate: --prompt text needs a byte-level model (vocab 256); this model has "
-                             f"vocab_size={vocab}: pass token ids with --ids 1,2,3")
-        ids = list(args.prompt.encode("utf-8"))
-        as_text = True
+        from .text import TextStream, load_tokenizer
+
+        try:  # the directory's own tokenizer.json, or bytes for a byte-level model
+            tokenizer = load_tokenizer(args.checkpoint, vocab)
+        except FileNotFoundError as err:
+            raise SystemExit(f"ssmkit generate: --prompt text needs the checkpoint's tokenizer.json or a byte-level "
+                             f"model (vocab 256): {err}; or pass token ids with --ids 1,2,3") from None
+        except ImportError as err:
+            raise SystemExit(f"ssmkit generate: {err}") from None
+        ids = tokenizer.encode(args.prompt)
+        stream = TextStream(tokenizer)
     if not ids:
         raise SystemExit("ssmkit generate: the prompt is empty; give at least one token")
     prompt = torch.tensor([ids])
 
     def show(token: torch.Tensor) -> None:
-        value = int(token[0])
-        if as_text:
-            sys.stdout.write(bytes([value]).decode("utf-8", errors="replace"))
-        else:
-            sys.stdout.write(f"{value} ")
+        sys.stdout.write(stream.push(int(token[0])) if stream is not None else f"{int(token[0])} ")
         sys.stdout.flush()
 
-    if as_text:
+    if stream is not None:
         sys.stdout.write(args.prompt)
     model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0 and not args.greedy,
                    temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
                    min_p=args.min_p, repetition_penalty=args.repetition_penalty, eos_token_id=args.eos,
                    seed=args.seed, streamer=show, decode_backend=args.decode_backend)
-    sys.stdout.write("\n")
+    sys.stdout.write((stream.finish() if stream is not None else "") + "\n")
     print(f"[decoding: {model.last_decode_backend} ({model.last_decode_backend_reason})]", file=sys.stderr)
     return 0
 
@@ -157,11 +159,18 @@ def cmd_build(args) -> int:
 
 def cmd_convert(args) -> int:
     from .models import from_pretrained
-    from .models.interop.transformers_format import save_hf
+    from .models.interop import save_transformers
 
     model = from_pretrained(args.source)
-    path = save_hf(model, args.dest) if args.to == "hf" else model.save_pretrained(args.dest)
-    print(f"wrote {args.to} checkpoint to {path}")
+    if args.to == "hf":
+        try:
+            path, name = save_transformers(model, args.dest)
+        except ValueError as err:
+            raise SystemExit(f"ssmkit convert: {err}") from None
+        print(f"wrote transformers checkpoint (model_type {name}) to {path}")
+    else:
+        path = model.save_pretrained(args.dest)
+        print(f"wrote {args.to} checkpoint to {path}")
     return 0
 
 
@@ -260,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample from a language-model checkpoint")
     p.add_argument("--checkpoint", required=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text prompt (byte-level models)")
+    src.add_argument("--prompt", help="text prompt, read with the checkpoint's tokenizer.json (or as bytes by a "
+                                      "byte-level model)")
     src.add_argument("--ids", help="comma-separated token ids")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")

@@ -72,6 +72,8 @@ def check_exportable(model) -> None:
     if config.head == "classifier":
         raise ValueError("a classifier head pools over the whole sequence; export needs head='lm' or 'regression'")
     for i, layer in enumerate(model.backbone.layers):
+        if layer.mixer is None:  # an MLP-only layer keeps no state
+            continue
         for key, (shape, _kind) in layer.mixer.state_spec(1).items():
             if None in shape:
                 raise ValueError(

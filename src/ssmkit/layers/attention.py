@@ -48,7 +48,9 @@ class Attention(Mixer):
             None = n_heads.
         head_dim: size of one head; None = d_model // n_heads (then n_heads must divide d_model).
         rope: rotate q and k by their positions (rotary embeddings; head_dim must be even).
-        rope_base: theta_i = rope_base^(-2i / head_dim).
+        rope_base: theta_i = rope_base^(-2i / rope_dim).
+        rope_dim: rotate only the first rope_dim features of each head (partial rotary, GPT-NeoX / Bamba;
+            even); the rest pass unrotated. None = head_dim.
         window: sliding window w (each token attends to itself and the w - 1 tokens before it); None = all.
         bias: biases in the four projections.
         causal: False for full (encoder) attention: no step, state or window then.
@@ -63,7 +65,8 @@ class Attention(Mixer):
 
     def __init__(self, d_model: int, n_heads: int = 8, n_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, rope: bool = True, rope_base: float = 10000.0,
-                 window: Optional[int] = None, bias: bool = False, causal: bool = True):
+                 window: Optional[int] = None, bias: bool = False, causal: bool = True,
+                 rope_dim: Optional[int] = None):
         super().__init__(d_model)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
@@ -92,6 +95,11 @@ class Attention(Mixer):
             raise ValueError(f"rope_base must be a finite number > 1; got {rope_base!r}")
         if window is not None:
             check_positive_int("window", window)
+        if rope_dim is not None:
+            check_positive_int("rope_dim", rope_dim)
+            if rope_dim % 2 or rope_dim > head_dim:
+                raise ValueError(f"rope_dim must be even and at most head_dim={head_dim}; got {rope_dim}")
+        self.rope_dim = head_dim if rope_dim is None else rope_dim
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope, self.rope_base, self.window = rope, float(rope_base), window
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
@@ -107,7 +115,8 @@ class Attention(Mixer):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, rope={self.rope}, window={self.window}"
-                + ("" if self.causal else ", causal=False"))
+                + ("" if self.causal else ", causal=False")
+                + (f", rope_dim={self.rope_dim}" if self.rope_dim != self.head_dim else ""))
 
     def state_spec(self, batch_size: int):
         cache = (batch_size, self.n_kv_heads, None, self.head_dim)
@@ -120,9 +129,13 @@ class Attention(Mixer):
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rope:
+        if self.rope and self.rope_dim == self.head_dim:
             q = apply_rope(q, pos, self.rope_base)
             k = apply_rope(k, pos, self.rope_base)
+        elif self.rope:  # partial rotary: the first rope_dim features turn, the others pass as they are
+            r = self.rope_dim
+            q = torch.cat([apply_rope(q[..., :r], pos, self.rope_base), q[..., r:]], dim=-1)
+            k = torch.cat([apply_rope(k[..., :r], pos, self.rope_base), k[..., r:]], dim=-1)
         return q, k, v
 
     def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:

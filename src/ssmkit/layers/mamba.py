@@ -7,6 +7,7 @@ scan reads it):
     x, z     = in_proj(x).chunk(2)                     # (B, d_inner, L) each: the SSM branch and the gate
     x        = silu(conv1d(x))                         # causal depthwise conv, width d_conv (Sec. 3.4)
     dt, B, C = x_proj(x).split(dt_rank, N, N)          # the selection: Delta, B, C depend on the input
+    dt, B, C = rms(dt), rms(B), rms(C)                  # only with dt_bc_rmsnorm (Jamba, Falcon-Mamba)
     Delta    = softplus(dt_proj(dt))                   # (B, d_inner, L), dt_proj's bias inside the softplus
     h_t      = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t   # selective scan (Algorithm 2, Eq. 2a-2b: ZOH on A,
     y_t      = C_t h_t + D x_t                         #   Euler on B), per channel, N states each
@@ -29,6 +30,12 @@ Glossary (code name: paper symbol):
 ``D``               D, the skip connection (d_inner,)
 ``delta``           Delta before the softplus (x_proj then dt_proj without bias), (B, d_inner, L)
 ==================  ================================================================================
+
+**RMS norms on dt, B and C** (``dt_bc_rmsnorm``): Jamba (Lieber et al. 2024, arXiv 2403.19887, Sec. 3.2:
+"we add RMSNorm to internal activations") normalises the low-rank dt and the B and C of every token by their
+root mean square with learned weights (``"weighted"``: ``dt_layernorm.weight`` (dt_rank,), ``b_layernorm.weight``
+and ``c_layernorm.weight`` (N,)); Falcon-Mamba (Zuo et al. 2024, arXiv 2410.05355) does the same without
+weights (``"weightless"``). Both stabilise training at scale; the scan is unchanged.
 
 **State** ``{"mamba.conv": (batch, d_inner, d_conv - 1), "mamba.ssm": (batch, d_inner, d_state)}``. The conv
 state is the last ``d_conv - 1`` inputs of the convolution (oldest first; see :mod:`ssmkit.ops.conv1d`): all
@@ -62,6 +69,28 @@ from .base import Mixer, State, check_recompute, ssm_core_precision, state_dtype
 from .registry import register_mixer
 
 DT_INITS = ("random", "constant")
+DT_BC_RMSNORMS = ("weighted", "weightless")
+
+
+class FeatureRMSNorm(nn.Module):
+    """x / sqrt(mean(x^2 over ``dim``) + eps), times ``weight`` when it has one; in float32 for half inputs.
+
+    Shapes: x (..., size, ...) with ``size`` features along ``dim`` -> the same shape.
+    """
+
+    def __init__(self, size: int, eps: float, learned: bool):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size)) if learned else None
+
+    def forward(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        x32 = x.float()
+        out = (x32 * torch.rsqrt(x32.square().mean(dim, keepdim=True) + self.eps)).to(x.dtype)
+        if self.weight is None:
+            return out
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        return self.weight.view(shape) * out
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -120,6 +149,9 @@ class Mamba(Mixer):
         dt_init_floor: lower bound of the initial Delta.
         conv_bias: bias in the convolution.
         bias: biases in in_proj and out_proj.
+        dt_bc_rmsnorm: None, or RMS-normalise dt (before dt_proj), B and C of each token: "weighted" (Jamba)
+            or "weightless" (Falcon-Mamba); see the module docstring.
+        dt_bc_rmsnorm_eps: the eps of those norms.
         backend: how the ops run ("auto", "cpp", "triton", "torch", "reference"): applied to every op of
             the layer that has that backend (see :attr:`Mixer.backend`); execution only, the numbers do not
             depend on it, and it is not part of a saved configuration. After a forward, ``last_backend``
@@ -144,7 +176,8 @@ class Mamba(Mixer):
                  dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
                  conv_bias: bool = True, bias: bool = False, backend: Optional[str] = "auto",
-                 recompute: bool = False):
+                 recompute: bool = False, dt_bc_rmsnorm: Optional[str] = None,
+                 dt_bc_rmsnorm_eps: float = 1e-6):
         super().__init__(d_model)
         self.d_state = check_positive_int("d_state", d_state)
         self.d_conv = check_positive_int("d_conv", d_conv)
@@ -161,6 +194,12 @@ class Mamba(Mixer):
             check_choice("backend", backend, SCAN_BACKENDS)
         self.backend = backend
         self.recompute = check_recompute(recompute)
+        if dt_bc_rmsnorm is not None:
+            check_choice("dt_bc_rmsnorm", dt_bc_rmsnorm, DT_BC_RMSNORMS)
+        if isinstance(dt_bc_rmsnorm_eps, bool) or not isinstance(dt_bc_rmsnorm_eps, (int, float)) \
+                or not dt_bc_rmsnorm_eps > 0:
+            raise ValueError(f"dt_bc_rmsnorm_eps must be a positive number; got {dt_bc_rmsnorm_eps!r}")
+        self.dt_bc_rmsnorm = dt_bc_rmsnorm
 
         d_inner, N = self.d_inner, self.d_state
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
@@ -171,6 +210,11 @@ class Mamba(Mixer):
         self.A_log = nn.Parameter(torch.empty(d_inner, N))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        if dt_bc_rmsnorm is not None:
+            learned = dt_bc_rmsnorm == "weighted"
+            self.dt_layernorm = FeatureRMSNorm(self.dt_rank, dt_bc_rmsnorm_eps, learned)
+            self.b_layernorm = FeatureRMSNorm(N, dt_bc_rmsnorm_eps, learned)
+            self.c_layernorm = FeatureRMSNorm(N, dt_bc_rmsnorm_eps, learned)
         # for optimiser recipes written for mamba_ssm, which look for this mark; ssmkit.train reads ssm_parameter_names
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
@@ -237,6 +281,8 @@ class Mamba(Mixer):
                 u, conv_final = u
             x_dbl = project(self.x_proj.weight.to(u.dtype), u)         # (B, dt_rank + 2N, L)
             dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (B, N, L)
+            if self.dt_bc_rmsnorm is not None:
+                dt, B, C = self.dt_layernorm(dt, 1), self.b_layernorm(B, 1), self.c_layernorm(C, 1)
             delta = project(self.dt_proj.weight.to(u.dtype), dt)       # (B, d_inner, L); bias added in the scan
             A, D, delta_bias = self._ssm_parameters()
             # a half-precision model's state is float32: the scan takes it beside the half activations and
@@ -308,6 +354,8 @@ class Mamba(Mixer):
         u, conv_state = causal_conv1d_update(u, state[self.state_key("conv")], self.conv1d.weight,
                                              self.conv1d.bias, activation="silu", inplace=inplace)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.dt_bc_rmsnorm is not None:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         delta = F.linear(dt, self.dt_proj.weight)                    # (B, d_inner)
         # the update takes half-precision activations beside the float32 state and computes in float32 (as
         # mamba_ssm's); D and the bias go in their own dtype, so a decoding step launches no cast kernels
@@ -318,4 +366,5 @@ class Mamba(Mixer):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
-                f"dt_rank={self.dt_rank}, backend={self.backend!r}")
+                f"dt_rank={self.dt_rank}, backend={self.backend!r}"
+                + (f", dt_bc_rmsnorm={self.dt_bc_rmsnorm!r}" if self.dt_bc_rmsnorm else ""))

@@ -117,6 +117,7 @@ class Mamba2(Mixer):
         recompute: keep only the in_proj output for the backward and recompute the rest of the block there
             (conv, SSD, gated norm, out_proj input); execution only, like ``backend`` (see
             :attr:`Mixer.recompute`).
+        norm_eps: eps of the gated RMSNorm (mamba_ssm: 1e-5; checkpoints of hybrids set their own).
     """
 
     pattern_letter = "D"
@@ -134,7 +135,7 @@ class Mamba2(Mixer):
                  D_has_hdim: bool = False, rmsnorm: bool = True, norm_before_gate: bool = False,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_limit: Tuple[float, float] = (0.0, float("inf")),
                  chunk_size: int = 256, conv_bias: bool = True, bias: bool = False, backend: str = "auto",
-                 dt_init_floor: float = 1e-4, recompute: bool = False):
+                 dt_init_floor: float = 1e-4, recompute: bool = False, norm_eps: float = 1e-5):
         super().__init__(d_model)
         self.d_state = check_positive_int("d_state", d_state)
         self.d_conv = check_positive_int("d_conv", d_conv)
@@ -158,6 +159,8 @@ class Mamba2(Mixer):
         self.recompute = check_recompute(recompute)
         self.D_has_hdim = bool(D_has_hdim)
         self.rmsnorm = bool(rmsnorm)
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive number; got {norm_eps!r}")
 
         G, N, H = self.ngroups, self.d_state, self.nheads
         self.conv_dim = self.d_inner + 2 * G * N
@@ -168,7 +171,7 @@ class Mamba2(Mixer):
         self.A_log = nn.Parameter(torch.empty(H))
         self.D = nn.Parameter(torch.empty(self.d_inner if self.D_has_hdim else H))
         if self.rmsnorm:
-            self.norm = RMSNormGated(self.d_inner, eps=1e-5, norm_before_gate=norm_before_gate,
+            self.norm = RMSNormGated(self.d_inner, eps=float(norm_eps), norm_before_gate=norm_before_gate,
                                      group_size=self.d_inner // G)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         for p in (self.dt_bias, self.A_log, self.D):  # mamba_ssm recipes' mark; ssmkit reads ssm_parameter_names

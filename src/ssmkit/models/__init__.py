@@ -5,3 +5,6 @@ from .config import ModelConfig
 from .generation import GenerationOutput
 from .model import ModelOutput, SSMModel, set_recompute
 from .vision import VisionClassifier, VisionConfig
+
+# the checkpoint formats register themselves in models.formats' table (interop sits above the model)
+from . import interop  # noqa: E402,F401

@@ -19,6 +19,16 @@ layer), or a pattern string of one letter per layer, e.g. Jamba's one attention 
 
 ``mixer_kwargs`` maps a mixer name to its keyword arguments ({"mamba": {"d_state": 16}}); with a single mixer
 a flat dict is accepted too.
+
+A layer may have no mixer at all: ``"none"`` in a mixer list, ``-`` in a pattern. Such a layer is an MLP-only
+residual block (Nemotron-H's ``-`` layers), so it needs an MLP.
+
+MLP per layer: ``mlp`` is one kind for every layer or a list of kinds, one per layer (Jamba: a mixture of
+experts every other layer, ``["gated", "moe", "gated", "moe"]``). Kinds: ``none``; ``gated``
+(down(act(gate(x)) * up(x)), SwiGLU with act = silu); ``plain`` (down(act(up(x))), Nemotron-H's with act =
+relu2); ``moe`` (top-k mixture of gated experts). ``mlp_activation`` is the act of all of them;
+``moe_renormalize`` says whether the top-k router weights are renormalised to sum to 1 (Mixtral) or kept as
+the softmax gave them (Jamba).
 """
 
 from __future__ import annotations
@@ -32,7 +42,10 @@ from typing import Any, Dict, List, Optional, Union
 
 from ..layers.registry import MIXERS, pattern_letters
 
-MLP_KINDS = ("none", "gated", "moe")
+MLP_KINDS = ("none", "gated", "plain", "moe")
+MLP_ACTIVATIONS = ("silu", "gelu", "relu", "relu2")
+#: the name and pattern letter of a layer without a mixer (an MLP-only block)
+NO_MIXER, NO_MIXER_LETTER = "none", "-"
 NORMS = ("rmsnorm", "layernorm")
 HEADS = ("lm", "classifier", "regression")
 POOLINGS = ("mean", "last")
@@ -51,10 +64,12 @@ class ModelConfig:
     input_dim: Optional[int] = None  # real-valued inputs (B, L, input_dim) instead of tokens
     mixer: Union[str, List[str]] = "mamba"
     mixer_kwargs: Dict[str, Any] = field(default_factory=dict)
-    mlp: str = "none"  # "none" | "gated" (SwiGLU) | "moe" (mixture of gated experts)
-    mlp_hidden: Optional[int] = None  # default: 4 * d_model for "gated", 2 * d_model per expert for "moe"
+    mlp: Union[str, List[str]] = "none"  # "none" | "gated" (SwiGLU) | "plain" | "moe", or one per layer
+    mlp_hidden: Optional[int] = None  # default: 4 * d_model for "gated"/"plain", 2 * d_model per expert for "moe"
     num_experts: int = 8
     top_k: int = 2
+    mlp_activation: str = "silu"  # act of every MLP kind: "silu" | "gelu" | "relu" | "relu2" (relu(x)^2)
+    moe_renormalize: bool = True  # top-k router weights renormalised to sum to 1 (Mixtral); False: Jamba
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
@@ -81,7 +96,7 @@ class ModelConfig:
         if isinstance(m, str) and m in MIXERS:
             return [m] * self.n_layers
         if isinstance(m, str):
-            letters = pattern_letters()  # each mixer class declares its own letter
+            letters = dict(pattern_letters(), **{NO_MIXER_LETTER: NO_MIXER})  # each mixer class declares its own
             unknown = sorted({c for c in m if c not in letters})
             if unknown or len(m) != self.n_layers:
                 close = difflib.get_close_matches(m, list(MIXERS), n=1)
@@ -94,18 +109,28 @@ class ModelConfig:
         if len(names) != self.n_layers:
             raise ValueError(f"mixer lists {len(names)} layers but n_layers={self.n_layers}")
         for name in names:
-            if name not in MIXERS:
+            if name not in MIXERS and name != NO_MIXER:
                 close = difflib.get_close_matches(str(name), list(MIXERS), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"unknown mixer {name!r} in mixer list: known mixers are {sorted(MIXERS)}{hint}")
         return names
+
+    def layer_mlps(self) -> List[str]:
+        """The MLP kind of each layer ("none", "gated", "plain" or "moe")."""
+        kinds = [self.mlp] * self.n_layers if isinstance(self.mlp, str) else list(self.mlp)
+        if len(kinds) != self.n_layers:
+            raise ValueError(f"mlp lists {len(kinds)} layers but n_layers={self.n_layers}")
+        for kind in kinds:
+            if kind not in MLP_KINDS:
+                raise ValueError(f"mlp must be one of {list(MLP_KINDS)} or a list of them, one per layer; got {kind!r}")
+        return kinds
 
     def kwargs_for(self, mixer_name: str) -> Dict[str, Any]:
         """Keyword arguments for one mixer kind (nested per name, or flat when one kind is used)."""
         kw = self.mixer_kwargs or {}
         if any(k in MIXERS for k in kw):
             return dict(kw.get(mixer_name, {}))
-        return dict(kw) if len(set(self.layer_mixers())) == 1 else {}
+        return dict(kw) if len(set(self.layer_mixers()) - {NO_MIXER}) == 1 else {}
 
     @property
     def padded_vocab_size(self) -> Optional[int]:
@@ -122,7 +147,8 @@ class ModelConfig:
         if (self.vocab_size is None) == (self.input_dim is None):
             raise ValueError(f"give exactly one of vocab_size (token inputs) or input_dim (real-valued inputs); "
                              f"got vocab_size={self.vocab_size}, input_dim={self.input_dim}")
-        for name, value, choices in (("mlp", self.mlp, MLP_KINDS), ("norm", self.norm, NORMS),
+        for name, value, choices in (("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS),
+                                     ("norm", self.norm, NORMS),
                                      ("head", self.head, HEADS), ("pooling", self.pooling, POOLINGS)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
@@ -137,7 +163,15 @@ class ModelConfig:
         if self.bidirectional and self.head != "classifier":
             raise ValueError("bidirectional=True reads the future, so it is only allowed with head='classifier'")
         self._validate_reverse_complement()
-        self.layer_mixers()
+        if not isinstance(self.moe_renormalize, bool):
+            raise TypeError(f"moe_renormalize must be a bool; got {type(self.moe_renormalize).__name__}")
+        mlps = self.layer_mlps()
+        for i, (mixer, mlp) in enumerate(zip(self.layer_mixers(), mlps)):
+            if mixer == NO_MIXER and mlp == "none":
+                raise ValueError(f"layer {i} has neither a mixer nor an MLP: a layer with mixer 'none' needs mlp "
+                                 f"'gated', 'plain' or 'moe'; got mlp={self.mlp!r}")
+        if self.bidirectional and NO_MIXER in self.layer_mixers():
+            raise ValueError("bidirectional=True needs a mixer in every layer; got a mixer 'none'")
 
     def _validate_reverse_complement(self) -> None:
         if self.complement_map is not None:

@@ -58,8 +58,12 @@ def fused_support(model) -> Optional[str]:
     if device.type != "cpu":
         return f"the fused decoder runs on the CPU; the model is on {device}"
     for i, layer in enumerate(model.backbone.layers):
+        if layer.mixer is None:
+            return f"layer {i} is an MLP-only layer; the fused decoder covers mixer blocks only"
         if not isinstance(layer.mixer, (Mamba, Mamba2)):
             return f"layer {i} is a {type(layer.mixer).__name__}; the fused decoder covers Mamba and Mamba2 only"
+        if getattr(layer.mixer, "dt_bc_rmsnorm", None) is not None:
+            return f"layer {i} normalises dt, B and C (dt_bc_rmsnorm); the fused decoder does not"
         if layer.mlp is not None:
             return f"layer {i} has an MLP; the fused decoder covers mixer-only blocks"
     if cfg.norm != "rmsnorm":

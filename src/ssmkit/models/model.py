@@ -261,7 +261,7 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         """Zero states for every layer."""
         if self.config.bidirectional or self.config.rc_equivariant:
             raise ValueError("a bidirectional or rc_equivariant model reads the future and has no recurrent state")
-        return [layer.mixer.init_state(batch_size, device=device, dtype=dtype) for layer in self.backbone.layers]
+        return [layer.init_state(batch_size, device=device, dtype=dtype) for layer in self.backbone.layers]
 
     def step(self, input_ids: torch.Tensor, state: ModelState):
         """One token per row: input_ids (B,) (or inputs (B, input_dim)) -> (logits (B, V), new state)."""

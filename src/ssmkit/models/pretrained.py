@@ -2,7 +2,8 @@
 
 A checkpoint is a directory with ``config.json`` and ``model.safetensors`` (see :mod:`ssmkit.models.io` for
 how it is written and read). ``from_pretrained`` also reads the checkpoints users already have, all from
-local directories (nothing is downloaded): every format registered in :mod:`ssmkit.models.interop`.
+local directories (nothing is downloaded): every format in the table of :mod:`ssmkit.models.formats`, which
+the modules of :mod:`ssmkit.models.interop` fill when ``ssmkit.models`` is imported.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from . import io
-from .interop import format_of
+from .formats import format_of
 from .quantization import QUANTIZATION_FILE, quantize
 
 

@@ -83,11 +83,14 @@ def check_context_parallel(model) -> None:
     if config.head == "classifier":
         raise ValueError("context parallelism needs per-position outputs; head='classifier' pools over the whole "
                          "sequence: use parallel.context=1")
-    if config.mlp == "moe":
+    if "moe" in config.layer_mlps():
         raise ValueError("context parallelism does not support mlp='moe': the load-balancing loss is not a sum "
                          "over positions, so per-slice losses would not add up to the whole sequence's")
     for index, layer in enumerate(model.backbone.layers):
         mixer = layer.mixer
+        if mixer is None:
+            raise ValueError(f"layer {index} is an MLP-only layer (mixer 'none'); context parallelism does not pass "
+                             "through such layers yet: use parallel.context=1")
         try:
             spec = mixer.state_spec(1)
         except NotImplementedError:

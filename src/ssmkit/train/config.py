@@ -49,10 +49,12 @@ class ModelSpec:
     n_layers: int = 2
     mixer: Union[str, List[str]] = "mamba"
     mixer_kwargs: Dict[str, Any] = field(default_factory=dict)
-    mlp: str = "none"
+    mlp: Union[str, List[str]] = "none"
     mlp_hidden: Optional[int] = None
     num_experts: int = 8
     top_k: int = 2
+    mlp_activation: str = "silu"
+    moe_renormalize: bool = True
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True

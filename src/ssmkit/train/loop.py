@@ -314,7 +314,8 @@ def _set_up(run: RunConfig, resume, task, ctx: distributed.DistContext) -> _Sess
     plan.check(model, task)
     roles = classify_parameters(model)
     num_parameters = model.num_parameters()
-    wrapped = distributed.wrap_model(model, ctx, cfg.distributed, find_unused_parameters=model_config.mlp == "moe",
+    has_moe = "moe" in model_config.layer_mlps()
+    wrapped = distributed.wrap_model(model, ctx, cfg.distributed, find_unused_parameters=has_moe,
                                      shard_layers=plan.context is None)
     inner = distributed.unwrap(wrapped)
     optimizer = build_optimizer(inner.named_parameters(), roles, cfg)

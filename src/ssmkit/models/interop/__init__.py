@@ -1,6 +1,7 @@
 """Reading and writing the checkpoint formats users already have, from local directories only.
 
 One module per external format (``transformers_format.py``: transformers' Mamba and Mamba2;
+``falcon_mamba.py``, ``jamba.py``, ``bamba.py``, ``nemotron_h.py``: transformers' hybrids of those names;
 ``state_spaces.py``: the original mamba_ssm format), each registering a :class:`CheckpointFormat` in the one
 table :data:`FORMATS` (model_type -> format, :mod:`.registry`). This package imports every module in it, so a
 new format is one new file; CONTRIBUTING.md ("Add a checkpoint format") gives the steps.
@@ -17,7 +18,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .registry import FORMATS, CheckpointFormat, format_of, register_format, supported_model_types  # noqa: F401
+from .registry import (FORMATS, CheckpointFormat, format_of, register_format, save_transformers,  # noqa: F401
+                       supported_model_types, transformers_export)
 
 # every format module registers itself on import; the leading underscore keeps helpers out of this loop
 for _module in pkgutil.iter_modules(__path__):

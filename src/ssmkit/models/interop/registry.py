@@ -1,82 +1,43 @@
-"""The one table of checkpoint formats: ``model_type`` in config.json -> :class:`CheckpointFormat`.
+"""The checkpoint-format table as the format modules see it, and writing a model in a transformers format.
 
-A format module under ``ssmkit/models/interop/`` calls :func:`register_format` at import; the package
-``__init__`` imports every such module, so adding a format is adding one file.
+The table itself (:data:`FORMATS`, :func:`register_format`, :func:`format_of`) lives in
+:mod:`ssmkit.models.formats`, below the model that looks formats up; it is re-exported here so that a
+format module imports everything it needs from ``.registry``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Tuple
 
-import torch
-
-from ..config import ModelConfig
-from ..io import SSMKIT_MODEL_TYPE, config_from_dict, config_to_dict, unique_state_dict
-
-Tensors = Dict[str, torch.Tensor]
+from ..formats import (FORMATS, SSMKIT, CheckpointFormat, Tensors, format_of, register_format,  # noqa: F401
+                       supported_model_types)
+from ..io import write_checkpoint_dir
 
 
-def _same_names(weights: Tensors) -> Tensors:
-    return dict(weights)
+# ------------------------------------------------------------------------------------------------------
+# Writing a model in a transformers format (``ssmkit convert --to hf``)
+# ------------------------------------------------------------------------------------------------------
+def transformers_export(model) -> Tuple[str, dict, Tensors]:
+    """(format name, config.json dict, tensors) of the transformers format that describes ``model``.
 
-
-@dataclass(frozen=True)
-class CheckpointFormat:
-    """How to read (and optionally write) one checkpoint format.
-
-    Attributes:
-        name: what messages call it ("mamba", "state-spaces").
-        config_from_raw: config.json dict -> :class:`ModelConfig`.
-        weights_to_ssmkit: the file's tensors -> ssmkit's names and layouts (default: unchanged).
-        export: ``model -> (config.json dict, tensors)`` for ``ssmkit convert --to``, or None.
-        recognises: for formats whose config.json has no ``model_type``: a test on the raw dict.
+    Every registered format with an ``export`` (other than ssmkit's own) is asked in turn, plain
+    transformers Mamba/Mamba2 first, then the others by name; each refuses with a ValueError a model it
+    cannot describe exactly. When all refuse, the ValueError lists each one's reason.
     """
-
-    name: str
-    config_from_raw: Callable[[dict], ModelConfig]
-    weights_to_ssmkit: Callable[[Tensors], Tensors] = _same_names
-    export: Optional[Callable[[torch.nn.Module], Tuple[dict, Tensors]]] = None
-    recognises: Optional[Callable[[dict], bool]] = None
-
-
-#: model_type -> format. Formats without a model_type are keyed by their name and found by ``recognises``.
-FORMATS: Dict[str, CheckpointFormat] = {}
-
-
-def register_format(fmt: CheckpointFormat, model_types: Tuple[str, ...] = ()) -> CheckpointFormat:
-    """Add ``fmt`` under each of ``model_types`` (or under its name when it is recognised by content)."""
-    if not model_types and fmt.recognises is None:
-        raise ValueError(f"format {fmt.name!r} needs model_types or a recognises(raw) test")
-    for key in model_types or (fmt.name,):
-        if key in FORMATS and FORMATS[key] is not fmt:
-            raise ValueError(f"checkpoint format {key!r} is registered twice ({FORMATS[key].name!r} and {fmt.name!r})")
-        FORMATS[key] = fmt
-    return fmt
+    candidates = {id(f): f for f in FORMATS.values() if f.export is not None and f is not SSMKIT}.values()
+    reasons = []
+    for fmt in sorted(candidates, key=lambda f: (f.name != "transformers", f.name)):
+        try:
+            raw, tensors = fmt.export(model)
+        except ValueError as err:
+            reasons.append(f"  {fmt.name}: {err}")
+            continue
+        return fmt.name, raw, tensors
+    raise ValueError("no transformers format describes this model:\n" + "\n".join(reasons))
 
 
-def supported_model_types() -> list:
-    """The ``model_type`` values (and content-recognised format names) ssmkit reads."""
-    return sorted(FORMATS)
-
-
-def format_of(raw: dict, source: str = "config.json") -> CheckpointFormat:
-    """The format of a config.json dict; an unknown one is a ValueError naming the supported ones."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source} must hold a JSON object; got {type(raw).__name__}")
-    model_type = raw.get("model_type")
-    if isinstance(model_type, str) and model_type in FORMATS and FORMATS[model_type].recognises is None:
-        return FORMATS[model_type]
-    for fmt in FORMATS.values():
-        if fmt.recognises is not None and fmt.recognises(raw):
-            return fmt
-    readable = [k for k, f in sorted(FORMATS.items()) if f.recognises is None]
-    by_content = [k for k, f in sorted(FORMATS.items()) if f.recognises is not None]
-    raise ValueError(f"{source}: unrecognised checkpoint (model_type={model_type!r}); ssmkit reads model_type "
-                     f"{readable}" + (f" and, recognised by their keys, {by_content}" if by_content else ""))
-
-
-# ssmkit's own format lives in models/io.py (the trainer writes it too); it is listed here like any other.
-SSMKIT = register_format(CheckpointFormat(name=SSMKIT_MODEL_TYPE, config_from_raw=config_from_dict,
-                                          export=lambda model: (config_to_dict(model.config), unique_state_dict(model))),
-                         model_types=(SSMKIT_MODEL_TYPE,))
+def save_transformers(model, directory):
+    """Write ``model`` as a transformers checkpoint directory (config.json + model.safetensors) in the format
+    :func:`transformers_export` picks, atomically. Returns (path, format name)."""
+    name, raw, tensors = transformers_export(model)
+    return write_checkpoint_dir(directory, raw, tensors), name

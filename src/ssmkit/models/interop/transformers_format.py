@@ -47,7 +47,7 @@ def config_from_hf(raw: dict) -> ModelConfig:
     kwargs = dict(d_state=raw.get("state_size", 128), d_conv=raw.get("conv_kernel", 4), expand=expand,
                   headdim=head_dim, ngroups=raw.get("n_groups", 1), chunk_size=raw.get("chunk_size", 256),
                   conv_bias=raw.get("use_conv_bias", True), bias=raw.get("use_bias", False),
-                  dt_limit=tuple(_json_float(v) for v in limit))
+                  dt_limit=tuple(_json_float(v) for v in limit), norm_eps=raw.get("layer_norm_epsilon", 1e-5))
     return ModelConfig(mixer="mamba2", mixer_kwargs={"mamba2": kwargs},
                        tie_embeddings=raw.get("tie_word_embeddings", False), **common)
 
@@ -65,6 +65,12 @@ def to_hf(model) -> Tuple[dict, Dict[str, torch.Tensor]]:
         raise ValueError("only pure Mamba or Mamba2 language models (RMSNorm, no MLP) convert to transformers; "
                          f"this model has mixers {sorted(kinds)}, mlp={cfg.mlp!r}, norm={cfg.norm!r}, head={cfg.head!r}")
     mixer = model.backbone.layers[0].mixer
+    if getattr(mixer, "dt_bc_rmsnorm", None) is not None:
+        raise ValueError("transformers' Mamba has no norms on dt, B and C; this model has "
+                         f"dt_bc_rmsnorm={mixer.dt_bc_rmsnorm!r} (Falcon-Mamba or Jamba's)")
+    if kinds == {"mamba2"} and mixer.rmsnorm and mixer.norm.eps != cfg.norm_eps:
+        raise ValueError("transformers' Mamba2 uses layer_norm_epsilon in its gated norm too; this model has "
+                         f"{mixer.norm.eps} there and norm_eps={cfg.norm_eps}")
     kind = kinds.pop()
     base = dict(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, vocab_size=cfg.padded_vocab_size,
                 layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=cfg.residual_in_fp32,

@@ -1,0 +1,157 @@
+"""Released hybrid formats on the CPU: ssmkit vs transformers on the same weights (issue 14).
+
+Three transformers model types at a realistic width with fewer layers, random weights made by transformers
+and saved to a temporary directory, which ssmkit then reads with ``ssmkit.from_pretrained`` (so both run the
+very same tensors, through ssmkit's converters):
+
+  jamba       d_model 2048, 8 layers: Mamba with dt/B/C norms, attention in layer 4, a mixture of 4 experts
+              (top 2) every other layer
+  bamba       d_model 2048, 8 layers: Mamba-2 (64 heads of 64, 2 groups, N 128), attention in layers 3 and 7
+              (partial rotary), SwiGLU MLPs
+  nemotron_h  d_model 2048, 8 layers "M-M*M-M-": Mamba-2 (64 heads of 64, 8 groups, N 128), one attention
+              layer, relu^2 MLP-only layers
+
+For each prompt length and each side: prefill tokens/s (one forward over the prompt that keeps the state or
+cache and computes the last position's logits only), decode ms/token (greedy; the time of generating 1 + N
+tokens minus that of generating 1, over N, so each side's own generation loop is what is timed), and the peak
+resident memory growth of that generation.
+The greedy tokens of both sides are compared and a mismatch is reported. Run it on a quiet machine:
+
+    python benchmarks/bench_hybrids.py                           # 2 threads, prompts 512 8192, 64 new tokens
+    python benchmarks/bench_hybrids.py --quick                   # tiny models, a smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakMemory, machine_info, setup, write_json  # noqa: E402
+
+import ssmkit  # noqa: E402
+
+TYPES = ("jamba", "bamba", "nemotron_h")
+
+
+def hf_config(model_type: str, d_model: int, layers: int, vocab: int, quick: bool):
+    """A transformers config of ``model_type`` at this width (quick: tiny heads and states)."""
+    import transformers
+
+    heads = 4 if quick else d_model // 128
+    mamba_heads = 4 if quick else d_model * 2 // 64
+    state = 8 if quick else 128
+    if model_type == "jamba":
+        return transformers.JambaConfig(
+            vocab_size=vocab, hidden_size=d_model, intermediate_size=(2 if quick else 11) * d_model // 4,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+            num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+            attn_layer_period=layers, attn_layer_offset=layers // 2, mamba_d_state=16, tie_word_embeddings=False)
+    if model_type == "bamba":
+        return transformers.BambaConfig(
+            vocab_size=vocab, hidden_size=d_model, intermediate_size=(2 if quick else 11) * d_model // 4,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+            attn_layer_indices=[i for i in range(layers) if i % 4 == 3], mamba_n_heads=mamba_heads,
+            mamba_n_groups=2, mamba_d_state=state, mamba_chunk_size=256, tie_word_embeddings=False)
+    if model_type == "nemotron_h":
+        pattern = ("M-M*M-M-" * layers)[:layers]
+        kinds = {"M": "mamba", "*": "attention", "-": "mlp"}
+        return transformers.NemotronHConfig(
+            vocab_size=vocab, hidden_size=d_model, intermediate_size=(2 if quick else 4) * d_model,
+            layers_block_type=[kinds[c] for c in pattern], num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 4), head_dim=d_model // heads, mamba_num_heads=mamba_heads,
+            mamba_head_dim=d_model * 2 // mamba_heads, n_groups=2 if quick else 8, ssm_state_size=state,
+            chunk_size=128, tie_word_embeddings=False)
+    raise SystemExit(f"unknown model type {model_type!r}; choose from {TYPES}")
+
+
+def runners(ours, hf, chunk: int) -> dict:
+    """side -> (generate(ids, n) -> the n greedy tokens, forward(ids) over the prompt keeping state or cache)."""
+    return {
+        "ssmkit": (lambda ids, n: ours.generate(ids, max_new_tokens=n).new_tokens,
+                   lambda ids: ours.prefill(list(ids), chunk_size=chunk)),
+        "transformers": (lambda ids, n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n,
+                                                    do_sample=False)[:, ids.shape[1]:],
+                         lambda ids: hf(ids, use_cache=True, logits_to_keep=1)),  # last logits, as ssmkit's
+    }
+
+
+@torch.no_grad()
+def time_side(generate, forward, ids: torch.Tensor, new_tokens: int):
+    """(prefill seconds, decode seconds per token, peak MB, the 1 + new_tokens greedy tokens)."""
+    start = time.perf_counter()
+    forward(ids)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    generate(ids, 1)
+    one = time.perf_counter() - start
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        tokens = generate(ids, 1 + new_tokens)
+        many = time.perf_counter() - start
+    return prefill, max(many - one, 0.0) / new_tokens, mem.peak_mb, tokens
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
+    parser.add_argument("--d-model", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--prompts", nargs="+", type=int, default=[512, 8192])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=2048, help="ssmkit prefill chunk (bounded activation memory)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: d_model 64, 4 layers, vocab 256, prompts 32 64, 4 new tokens")
+    parser.add_argument("--out", default="outputs/bench_hybrids.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.d_model, args.layers, args.vocab, args.prompts, args.new_tokens = 64, 4, 256, [32, 64], 4
+    setup(args.threads)
+    import transformers
+
+    print(f"threads {args.threads}, d_model {args.d_model}, {args.layers} layers, {args.new_tokens} new tokens, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    rows, mismatches = [], []
+    for model_type in args.types:
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(
+            hf_config(model_type, args.d_model, args.layers, args.vocab, args.quick)).eval()
+        hf.generation_config.eos_token_id = None  # both sides generate exactly the tokens asked for
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp)
+            ours = ssmkit.from_pretrained(tmp)
+        params = sum(p.numel() for p in ours.parameters())
+        sides = runners(ours, hf, args.chunk)
+        warm = torch.randint(0, args.vocab, (1, 16))
+        for generate, forward in sides.values():  # first-call costs (extension loading, allocator) out of the way
+            generate(warm, 2), forward(warm)
+        for length in args.prompts:
+            ids = torch.randint(0, args.vocab, (1, length), generator=torch.Generator().manual_seed(length))
+            tokens = {}
+            for side, (generate, forward) in sides.items():
+                prefill, decode, peak, tokens[side] = time_side(generate, forward, ids, args.new_tokens)
+                row = dict(type=model_type, side=side, params=params, prompt=length, prefill_tok_s=length / prefill,
+                           decode_ms=decode * 1e3, peak_mb=peak)
+                rows.append(row)
+                print(f"  {model_type:11} {side:12} prompt {length:6}: prefill {row['prefill_tok_s']:8.0f} tok/s, "
+                      f"decode {row['decode_ms']:7.1f} ms/token, peak +{peak:6.0f} MB", flush=True)
+            if not torch.equal(tokens["ssmkit"], tokens["transformers"]):
+                mismatches.append(f"{model_type} prompt {length}")
+                print(f"  {model_type:11} prompt {length}: greedy tokens differ: {tokens['ssmkit'].tolist()} vs "
+                      f"{tokens['transformers'].tolist()}", flush=True)
+        del hf, ours, sides  # free this type's models before the next is built
+    write_json(args.out, dict(machine=machine_info(args.threads), args=vars(args), rows=rows, mismatches=mismatches))
+    print(f"written {args.out}" + (f"; greedy tokens differ for {mismatches}" if mismatches else
+                                   "; greedy tokens agree everywhere"))
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba) share: reading their JSON
+values, renaming their per-layer tensors to ssmkit's and back, and the checks an export makes before it
+claims a model.
+
+Not a format itself (the leading underscore keeps it out of the package's import loop).
+
+ssmkit's names: ``backbone.embeddings``, ``backbone.layers.{i}.norm`` (before the mixer), ``.mixer``,
+``.norm2`` (before the MLP), ``.mlp`` (``gate_proj``/``up_proj``/``down_proj``; a mixture of experts:
+``router`` and ``experts.{e}.*``), ``backbone.norm_f``, ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Dict, Optional
+
+import torch
+
+Tensors = Dict[str, torch.Tensor]
+
+_LAYER = re.compile(r"^(?P<prefix>.*?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def json_float(value) -> float:
+    """transformers 5 writes non-finite floats as {"__float__": "Infinity"}; older versions as Infinity."""
+    if isinstance(value, dict) and "__float__" in value:
+        return float(value["__float__"])
+    return float(value)
+
+
+def require(raw: dict, key: str, model_type: str):
+    """raw[key], or a ValueError naming the key that the config.json of ``model_type`` lacks."""
+    if key not in raw:
+        raise ValueError(f"{model_type} config.json has no {key!r}")
+    return raw[key]
+
+
+def dt_rank_of(value, hidden_size: int) -> int:
+    return math.ceil(hidden_size / 16) if value == "auto" else int(value)
+
+
+def rename_layers(weights: Tensors, outer: Dict[str, str],
+                  inner: Callable[[int, str], Optional[str]]) -> Tensors:
+    """Rename a state dict: whole names through ``outer``, per-layer ones ``<...>layers.{i}.<rest>`` through
+    ``inner(i, rest)`` (the new name, or None to keep it as it is, so a strict load reports it)."""
+    renamed = {}
+    for key, value in weights.items():
+        if key in outer:
+            renamed[outer[key]] = value
+            continue
+        match = _LAYER.match(key)
+        new = inner(int(match["index"]), match["rest"]) if match else None
+        renamed[new if new is not None else key] = value
+    return renamed
+
+
+def unpack_experts(weights: Tensors, prefix: str) -> Tensors:
+    """transformers 5 keeps the experts of a mixture as two stacked tensors in memory
+    (``experts.gate_up_proj`` (E, 2I, D), ``experts.down_proj`` (E, D, I)); checkpoints on disk usually hold
+    one ``experts.{e}.{gate,up,down}_proj.weight`` per expert. Either way: the per-expert names under ``prefix``."""
+    out = dict(weights)
+    packed_gate_up, packed_down = f"{prefix}experts.gate_up_proj", f"{prefix}experts.down_proj"
+    if packed_gate_up in out and packed_down in out:
+        gate_up, down = out.pop(packed_gate_up), out.pop(packed_down)
+        hidden = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            out[f"{prefix}experts.{e}.gate_proj.weight"] = gate_up[e, :hidden]
+            out[f"{prefix}experts.{e}.up_proj.weight"] = gate_up[e, hidden:]
+            out[f"{prefix}experts.{e}.down_proj.weight"] = down[e]
+    return out
+
+
+def check_language_model(model, fmt: str) -> None:
+    """The part every export shares: an RMSNorm language model read left to right."""
+    cfg = model.config
+    if cfg.head != "lm" or cfg.vocab_size is None or cfg.bidirectional or cfg.norm != "rmsnorm":
+        raise ValueError(f"{fmt}: only causal RMSNorm language models convert; this model has head={cfg.head!r}, "
+                         f"norm={cfg.norm!r}, bidirectional={cfg.bidirectional}")
+
+
+def all_equal(values, what: str, fmt: str):
+    """The one value every layer shares (transformers' configs hold one per model), else a ValueError."""
+    values = list(values)
+    if len(set(values)) > 1:
+        raise ValueError(f"{fmt}: every layer must share one {what}; this model has {sorted(set(map(str, values)))}")
+    return values[0] if values else None
+
+
+def has_bias(linear) -> bool:
+    return linear.bias is not None
+
+
+def state_dict_without_tied_head(model) -> Tensors:
+    tensors = dict(model.state_dict())
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors

@@ -1,0 +1,170 @@
+"""transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h.
+
+For each type a small random model is made with transformers' own config class (odd sizes, several layers, a
+mixture of experts where the type has one, n_groups > 1 where it applies), its norms and skip weights
+perturbed so that none is a silent 1, and saved to disk. ssmkit must then read the directory to logits within
+1e-4 of transformers' (float32), the same 20 greedy tokens, the same logits when the sequence is read in two
+pieces with the state carried between them, and ``ssmkit convert DIR OUT --to hf`` must write a directory
+that transformers loads back to the same logits.
+"""
+
+import pytest
+import torch
+
+from ssmkit.cli import main as cli_main
+from ssmkit.models import from_pretrained
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 53
+
+
+def _config_class(name: str):
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    return cls
+
+
+def _perturb(model):
+    """transformers initialises norms and D to ones and Jamba's dt/B/C norms too: make every one count."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight", ".D", "dt_bias")):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def hf_falcon_mamba():
+    cfg = _config_class("FalconMambaConfig")(
+        vocab_size=VOCAB, hidden_size=20, state_size=5, num_hidden_layers=3, expand=2, conv_kernel=3,
+        time_step_rank=3, mixer_rms_eps=1e-5, tie_word_embeddings=True)
+    return transformers.FalconMambaForCausalLM(cfg)
+
+
+def hf_jamba():  # widths of whole 16-byte rows: transformers runs its experts through torch._grouped_mm
+    cfg = _config_class("JambaConfig")(
+        vocab_size=VOCAB, hidden_size=20, intermediate_size=28, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=3, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=3, attn_layer_offset=1, mamba_d_state=5, mamba_d_conv=3, mamba_dt_rank=3,
+        rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return transformers.JambaForCausalLM(cfg)
+
+
+def hf_bamba():
+    cfg = _config_class("BambaConfig")(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=26, num_hidden_layers=4, num_attention_heads=3,
+        num_key_value_heads=1, attn_layer_indices=[1, 3], mamba_n_heads=6, mamba_n_groups=2, mamba_d_state=5,
+        mamba_d_conv=3, mamba_chunk_size=8, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return transformers.BambaForCausalLM(cfg)
+
+
+def hf_nemotron_h():
+    cfg = _config_class("NemotronHConfig")(
+        vocab_size=VOCAB, hidden_size=22, intermediate_size=26, layers_block_type=["mamba", "attention", "mlp",
+                                                                                      "mamba", "mlp"],
+        num_attention_heads=3, num_key_value_heads=1, head_dim=6, mamba_num_heads=4, mamba_head_dim=11,
+        n_groups=2, ssm_state_size=5, conv_kernel=3, chunk_size=8, time_step_min=0.01, tie_word_embeddings=False)
+    return transformers.NemotronHForCausalLM(cfg)
+
+
+MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h}
+
+
+@pytest.fixture(scope="module", params=sorted(MAKERS))
+def saved(request, tmp_path_factory):
+    """(model_type, transformers model, its directory)."""
+    torch.manual_seed(0)
+    hf = _perturb(MAKERS[request.param]()).eval()
+    directory = tmp_path_factory.mktemp(request.param) / "hf"
+    hf.save_pretrained(directory)
+    return request.param, hf, directory
+
+
+def _ids(length=19, batch=2, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_close(actual, expected, what):
+    err = (actual - expected).abs().max().item()
+    assert err <= 1e-4 * max(1.0, expected.abs().max().item()), f"{what}: logits differ by {err}"
+
+
+def test_logits_match_transformers(saved):
+    model_type, hf, directory = saved
+    ours = from_pretrained(directory)
+    ids = _ids()
+    with torch.no_grad():
+        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, model_type)
+
+
+def test_greedy_continuation_matches_transformers(saved):
+    model_type, hf, directory = saved
+    ours = from_pretrained(directory)
+    prompt = _ids(length=7, batch=1, seed=2)
+    hf.generation_config.eos_token_id = None  # plain greedy decoding on both sides, no early stop
+    expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[:, 7:]
+    actual = ours.generate(prompt, max_new_tokens=20).new_tokens
+    assert torch.equal(actual, expected), f"{model_type}: {actual.tolist()} != {expected.tolist()}"
+
+
+def test_carried_state_equals_reading_everything(saved):
+    model_type, _, directory = saved
+    ours = from_pretrained(directory)
+    ids = _ids(length=23)
+    with torch.no_grad():
+        whole = ours(ids).logits
+        first = ours(ids[:, :9], return_state=True)
+        second = ours(ids[:, 9:20], state=first.state, return_state=True)
+        pieces = [first.logits, second.logits]
+        state = second.state
+        for t in range(20, 23):  # and token by token from there
+            logits, state = ours.step(ids[:, t], state)
+            pieces.append(logits[:, None])
+    _assert_close(torch.cat(pieces, dim=1), whole, f"{model_type} with a carried state")
+
+
+def test_convert_to_hf_loads_back_in_transformers(saved, tmp_path, capsys):
+    model_type, hf, directory = saved
+    assert cli_main(["convert", str(directory), str(tmp_path / "back"), "--to", "hf"]) == 0
+    assert f"model_type {model_type}" in capsys.readouterr().out
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert again.config.model_type == model_type
+    ids = _ids(seed=3)
+    with torch.no_grad():
+        _assert_close(again(ids).logits, hf(ids).logits, f"{model_type} written by ssmkit convert")
+
+
+def test_nemotron_h_mixture_of_experts_layers_are_refused_by_name(tmp_path):
+    cfg = _config_class("NemotronHConfig")(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, layers_block_type=["mamba", "moe"],
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, n_groups=1,
+        ssm_state_size=4, n_routed_experts=2, moe_intermediate_size=8, moe_shared_expert_intermediate_size=8)
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"layers of type \['moe'\] are not supported"):
+        from_pretrained(tmp_path)
+
+
+def test_a_damaged_hybrid_checkpoint_lists_what_does_not_match(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_type, _, directory = saved
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text((directory / "config.json").read_text())
+    tensors = load_file(str(directory / "model.safetensors"))
+    dropped = sorted(k for k in tensors if "A_log" in k)[0]
+    del tensors[dropped]
+    tensors["model.extra.weight"] = torch.zeros(2)
+    save_file(tensors, str(tmp_path / "d" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"(?s)missing \(1\): .*A_log.*unexpected \(1\): model.extra.weight"):
+        from_pretrained(tmp_path / "d")
+
+
+def test_sharded_checkpoints_load(saved, tmp_path):
+    model_type, hf, _ = saved
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    ours = from_pretrained(tmp_path / "sharded")
+    ids = _ids(seed=4)
+    with torch.no_grad():
+        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"{model_type} from shards")
