@@ -80,6 +80,8 @@ MODELS = {
                    mixer_kwargs=dict(headdim=8, d_state=6, ngroups=2)),
     "hybrid-mlp": dict(d_model=16, n_layers=3, vocab_size=37, mixer="MHS", mlp="gated",
                        mixer_kwargs=dict(mamba=dict(d_state=4), s4d=dict(d_state=4))),
+    "mlp-only-layer": dict(d_model=16, n_layers=3, vocab_size=37, mixer="M-M", mlp=["none", "gated", "none"],
+                           mixer_kwargs=dict(mamba=dict(d_state=4))),
 }
 
 

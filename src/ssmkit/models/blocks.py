@@ -186,6 +186,8 @@ class Block(nn.Module):
 
     def step_inplace(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
         """``step`` writing the mixer's new state into ``state`` (see ``Mixer.step_inplace``): x_t -> h_t."""
+        if self.mixer is None:
+            return self._mlp(self._residual(x_t), need_aux=False)[0]
         y = self.mixer.step_inplace(self.norm(x_t.to(self.norm.weight.dtype)), state)
         h, _ = self._mlp(self._residual(x_t) + y, need_aux=False)
         return h

@@ -203,7 +203,7 @@ def graph_support(model, require_cuda: bool = True) -> Optional[str]:
     if require_cuda and device.type != "cuda":
         return f"CUDA-graph decoding needs a CUDA model; the model is on {device}"
     for i, layer in enumerate(model.backbone.layers):
-        if not layer.mixer.constant_state:
+        if layer.mixer is not None and not layer.mixer.constant_state:
             return (f"layer {i} ({type(layer.mixer).__name__}) keeps a growing cache; a CUDA graph replays fixed "
                     "shapes")
         if isinstance(layer.mlp, MoE):
