@@ -11,10 +11,10 @@ very same tensors, through ssmkit's converters):
   nemotron_h  d_model 2048, 8 layers "M-M*M-M-": Mamba-2 (64 heads of 64, 8 groups, N 128), one attention
               layer, relu^2 MLP-only layers
 
-For each prompt length and each side: prefill tokens/s (one forward over the prompt that keeps the state or
-cache and computes the last position's logits only), decode ms/token (greedy; the time of generating 1 + N
-tokens minus that of generating 1, over N, so each side's own generation loop is what is timed), and the peak
-resident memory growth of that generation.
+For each prompt length and each side, one greedy generation of 1 + N tokens through the side's own
+``generate`` with a streamer that stamps each token: prefill tokens/s from the time to the first token (the
+prompt pass keeps the state or cache and computes the last position's logits only), decode ms/token from the
+gaps between the following tokens, and the peak resident memory growth of that generation.
 The greedy tokens of both sides are compared and a mismatch is reported. Run it on a quiet machine:
 
     python benchmarks/bench_hybrids.py                           # 2 threads, prompts 512 8192, 64 new tokens
@@ -70,31 +70,47 @@ def hf_config(model_type: str, d_model: int, layers: int, vocab: int, quick: boo
     raise SystemExit(f"unknown model type {model_type!r}; choose from {TYPES}")
 
 
-def runners(ours, hf, chunk: int) -> dict:
-    """side -> (generate(ids, n) -> the n greedy tokens, forward(ids) over the prompt keeping state or cache)."""
+class _Stamps:
+    """A streamer (transformers' ``put``/``end`` protocol, which ssmkit's ``generate`` also accepts) that
+    records when each new token arrives. transformers first puts the prompt: that call is skipped."""
+
+    def __init__(self, skip_first: bool):
+        self.skip, self.times, self.tokens = skip_first, [], []
+
+    def put(self, tokens):
+        if self.skip:
+            self.skip = False
+            return
+        self.times.append(time.perf_counter())
+        self.tokens.append(tokens.reshape(-1).clone())
+
+    def end(self):
+        pass
+
+
+def runners(ours, hf) -> dict:
+    """side -> generate(ids, n, streamer): n greedy tokens, each handed to the streamer as it is made."""
     return {
-        "ssmkit": (lambda ids, n: ours.generate(ids, max_new_tokens=n).new_tokens,
-                   lambda ids: ours.prefill(list(ids), chunk_size=chunk)),
-        "transformers": (lambda ids, n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n,
-                                                    do_sample=False)[:, ids.shape[1]:],
-                         lambda ids: hf(ids, use_cache=True, logits_to_keep=1)),  # last logits, as ssmkit's
+        "ssmkit": lambda ids, n, streamer: ours.generate(ids, max_new_tokens=n, streamer=streamer),
+        "transformers": lambda ids, n, streamer: hf.generate(ids, max_new_tokens=n, min_new_tokens=n,
+                                                             do_sample=False, streamer=streamer),
     }
 
 
 @torch.no_grad()
-def time_side(generate, forward, ids: torch.Tensor, new_tokens: int):
-    """(prefill seconds, decode seconds per token, peak MB, the 1 + new_tokens greedy tokens)."""
-    start = time.perf_counter()
-    forward(ids)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    generate(ids, 1)
-    one = time.perf_counter() - start
+def time_side(side: str, generate, ids: torch.Tensor, new_tokens: int):
+    """(prefill seconds, decode seconds per token, peak MB, the 1 + new_tokens greedy tokens).
+
+    One generation per side and length: the prefill time is the time to the first new token (the prompt
+    pass keeps the state or cache and computes the last position's logits only, on both sides), the decode
+    time the mean gap between the following tokens, so each side's own generation loop is what is timed."""
+    stamps = _Stamps(skip_first=side == "transformers")
     with PeakMemory() as mem:
         start = time.perf_counter()
-        tokens = generate(ids, 1 + new_tokens)
-        many = time.perf_counter() - start
-    return prefill, max(many - one, 0.0) / new_tokens, mem.peak_mb, tokens
+        generate(ids, 1 + new_tokens, stamps)
+    prefill = stamps.times[0] - start
+    decode = (stamps.times[-1] - stamps.times[0]) / new_tokens
+    return prefill, decode, mem.peak_mb, torch.stack(stamps.tokens, dim=-1)
 
 
 def main(argv=None):
@@ -106,7 +122,6 @@ def main(argv=None):
     parser.add_argument("--prompts", nargs="+", type=int, default=[512, 8192])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--chunk", type=int, default=2048, help="ssmkit prefill chunk (bounded activation memory)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: d_model 64, 4 layers, vocab 256, prompts 32 64, 4 new tokens")
     parser.add_argument("--out", default="outputs/bench_hybrids.json")
@@ -128,15 +143,15 @@ def main(argv=None):
             hf.save_pretrained(tmp)
             ours = ssmkit.from_pretrained(tmp)
         params = sum(p.numel() for p in ours.parameters())
-        sides = runners(ours, hf, args.chunk)
+        sides = runners(ours, hf)
         warm = torch.randint(0, args.vocab, (1, 16))
-        for generate, forward in sides.values():  # first-call costs (extension loading, allocator) out of the way
-            generate(warm, 2), forward(warm)
+        for side, generate in sides.items():  # first-call costs (extension loading, allocator) out of the way
+            generate(warm, 2, _Stamps(skip_first=side == "transformers"))
         for length in args.prompts:
             ids = torch.randint(0, args.vocab, (1, length), generator=torch.Generator().manual_seed(length))
             tokens = {}
-            for side, (generate, forward) in sides.items():
-                prefill, decode, peak, tokens[side] = time_side(generate, forward, ids, args.new_tokens)
+            for side, generate in sides.items():
+                prefill, decode, peak, tokens[side] = time_side(side, generate, ids, args.new_tokens)
                 row = dict(type=model_type, side=side, params=params, prompt=length, prefill_tok_s=length / prefill,
                            decode_ms=decode * 1e3, peak_mb=peak)
                 rows.append(row)
