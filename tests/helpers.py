@@ -28,7 +28,9 @@ def skip_unless_grouped_mamba2_norm(ngroups: int) -> None:
     import transformers
     from transformers.models.mamba2 import modeling_mamba2
 
-    if "group_size" not in inspect.signature(modeling_mamba2.MambaRMSNormGated.__init__).parameters:
+    # the class was MambaRMSNormGated until transformers 5.24 and Mamba2RMSNormGated from 5.25 on
+    norm = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or getattr(modeling_mamba2, "MambaRMSNormGated")
+    if "group_size" not in inspect.signature(norm.__init__).parameters:
         pytest.skip(f"transformers {transformers.__version__} normalises Mamba-2's gated RMSNorm over all groups "
                     "together; mamba_ssm and ssmkit normalise per group (n_groups > 1 differs)")
 

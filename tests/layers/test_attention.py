@@ -145,6 +145,48 @@ def test_causal_and_gradient_reaches_cache():
     assert state["attention.k"].grad.abs().max() > 0 and state["attention.v"].grad.abs().max() > 0
 
 
+def test_decoding_appends_in_place_and_branching_copies():
+    """Without a window, steps grow one buffer in place (no copy of the cache per token); stepping twice from
+    the same state gives the same outputs both times and leaves the first branch's state untouched."""
+    mixer = make("gqa")
+    x = torch.randn(2, 30, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = reference(mixer, x)
+        _, state = mixer(x[:, :5], return_state=True)
+        ys, buffers = [], set()
+        for t in range(5, 25):
+            y_t, state = mixer.step(x[:, t], state)
+            ys.append(y_t)
+            buffers.add(state["attention.k"].data_ptr())
+        assert len(buffers) == 1  # one buffer: the first step allocated room, the rest wrote into it
+        assert_close_scaled(torch.stack(ys, 1), expected[:, 5:25], 1e-12, "in-place steps")
+        # branching: two different next tokens from the same state, then the first branch continues
+        a_out, a_state = mixer.step(x[:, 25], state)
+        keys_a = a_state["attention.k"].clone()
+        b_out, b_state = mixer.step(x[:, 26], state)
+        assert b_state["attention.k"].data_ptr() != a_state["attention.k"].data_ptr()
+        torch.testing.assert_close(a_state["attention.k"], keys_a, rtol=0, atol=0)
+        assert_close_scaled(a_out, expected[:, 25], 1e-12, "branch a")
+        a2_out, _ = mixer.step(x[:, 26], a_state)
+        assert_close_scaled(a2_out, expected[:, 26], 1e-12, "branch a continued")
+        y_b, _ = mixer(torch.cat([x[:, :25], x[:, 26:27]], 1))[:, -1:], None
+        assert_close_scaled(b_out, y_b[:, 0], 1e-12, "branch b")
+
+
+def test_gradient_through_a_growing_cache():
+    """With gradients recorded the cache is concatenated (never written in place): backward works and
+    matches the parallel pass."""
+    mixer = make("mha")
+    x = torch.randn(1, 10, 12, dtype=torch.float64, requires_grad=True)
+    y_full = mixer(x)
+    _, state = mixer(x[:, :6], return_state=True)
+    y1, state = mixer(x[:, 6:8], state, return_state=True)
+    y2, _ = mixer(x[:, 8:], state, return_state=True)
+    grad_pieces = torch.autograd.grad(torch.cat([y1, y2], 1).square().sum(), x)[0]
+    grad_full = torch.autograd.grad(y_full[:, 6:].square().sum(), x)[0]
+    assert_close_scaled(grad_pieces, grad_full, 1e-12, "grad through the cache")
+
+
 def test_registered_and_configured():
     mixer = build_mixer("attention", 8, n_heads=2)
     assert isinstance(mixer, Attention) and mixer.head_dim == 4 and mixer.n_kv_heads == 2

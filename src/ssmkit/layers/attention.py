@@ -19,6 +19,12 @@ State (the KV cache), keys prefixed "attention.":
     pos    (batch,) int64: the number of tokens seen so far; RoPE positions of the next tokens start there
            (it differs from T once the window has dropped tokens).
 
+Decoding without a window appends to the cache in place: the cache returned is a view of the first T
+entries of a buffer with room to grow (capacity T + max(256, T / 8)), so a step writes one new entry instead
+of copying the whole cache. Only the state that last grew a buffer may append to it: stepping twice from the
+same state (branching) copies, and so does any call that records gradients. Grouped heads are read through
+``scaled_dot_product_attention(enable_gqa=True)`` (torch >= 2.5) instead of being copied H / H_kv times.
+
 Glossary (code name -> symbol): d_model = D; n_heads = H; n_kv_heads = H_kv; head_dim = d_h; window = w.
 """
 
@@ -35,6 +41,10 @@ from .._checks import check_positive_int
 from ..ops.rope import apply_rope
 from .base import Mixer, State
 from .registry import register_mixer
+
+# scaled_dot_product_attention reads grouped key/value heads itself from torch 2.5 on (enable_gqa)
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+_FILLED = "_ssmkit_cache_filled"  # attribute of a cache buffer: how many entries along dim 2 are in use
 
 
 @register_mixer("attention")
@@ -138,6 +148,31 @@ class Attention(Mixer):
             k = torch.cat([apply_rope(k[..., :r], pos, self.rope_base), k[..., r:]], dim=-1)
         return q, k, v
 
+    @staticmethod
+    def _append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """cache (B, H_kv, T, d_h) + new (B, H_kv, L, d_h) -> (B, H_kv, T + L, d_h), in place when it may be.
+
+        In place: ``cache`` is the first T entries of a buffer (its ``_base``) that no other state has grown
+        past T, with room for L more, and no gradient is recorded. Otherwise a new buffer with headroom.
+        """
+        length, new_len = cache.shape[2], new.shape[2]
+        if torch.is_grad_enabled() and (cache.requires_grad or new.requires_grad):
+            return torch.cat([cache, new], dim=2)  # autograd: a plain, differentiable concatenation
+        buf = cache._base
+        if (buf is not None and getattr(buf, _FILLED, None) == length and buf.dim() == 4
+                and buf.shape[2] >= length + new_len and buf.shape[:2] == cache.shape[:2]
+                and buf.shape[3] == cache.shape[3] and buf.stride() == cache.stride()
+                and buf.storage_offset() == cache.storage_offset() and buf.dtype == new.dtype):
+            buf[:, :, length:length + new_len].copy_(new)
+            setattr(buf, _FILLED, length + new_len)
+            return buf[:, :, :length + new_len]
+        total = length + new_len
+        buf = cache.new_empty(cache.shape[0], cache.shape[1], total + max(256, total // 8), cache.shape[3])
+        buf[:, :, :length].copy_(cache)
+        buf[:, :, length:total].copy_(new)
+        setattr(buf, _FILLED, total)
+        return buf[:, :, :total]
+
     def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
         """(B, H_kv, T, d_h) -> (B, H, T, d_h), each kv head serving n_heads / n_kv_heads query heads."""
         if self.n_kv_heads == self.n_heads:
@@ -169,21 +204,25 @@ class Attention(Mixer):
         is shorter than the cache, after a batch of prompts of different lengths was stacked); they are masked.
         """
         length, cached = q.shape[2], k.shape[2] - q.shape[2]
-        k, v = self._expand_kv(k), self._expand_kv(v)
+        gqa = {}
+        if self.n_kv_heads != self.n_heads and _SDPA_GQA:
+            gqa = {"enable_gqa": True}  # sdpa reads query head h from kv head h // (H / H_kv), as _expand_kv
+        else:
+            k, v = self._expand_kv(k), self._expand_kv(v)
         if padded is not None and bool((padded > 0).any()):
             mask = self._mask(length, cached, q.device)
             key_at = torch.arange(cached + length, device=q.device)
             real = key_at[None, :] >= padded[:, None]  # (B, T + L)
             full = real[:, None, None, :] if mask is None else real[:, None, None, :] & mask[None, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=full)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=full, **gqa)
         elif not self.causal:
-            y = F.scaled_dot_product_attention(q, k, v)  # every query reads every key
+            y = F.scaled_dot_product_attention(q, k, v, **gqa)  # every query reads every key
         elif cached == 0 and self.window is None:
             # plain causal (torch's is_causal is the top-left aligned mask, right only without a cache):
             # let torch pick its fused causal path instead of reading an explicit mask
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, **gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(length, cached, q.device))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(length, cached, q.device), **gqa)
         return y.transpose(1, 2).reshape(q.shape[0], length, self.n_heads * self.head_dim)
 
     def _trim(self, t: torch.Tensor) -> torch.Tensor:
@@ -212,8 +251,12 @@ class Attention(Mixer):
         if state is not None:
             cached = state[self.state_key("k")].shape[2]
             padded = cached - pos.clamp(max=cached)  # rows with a shorter history than the cache is long
-            k = torch.cat([state[self.state_key("k")], k], dim=2)
-            v = torch.cat([state[self.state_key("v")], v], dim=2)
+            if self.window is None:  # the cache grows: append in place where it may (see _append)
+                k = self._append(state[self.state_key("k")], k)
+                v = self._append(state[self.state_key("v")], v)
+            else:  # a window keeps at most window - 1 entries: a small copy
+                k = torch.cat([state[self.state_key("k")], k], dim=2)
+                v = torch.cat([state[self.state_key("v")], v], dim=2)
         y = self.o_proj(self._attend(q, k, v, padded))
         if not return_state:
             return y, None
