@@ -3,8 +3,11 @@
     OMP_NUM_THREADS=1 python experiments/limits.py                 # --budget 10, 39 points: roughly 10-15 minutes (not timed)
     OMP_NUM_THREADS=1 python experiments/limits.py --quick         # smoke run: two models, one point each
     ssmkit compare --task limits_mqar_many_keys                    # one point as the main job (all presets)
+    OMP_NUM_THREADS=2 python experiments/limits.py --needle --threads 2          # needle sweep: 12 points x 45 s
+    OMP_NUM_THREADS=1 python experiments/limits.py --needle --quick              # its smoke run
+    ssmkit compare --task limits_needle                            # one needle point as the main job
 
-Two sweeps, every model the ``ssmkit compare`` preset (2 layers, d_model 64) trained for ``--budget``
+Two sweeps (and a third with ``--needle``), every model the ``ssmkit compare`` preset (2 layers, d_model 64) trained for ``--budget``
 seconds per point (batch 32, lr 3e-3, warm-up + cosine) and scored on held-out examples:
 
 * **Multi-query associative recall** (Zoology, Arora et al. 2023, arXiv 2312.04927): L = 128, vocabulary 512,
@@ -23,9 +26,21 @@ the direction of the gap at this scale, not its size at the papers'. Training ti
 machine (other jobs running), so they are not benchmarks; the accuracies do not depend on them beyond the
 number of steps each budget bought.
 
-Not here (left for a later change): the needle-in-a-haystack retrieval on the bytes LM (issue 17, 1c).
+* **Needle in a haystack on the bytes LM** (``--needle``, run on its own): the ``needle_haystack`` task, a
+  line ``STX key=value ETX`` (4 letters, 4 digits) hidden at a random depth of standard-library source
+  bytes, then ``ENQ key=`` and the value to reproduce (:mod:`ssmkit.tasks.needle`). Mamba, attention
+  (transformer) and the Mamba/attention hybrid are each trained ``--needle-budget`` seconds (batch 32) at
+  every context length in ``--needle-lengths`` (128, 256, 512, 1024 bytes) and scored on test filler with the
+  needle at depths 0, 0.25, 0.5, 0.75 and 1 (0: the first bytes, farthest from the query): accuracy over the
+  value digits and exact match of the whole value (chance 1e-4). Each length is trained on its own, so no
+  model is asked to read positions it never saw in training (RoPE attention would otherwise be measured on
+  length extrapolation, not on recall). Published shape (RULER, Hsieh et al. 2024, arXiv 2404.06654, at LLM
+  scale): single-needle retrieval is the easiest of its tasks for transformers within their trained context,
+  and the non-transformer models it tests (RWKV-v5, Mamba) fall well short of transformers as the context
+  grows. What the fixed state predicts: the needle must survive F bytes of filler in the state, attention
+  looks the key up, so SSM accuracy should fall with length (and with distance from the query).
 
-Writes experiments/results/limits.json (or ``--out``).
+Writes experiments/results/limits.json (or ``--out``); ``--needle`` writes experiments/results/limits_needle.json.
 """
 
 from __future__ import annotations
@@ -38,7 +53,10 @@ from ssmkit.compare import D_MODEL  # noqa: E402  (common puts src/ on the path 
 from ssmkit.train import ModelSpec  # noqa: E402
 
 NAME = "limits"
+NEEDLE_NAME = "limits_needle"
 MODELS = ("mamba", "mamba2", "s4d", "linear_attention", "transformer", "hybrid")
+NEEDLE_MODELS = ("mamba", "transformer", "hybrid")
+NEEDLE_KEY_LEN, NEEDLE_VALUE_LEN = 4, 4
 MQAR_VOCAB = 512
 MQAR_LENGTH = 128
 COPY_VOCAB = 32
@@ -51,6 +69,9 @@ PUBLISHED = {
                        "of hundreds of tokens after training on short ones, Mamba of similar size degrades as the "
                        "string grows; Theorem 2.7: a model with a fixed state of S bits cannot copy strings whose "
                        "information exceeds S",
+    "ruler": "Hsieh et al. 2024 (arXiv 2404.06654), RULER: single-needle retrieval is the easiest of its tasks "
+             "for transformer LLMs within their trained context; the non-transformer models it tests (RWKV-v5, "
+             "Mamba) fall well short of transformers as the context grows",
 }
 
 
@@ -74,14 +95,116 @@ def one_point(label: str, task_name: str, task_kwargs: dict, spec: ModelSpec, ar
     return {**summary, "test_accuracy": round(metrics["test_accuracy"], 4), "test_loss": round(metrics["test_loss"], 4)}
 
 
+def needle_sweep(args) -> dict:
+    """Train each model at each context length on ``needle_haystack``; score it on test filler at each depth."""
+    from ssmkit.tasks import make_task
+    from ssmkit.train import evaluate
+
+    results = {}
+    for length in args.needle_lengths:
+        kwargs = {"length": length, "key_len": NEEDLE_KEY_LEN, "value_len": NEEDLE_VALUE_LEN, "seed": args.seed}
+        for name in args.models:
+            label = f"needle_L{length}_{name}"
+            trained = train_for_budget(NEEDLE_NAME, label, "needle_haystack", kwargs, model_spec(name),
+                                       args.needle_budget, batch_size=32, lr=3e-3, threads=args.threads,
+                                       seed=args.seed, eval_batches=2, eval_split="test")
+            model = trained["result"].model
+            by_depth = {}
+            for depth in args.needle_depths:
+                metrics = evaluate(model, make_task("needle_haystack", depth=depth, **kwargs), split="test",
+                                   batches=args.needle_eval_batches, batch_size=32)
+                by_depth[str(depth)] = {"accuracy": round(metrics["accuracy"], 4),
+                                        "exact_match": round(metrics["exact_match"], 4)}
+            summary = run_summary(trained)
+            summary.pop("config")
+            point = {**summary, "by_depth": by_depth,
+                     "accuracy": round(sum(d["accuracy"] for d in by_depth.values()) / len(by_depth), 4),
+                     "exact_match": round(sum(d["exact_match"] for d in by_depth.values()) / len(by_depth), 4)}
+            results.setdefault(name, {})[str(length)] = point
+            print(f"[{label}] test exact match {point['exact_match']:.3f} (digits {point['accuracy']:.3f}); by depth "
+                  + ", ".join(f"{d}: {r['exact_match']:.2f}" for d, r in by_depth.items()), flush=True)
+    return results
+
+
+def needle_main(args, machine: dict) -> None:
+    if args.quick:
+        args.needle_lengths, args.needle_depths, args.needle_eval_batches = [64], [0.0, 1.0], 1
+        args.needle_budget = min(args.needle_budget, 1.0)
+    started = time.perf_counter()
+    results = needle_sweep(args)
+    lengths, deepest = args.needle_lengths, str(max(args.needle_lengths))
+    tables = {
+        "exact_match": markdown_table(["model", "params"] + [f"L={L}" for L in lengths],
+                                      [[n, f"{next(iter(r.values()))['params']:,}"]
+                                       + [r[str(L)]["exact_match"] for L in lengths] for n, r in results.items()]),
+        "digit_accuracy": markdown_table(["model"] + [f"L={L}" for L in lengths],
+                                         [[n] + [r[str(L)]["accuracy"] for L in lengths] for n, r in results.items()]),
+        "by_depth": markdown_table([f"exact match at L={deepest}, needle depth"] + [str(d) for d in args.needle_depths],
+                                   [[n] + [r[deepest]["by_depth"][str(d)]["exact_match"] for d in args.needle_depths]
+                                    for n, r in results.items()]),
+    }
+    for title, table in tables.items():
+        print(f"\n{title}\n{table}")
+    write_results(NEEDLE_NAME, {"experiment": NEEDLE_NAME, "machine": machine, "quiet_machine": False,
+                                "budget_per_point_s": args.needle_budget, "batch_size": 32, "lr": 3e-3,
+                                "quick": args.quick,
+                                "task": {"name": "needle_haystack", "key_len": NEEDLE_KEY_LEN,
+                                         "value_len": NEEDLE_VALUE_LEN, "filler": "standard-library sources"},
+                                "lengths": lengths, "depths": args.needle_depths,
+                                "eval_examples_per_depth": 32 * args.needle_eval_batches,
+                                "needle": results, "tables": tables, "published": {"ruler": PUBLISHED["ruler"]},
+                                "total_seconds": round(time.perf_counter() - started, 1),
+                                "runs_dir": str(RUNS_DIR / NEEDLE_NAME)}, args.out)
+    try:
+        _plot_needle(results, lengths, args.out)
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+
+
+def _plot_needle(results: dict, lengths, out) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, by_length in results.items():
+        ax.plot(lengths, [by_length[str(L)]["exact_match"] for L in lengths], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("context length (bytes; trained and tested at each)")
+    ax.set_ylabel("exact match of the 4-digit value")
+    ax.set_title("needle in a haystack, bytes LM")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, NEEDLE_NAME, out)
+    plt.close(fig)
+
+
 def main() -> None:
     def extra(p):
         p.add_argument("--kv", type=int, nargs="+", default=[4, 16, 32], help="MQAR key-value pairs")
         p.add_argument("--state-sizes", type=int, nargs="+", default=[4, 16, 64], help="Mamba d_state at max --kv")
         p.add_argument("--copy-lengths", type=int, nargs="+", default=[16, 64, 128], help="string copy L (even)")
-        p.add_argument("--quick", action="store_true", help="smoke run: mamba and transformer, one point each, 2 s")
+        p.add_argument("--quick", action="store_true", help="smoke run: mamba and transformer, one point each, 2 s "
+                       "(with --needle: the three needle models at L=64, depths 0 and 1, 1 s each)")
+        p.add_argument("--needle", action="store_true",
+                       help=f"run only the needle-in-a-haystack sweep (models default to {' '.join(NEEDLE_MODELS)})")
+        p.add_argument("--needle-lengths", type=int, nargs="+", default=[128, 256, 512, 1024],
+                       help="context lengths, each trained and tested on its own")
+        p.add_argument("--needle-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                       help="needle depths scored (0: start of the filler, 1: just before the query)")
+        p.add_argument("--needle-budget", type=float, default=45.0, help="seconds of training per needle point")
+        p.add_argument("--needle-eval-batches", type=int, default=4, help="test batches of 32 per depth")
 
     args = parse_args(__doc__, 10.0, MODELS, extra)
+    if args.needle:
+        if args.models == list(MODELS):
+            args.models = list(NEEDLE_MODELS)
+        needle_main(args, setup(args.threads))
+        return
     if args.quick:
         args.models, args.kv, args.state_sizes, args.copy_lengths = ["mamba", "transformer"], [4], [4], [16]
         args.budget = min(args.budget, 2.0)

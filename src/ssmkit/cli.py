@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="the main job: train several architectures on one task and compare them")
     p.add_argument("--task", default=None, help="task name or a limits preset (limits_mqar_few_keys, "
-                   "limits_mqar_many_keys, limits_copy_short, limits_copy_long); default: induction_heads")
+                   "limits_mqar_many_keys, limits_copy_short, limits_copy_long, limits_needle_short, "
+                   "limits_needle_long); default: induction_heads")
     p.add_argument("--models", nargs="+", default=None,
                    help="model presets (transformer s4d mamba mamba2 hybrid) or any registered mixer name")
     p.add_argument("--length", type=int, default=None, help="training sequence length")

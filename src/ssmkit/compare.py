@@ -49,7 +49,9 @@ DEFAULT_TASKS = {
 #: the honest-limits presets (experiments/limits.py; README "When not to use an SSM"): tasks where a fixed
 #: state is known to fall short of attention. ``--task <name>`` trains the underlying ``task`` with these
 #: settings. Zoology (Arora et al. 2023, arXiv 2312.04927) for recall with many keys; "Repeat After Me"
-#: (Jelassi et al. 2024, arXiv 2402.01032) for copying a string longer than the state holds.
+#: (Jelassi et al. 2024, arXiv 2402.01032) for copying a string longer than the state holds; a needle in a
+#: haystack of bytes (RULER, Hsieh et al. 2024, arXiv 2404.06654, at byte-model scale) for one fact kept
+#: through a long context.
 LIMIT_TASKS = {
     "limits_mqar_few_keys": dict(task="mqar", kwargs={"vocab_size": 512, "num_kv_pairs": 4}, length=128,
                                  eval_lengths=[], lr=3e-3),
@@ -59,6 +61,12 @@ LIMIT_TASKS = {
                               lr=3e-3),
     "limits_copy_long": dict(task="string_copy", kwargs={"vocab_size": 32}, length=128, eval_lengths=[],
                              lr=3e-3),
+    # a 4-letter key = 4-digit value line at a random depth of bytes-LM filler, read back after a query
+    # (ssmkit.tasks.needle); trained and scored at one context length, as in experiments/limits.py --needle
+    "limits_needle_short": dict(task="needle_haystack", kwargs={"key_len": 4, "value_len": 4}, length=128,
+                                eval_lengths=[], lr=3e-3),
+    "limits_needle_long": dict(task="needle_haystack", kwargs={"key_len": 4, "value_len": 4}, length=1024,
+                               eval_lengths=[], lr=3e-3),
 }
 
 

@@ -52,3 +52,18 @@ def test_compare_runs_a_limits_preset(tmp_path):
     assert rows[0]["model"] == "transformer"
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["task"] == "string_copy" and written["train_length"] == LIMIT_TASKS["limits_copy_short"]["length"]
+
+
+def test_needle_presets_hide_one_needle_at_short_and_long_context():
+    short, long = LIMIT_TASKS["limits_needle_short"], LIMIT_TASKS["limits_needle_long"]
+    assert short["task"] == long["task"] == "needle_haystack" and long["length"] > short["length"]
+    batch = make_task("needle_haystack", **long["kwargs"], length=long["length"]).batch("test", 0, 2)
+    assert int((batch.targets != -100).sum()) == 2 * long["kwargs"]["value_len"]
+
+
+def test_compare_runs_the_needle_preset(tmp_path):
+    rows = run_compare(task="limits_needle_short", models=["transformer"], budget=0.5, out=str(tmp_path),
+                       context=32, batch_size=8)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["task"] == "needle_haystack" and written["train_length"] == 128
+    assert 0.0 <= rows[0]["accuracy"]["128"] <= 1.0

@@ -7,7 +7,10 @@ checkpoint write (1-based, counting every checkpoint the run writes, ``final`` i
 * ``weights``: model.safetensors half written (the real file, then truncated to half its bytes);
 * ``trainer_state``: weights whole, trainer_state.pt half written;
 * ``rename``: every file written and flushed, before the temporary directory is renamed into place;
-* ``prune``: the new checkpoint in place, in the middle of deleting the oldest one (keep_last).
+* ``prune``: the new checkpoint in place, in the middle of deleting the oldest one (keep_last);
+* ``none``: no kill (the uninterrupted and the resumed runs under torchrun go through the same driver).
+
+Under torchrun every rank runs the driver, but only rank 0 writes checkpoints, so only rank 0 is killed.
 """
 
 import os

@@ -4,11 +4,13 @@ hold the run, and damaged or foreign checkpoint files.
 The crash tests run the real ``ssmkit train`` in a subprocess (tests/train/crash_driver.py) that SIGKILLs
 itself at a chosen point of the N-th checkpoint write, then resume in this process: every checkpoint left
 under ``checkpoints/step-*`` must be whole and equal, file by file, to the uninterrupted run's checkpoint of
-that step, and the resumed run's losses must equal the uninterrupted run's bit for bit.
+that step, and the resumed run's losses must equal the uninterrupted run's bit for bit. The torchrun tests do
+the same with 2 CPU processes (gloo): rank 0, the writer, is killed, and the resumed run is again 2 processes.
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,6 +94,64 @@ def test_sigkill_during_checkpoint_write_then_exact_resume(point, n, tmp_path, s
     # the checkpoint being written is absent (or, killed while pruning, complete); the previous one is there
     newest = left[-1][0]
     assert newest == (n if point == "prune" else n - 1) or (n == STEPS and newest == STEPS - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The same under torchrun: 2 processes (gloo), rank 0 killed while it writes a checkpoint
+# --------------------------------------------------------------------------------------------------
+def _torchrun(point, n, out_dir, *extra, keep_last=2):
+    """``ssmkit train`` in 2 CPU processes under torchrun, through the crash driver (point "none": no kill).
+
+    Only rank 0 writes checkpoints, so only rank 0 kills itself; torchrun then stops rank 1 (waiting for
+    rank 0 in a collective) and exits non-zero."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--monitor-interval", "0.5", str(DRIVER), point, str(n), "--", *_train_args(out_dir, keep_last),
+           "train.distributed=ddp", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _losses_since_last_start(out_dir, event="start"):
+    """The per-step train losses that metrics.jsonl records since its last start or resume event (which
+    must be ``event``, in a world of 2)."""
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    last = max(i for i, r in enumerate(records) if r["event"] in ("start", "resume"))
+    assert records[last]["event"] == event and records[last]["world_size"] == 2
+    return [r["loss"] for r in records[last:] if r["event"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def straight_torchrun(tmp_path_factory):
+    """The uninterrupted 2-process run, every checkpoint kept."""
+    out = tmp_path_factory.mktemp("straight-torchrun")
+    proc = _torchrun("none", 0, out, keep_last=0)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    losses = _losses_since_last_start(out)
+    assert len(losses) == STEPS
+    return losses, out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+@pytest.mark.parametrize("point, n", [("trainer_state", 2), ("rename", 3)])
+def test_sigkill_of_rank_0_under_torchrun_then_exact_resume(point, n, tmp_path, straight_torchrun):
+    straight_losses, straight_dir = straight_torchrun
+    out = tmp_path / f"{point}-{n}"
+    killed = _torchrun(point, n, out)
+    assert killed.returncode != 0, f"torchrun finished although rank 0 was to be killed at {point}:{n}"
+    # torchrun's failure summary: rank 0 died of SIGKILL (rank 1 then lost its peer and was stopped)
+    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s*exitcode\s*:\s*-9", killed.stderr), killed.stderr[-4000:]
+    left = list_checkpoints(out)
+    assert [step for step, _ in left][-1] == n - 1  # the checkpoint being written is absent, the previous one there
+    _assert_checkpoints_intact(out, straight_dir)
+
+    resumed = _torchrun("none", 0, out, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert _losses_since_last_start(out, "resume") == straight_losses[n - 1:]  # bitwise, 2 processes as before
+    got, want = load_safetensors(out / "final" / "model.safetensors"), \
+        load_safetensors(straight_dir / "final" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ name                   kind            source
 ``listops``            classification  :class:`~.listops.ListOps` (LRA generator)
 ``digits``             classification  :class:`~.digits.Digits` (scikit-learn's 8x8 digits)
 ``bytes_lm``           lm              :class:`~.text.BytesLM` (default: standard-library sources)
+``needle_haystack``    lm              :class:`~.needle.NeedleHaystack` (a key=value line in bytes_lm filler)
 ``ucr``                classification  :class:`~.timeseries.UCRClassification` (UCR/UEA sets in aeon's wheel)
 ``forecast``           regression      :class:`~.timeseries.Forecast` (airline, CO2, sunspots; multi-horizon)
 ``text``               lm              :func:`~.user_data.text_task` (the user's files)
@@ -40,6 +41,7 @@ from .digits import Digits  # noqa: F401
 from .listops import ListOps  # noqa: F401
 from .synthetic import MQAR, AddingProblem, CopyingMemory, InductionHeads, SelectiveCopying, StringCopy  # noqa: F401
 from .text import BytesLM  # noqa: F401
+from .needle import NeedleHaystack  # noqa: F401
 from .timeseries import Forecast, ForecastBatch, UCRClassification  # noqa: F401
 from .user_data import SequenceData, load_sequences, text_task  # noqa: F401
 from .dna import GeneratedATractPhasing  # noqa: F401
