@@ -1,4 +1,4 @@
-"""transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h.
+"""transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h, recurrent_gemma.
 
 For each type a small random model is made with transformers' own config class (odd sizes, several layers, a
 mixture of experts where the type has one, n_groups > 1 where it applies), its norms and skip weights
@@ -68,7 +68,26 @@ def hf_nemotron_h():
     return transformers.NemotronHForCausalLM(cfg)
 
 
-MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h}
+def hf_recurrent_gemma():
+    """Griffin's pattern (recurrent, attention, recurrent) over 5 layers, an RG-LRU wider than the model (27 of 24,
+    3 blocks of 9), multi-query local attention with a window (5) shorter than the test sequences, tied
+    embeddings. transformers initialises every bias at zero and the embeddings small: perturb the biases and
+    scale the embeddings so that the biases count and the logits reach the soft cap's bend (cap 7)."""
+    cfg = _config_class("RecurrentGemmaConfig")(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=38, num_hidden_layers=5, num_attention_heads=3,
+        num_key_value_heads=1, lru_width=27, attention_window_size=5, conv1d_width=3,
+        block_types=["recurrent", "attention", "recurrent"], logits_soft_cap=7.0, rms_norm_eps=1e-5)
+    model = transformers.RecurrentGemmaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+        model.model.embed_tokens.weight.mul_(6.0)
+    return model
+
+
+MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h,
+          "recurrent_gemma": hf_recurrent_gemma}
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))
@@ -152,11 +171,12 @@ def test_a_damaged_hybrid_checkpoint_lists_what_does_not_match(saved, tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text((directory / "config.json").read_text())
     tensors = load_file(str(directory / "model.safetensors"))
-    dropped = sorted(k for k in tensors if "A_log" in k)[0]
+    dropped = sorted(k for k in tensors if "A_log" in k or "recurrent_param" in k)[0]
     del tensors[dropped]
     tensors["model.extra.weight"] = torch.zeros(2)
     save_file(tensors, str(tmp_path / "d" / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"(?s)missing \(1\): .*A_log.*unexpected \(1\): model.extra.weight"):
+    with pytest.raises(ValueError, match=r"(?s)missing \(1\): .*(A_log|recurrent_param).*"
+                                         r"unexpected \(1\): model.extra.weight"):
         from_pretrained(tmp_path / "d")
 
 

@@ -95,13 +95,13 @@ def state_layout(model, batch_size: int = 1) -> List[StateEntry]:
 def _embed(model, inputs: torch.Tensor) -> torch.Tensor:
     backbone = model.backbone
     if model.config.vocab_size is not None:
-        return backbone.embeddings(inputs)
+        return model.scale_embeddings(backbone.embeddings(inputs))
     return backbone.input_proj(inputs.to(backbone.input_proj.weight.dtype))
 
 
 def _head(model, h: torch.Tensor) -> torch.Tensor:
     h = model.backbone.norm_f(h.to(model.backbone.norm_f.weight.dtype))
-    return model.lm_head(h) if model.config.head == "lm" else model.regressor(h)
+    return model.cap_logits(model.lm_head(h)) if model.config.head == "lm" else model.regressor(h)
 
 
 class _Recurrence(nn.Module):

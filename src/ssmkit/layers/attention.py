@@ -53,6 +53,8 @@ class Attention(Mixer):
             even); the rest pass unrotated. None = head_dim.
         window: sliding window w (each token attends to itself and the w - 1 tokens before it); None = all.
         bias: biases in the four projections.
+        out_bias: a bias in the output projection o_proj; None = ``bias`` (RecurrentGemma: q, k, v without,
+            o_proj with one).
         causal: False for full (encoder) attention: no step, state or window then.
 
     Shapes: forward x (batch, L, d_model) -> (batch, L, d_model); step x_t (batch, d_model).
@@ -66,7 +68,7 @@ class Attention(Mixer):
     def __init__(self, d_model: int, n_heads: int = 8, n_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, rope: bool = True, rope_base: float = 10000.0,
                  window: Optional[int] = None, bias: bool = False, causal: bool = True,
-                 rope_dim: Optional[int] = None):
+                 rope_dim: Optional[int] = None, out_bias: Optional[bool] = None):
         super().__init__(d_model)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
@@ -99,13 +101,17 @@ class Attention(Mixer):
             check_positive_int("rope_dim", rope_dim)
             if rope_dim % 2 or rope_dim > head_dim:
                 raise ValueError(f"rope_dim must be even and at most head_dim={head_dim}; got {rope_dim}")
+        if out_bias is None:
+            out_bias = bias
+        if not isinstance(bias, bool) or not isinstance(out_bias, bool):
+            raise TypeError(f"bias and out_bias must be bools; got bias={bias!r}, out_bias={out_bias!r}")
         self.rope_dim = head_dim if rope_dim is None else rope_dim
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope, self.rope_base, self.window = rope, float(rope_base), window
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
 
     @property
     def cache_limit(self) -> Optional[int]:
@@ -116,7 +122,9 @@ class Attention(Mixer):
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, rope={self.rope}, window={self.window}"
                 + ("" if self.causal else ", causal=False")
-                + (f", rope_dim={self.rope_dim}" if self.rope_dim != self.head_dim else ""))
+                + (f", rope_dim={self.rope_dim}" if self.rope_dim != self.head_dim else "")
+                + (f", bias={self.q_proj.bias is not None}, out_bias={self.o_proj.bias is not None}"
+                   if (self.q_proj.bias is None) != (self.o_proj.bias is None) else ""))
 
     def state_spec(self, batch_size: int):
         cache = (batch_size, self.n_kv_heads, None, self.head_dim)

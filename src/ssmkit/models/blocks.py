@@ -24,22 +24,31 @@ from .config import NO_MIXER
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as transformers' MambaRMSNorm)."""
+    """y = x / sqrt(mean(x^2) + eps) * (weight_offset + weight), computed in float32 (as transformers'
+    MambaRMSNorm). ``weight_offset=1`` is Gemma's norm, whose weights are stored as their difference from 1
+    (zeros at initialisation) and whose scale multiplies in float32 before rounding to x's dtype."""
 
-    def __init__(self, d: int, eps: float = 1e-5):
+    def __init__(self, d: int, eps: float = 1e-5, weight_offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.weight_offset = float(weight_offset)
+        self.weight = nn.Parameter(torch.full((d,), 1.0 - self.weight_offset))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", weight_offset={self.weight_offset}"
+                                                            if self.weight_offset else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         x32 = F.rms_norm(x32, x32.shape[-1:], eps=self.eps)  # one fused kernel on CUDA
+        if self.weight_offset:
+            return (x32 * (self.weight_offset + self.weight.to(x32.dtype))).to(dtype)
         return self.weight * x32.to(dtype)
 
 
-def make_norm(kind: str, d: int, eps: float) -> nn.Module:
-    return RMSNorm(d, eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
+def make_norm(kind: str, d: int, eps: float, weight_offset: float = 0.0) -> nn.Module:
+    return RMSNorm(d, eps, weight_offset) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
@@ -47,19 +56,24 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     return torch.square(F.relu(x))
 
 
-#: ModelConfig.mlp_activation -> function (gelu is the exact erf form)
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "relu2": relu_squared}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GeLU by its tanh approximation (Hendrycks & Gimpel 2016, Sec. 2), Gemma's and RecurrentGemma's."""
+    return F.gelu(x, approximate="tanh")
+
+
+#: ModelConfig.mlp_activation -> function ("gelu" is the exact erf form)
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu": F.relu, "relu2": relu_squared}
 
 
 class GatedMLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (Shazeer 2020) with act = silu."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "silu"):
+    def __init__(self, d_model: int, hidden: int, activation: str = "silu", bias: bool = False):
         super().__init__()
         self.act = ACTIVATIONS[activation]
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -68,11 +82,11 @@ class GatedMLP(nn.Module):
 class PlainMLP(nn.Module):
     """Two-layer MLP without a gate: down(act(up(x))) (Nemotron-H's, with act = relu2)."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "relu2"):
+    def __init__(self, d_model: int, hidden: int, activation: str = "relu2", bias: bool = False):
         super().__init__()
         self.act = ACTIVATIONS[activation]
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))
@@ -89,11 +103,11 @@ class MoE(nn.Module):
     """
 
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, activation: str = "silu",
-                 renormalize: bool = True):
+                 renormalize: bool = True, bias: bool = False):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.router = nn.Linear(d_model, num_experts, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(d_model, hidden, activation) for _ in range(num_experts))
+        self.experts = nn.ModuleList(GatedMLP(d_model, hidden, activation, bias) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -123,7 +137,7 @@ class Block(nn.Module):
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = self.mixer = self.mixer_bwd = None
         if mixer_name != NO_MIXER:
-            self.norm = make_norm(config.norm, d, config.norm_eps)
+            self.norm = make_norm(config.norm, d, config.norm_eps, config.norm_weight_offset)
             self.mixer = build_mixer(mixer_name, d, **config.kwargs_for(mixer_name))
             # bidirectional (classifiers only): a second mixer reads the sequence backwards
             if config.bidirectional:
@@ -131,15 +145,15 @@ class Block(nn.Module):
         self.mlp = None
         kind = config.layer_mlps()[layer_idx]
         if kind != "none":
-            self.norm2 = make_norm(config.norm, d, config.norm_eps)
-            act = config.mlp_activation
+            self.norm2 = make_norm(config.norm, d, config.norm_eps, config.norm_weight_offset)
+            act, bias = config.mlp_activation, config.mlp_bias
             if kind == "gated":
-                self.mlp = GatedMLP(d, config.mlp_hidden or 4 * d, act)
+                self.mlp = GatedMLP(d, config.mlp_hidden or 4 * d, act, bias)
             elif kind == "plain":
-                self.mlp = PlainMLP(d, config.mlp_hidden or 4 * d, act)
+                self.mlp = PlainMLP(d, config.mlp_hidden or 4 * d, act, bias)
             else:
                 self.mlp = MoE(d, config.mlp_hidden or 2 * d, config.num_experts, config.top_k, act,
-                               config.moe_renormalize)
+                               config.moe_renormalize, bias)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         """The mixer's zero state; an MLP-only layer has none ({})."""

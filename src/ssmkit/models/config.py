@@ -28,7 +28,12 @@ experts every other layer, ``["gated", "moe", "gated", "moe"]``). Kinds: ``none`
 (down(act(gate(x)) * up(x)), SwiGLU with act = silu); ``plain`` (down(act(up(x))), Nemotron-H's with act =
 relu2); ``moe`` (top-k mixture of gated experts). ``mlp_activation`` is the act of all of them;
 ``moe_renormalize`` says whether the top-k router weights are renormalised to sum to 1 (Mixtral) or kept as
-the softmax gave them (Jamba).
+the softmax gave them (Jamba); ``mlp_bias`` gives every MLP projection a bias (RecurrentGemma).
+
+Gemma-family options (RecurrentGemma uses all three): ``embedding_multiplier`` scales the embedding output
+(Gemma: sqrt(d_model)); ``logit_softcap`` = c bounds the LM logits smoothly, logits = c tanh(logits / c);
+``norm_weight_offset`` = 1 makes the RMS norms scale by (1 + weight), their weights stored as the difference
+from 1 (zero at initialisation).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -43,7 +49,7 @@ from typing import Any, Dict, List, Optional, Union
 from ..layers.registry import MIXERS, pattern_letters
 
 MLP_KINDS = ("none", "gated", "plain", "moe")
-MLP_ACTIVATIONS = ("silu", "gelu", "relu", "relu2")
+MLP_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 #: the name and pattern letter of a layer without a mixer (an MLP-only block)
 NO_MIXER, NO_MIXER_LETTER = "none", "-"
 NORMS = ("rmsnorm", "layernorm")
@@ -68,10 +74,15 @@ class ModelConfig:
     mlp_hidden: Optional[int] = None  # default: 4 * d_model for "gated"/"plain", 2 * d_model per expert for "moe"
     num_experts: int = 8
     top_k: int = 2
-    mlp_activation: str = "silu"  # act of every MLP kind: "silu" | "gelu" | "relu" | "relu2" (relu(x)^2)
+    # act of every MLP kind: "silu" | "gelu" (exact) | "gelu_tanh" (tanh approximation) | "relu" | "relu2" (relu^2)
+    mlp_activation: str = "silu"
     moe_renormalize: bool = True  # top-k router weights renormalised to sum to 1 (Mixtral); False: Jamba
+    mlp_bias: bool = False  # biases in every MLP projection (RecurrentGemma)
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
+    norm_weight_offset: float = 0.0  # RMS norms scale by (norm_weight_offset + weight); Gemma: 1.0
+    embedding_multiplier: float = 1.0  # the embedding output times this (Gemma: sqrt(d_model))
+    logit_softcap: Optional[float] = None  # LM logits = cap * tanh(logits / cap) (Gemma 2, RecurrentGemma); None: off
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 1
@@ -163,8 +174,10 @@ class ModelConfig:
         if self.bidirectional and self.head != "classifier":
             raise ValueError("bidirectional=True reads the future, so it is only allowed with head='classifier'")
         self._validate_reverse_complement()
-        if not isinstance(self.moe_renormalize, bool):
-            raise TypeError(f"moe_renormalize must be a bool; got {type(self.moe_renormalize).__name__}")
+        for name in ("moe_renormalize", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {type(getattr(self, name)).__name__}")
+        self._validate_scales()
         mlps = self.layer_mlps()
         for i, (mixer, mlp) in enumerate(zip(self.layer_mixers(), mlps)):
             if mixer == NO_MIXER and mlp == "none":
@@ -172,6 +185,20 @@ class ModelConfig:
                                  f"'gated', 'plain' or 'moe'; got mlp={self.mlp!r}")
         if self.bidirectional and NO_MIXER in self.layer_mixers():
             raise ValueError("bidirectional=True needs a mixer in every layer; got a mixer 'none'")
+
+    def _validate_scales(self) -> None:
+        for name in ("norm_weight_offset", "embedding_multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
+        if self.norm_weight_offset != 0 and self.norm != "rmsnorm":
+            raise ValueError(f"norm_weight_offset scales RMS norms; it needs norm='rmsnorm', got norm={self.norm!r}")
+        cap = self.logit_softcap
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (math.isfinite(cap) and cap > 0):
+                raise ValueError(f"logit_softcap must be a positive finite number or None; got {cap!r}")
+            if self.head != "lm":
+                raise ValueError(f"logit_softcap caps language-model logits; it needs head='lm', got head={self.head!r}")
 
     def _validate_reverse_complement(self) -> None:
         if self.complement_map is not None:

@@ -66,8 +66,9 @@ def fused_support(model) -> Optional[str]:
             return f"layer {i} normalises dt, B and C (dt_bc_rmsnorm); the fused decoder does not"
         if layer.mlp is not None:
             return f"layer {i} has an MLP; the fused decoder covers mixer-only blocks"
-    if cfg.norm != "rmsnorm":
-        return f"the fused decoder covers RMSNorm blocks; norm={cfg.norm!r}"
+    if cfg.norm != "rmsnorm" or cfg.norm_weight_offset != 0:
+        return (f"the fused decoder covers RMSNorm blocks scaling by their weight; norm={cfg.norm!r}, "
+                f"norm_weight_offset={cfg.norm_weight_offset}")
     for name, p in model.named_parameters():
         if p.dtype != torch.float32:
             return f"the fused decoder needs float32 parameters; {name} is {p.dtype}"
@@ -187,6 +188,8 @@ class FusedDecoder:
                    new[ssm_key], *after)
         logits = self._logits[out_set]
         self.ext.linear_out(model.backbone.norm_f(h).contiguous(), *self.head, logits)
+        if model.config.logit_softcap is not None:
+            logits.copy_(model.cap_logits(logits))
         return logits, new_state
 
 
@@ -246,7 +249,7 @@ class CUDAGraphDecoder:
     def _one_token(self, ids: torch.Tensor, state: list) -> torch.Tensor:
         """The step that is recorded: ids (B,) -> logits (B, V), ``state`` updated in place."""
         model = self.model
-        h = model.backbone.embeddings(ids[:, None])[:, 0]
+        h = model.scale_embeddings(model.backbone.embeddings(ids[:, None])[:, 0])
         for layer, layer_state in zip(model.backbone.layers, state):
             h = layer.step_inplace(h, layer_state)
         return model._head(h[:, None])[:, 0]
