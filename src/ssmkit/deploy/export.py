@@ -71,6 +71,9 @@ def check_exportable(model) -> None:
         raise ValueError("a bidirectional model reads the future and has no recurrence to export")
     if config.head == "classifier":
         raise ValueError("a classifier head pools over the whole sequence; export needs head='lm' or 'regression'")
+    if config.shared_block is not None:
+        raise ValueError("the model's shared attention block (shared_block) keeps a KV cache that grows with the "
+                         "sequence; only mixers with a constant-size state can be exported")
     for i, layer in enumerate(model.backbone.layers):
         if layer.mixer is None:  # an MLP-only layer keeps no state
             continue

@@ -30,6 +30,13 @@ relu2); ``moe`` (top-k mixture of gated experts). ``mlp_activation`` is the act 
 ``moe_renormalize`` says whether the top-k router weights are renormalised to sum to 1 (Mixtral) or kept as
 the softmax gave them (Jamba); ``mlp_bias`` gives every MLP projection a bias (RecurrentGemma).
 
+Shared block (Zamba, Glorioso et al. 2024, arXiv 2405.16712; Zamba2, arXiv 2411.15242): ``shared_block`` is a
+dict describing one attention + MLP block whose weights are reused at several depths, ``layers`` (the uses,
+in order); use u runs weight set u % ``num_blocks``. Its input is the layer's input concatenated with the
+embeddings (``concat_embeddings``), each use adds its own low-rank adapters (``adapter_rank``: on the MLP's
+gate and up projections, and on q, k, v with ``attention_adapters``) and its own output projection, and the
+result is added to the input of that layer's mixer (before its norm). Keys and defaults: :data:`SHARED_BLOCK_KEYS`.
+
 Gemma-family options (RecurrentGemma uses all three): ``embedding_multiplier`` scales the embedding output
 (Gemma: sqrt(d_model)); ``logit_softcap`` = c bounds the LM logits smoothly, logits = c tanh(logits / c);
 ``norm_weight_offset`` = 1 makes the RMS norms scale by (1 + weight), their weights stored as the difference
@@ -55,6 +62,11 @@ NO_MIXER, NO_MIXER_LETTER = "none", "-"
 NORMS = ("rmsnorm", "layernorm")
 HEADS = ("lm", "classifier", "regression")
 POOLINGS = ("mean", "last")
+#: shared_block keys -> default (None: required)
+SHARED_BLOCK_KEYS = {"layers": None, "num_blocks": 1, "n_heads": None, "n_kv_heads": None, "head_dim": None,
+                     "rope": False, "rope_base": 10000.0, "softmax_scale": None, "mlp_hidden": None,
+                     "mlp_activation": "gelu", "adapter_rank": None, "attention_adapters": False,
+                     "concat_embeddings": True}
 #: mixer keyword arguments that choose how a layer runs, not what it computes: never kept in a config
 #: (choose them with ``ssmkit.ops.use_backend`` or the layer's attribute at run time)
 EXECUTION_KWARGS = ("backend", "recompute")
@@ -83,6 +95,7 @@ class ModelConfig:
     norm_weight_offset: float = 0.0  # RMS norms scale by (norm_weight_offset + weight); Gemma: 1.0
     embedding_multiplier: float = 1.0  # the embedding output times this (Gemma: sqrt(d_model))
     logit_softcap: Optional[float] = None  # LM logits = cap * tanh(logits / cap) (Gemma 2, RecurrentGemma); None: off
+    shared_block: Optional[Dict[str, Any]] = None  # attention + MLP reused at several layers (Zamba2); see above
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 1
@@ -178,6 +191,7 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool; got {type(getattr(self, name)).__name__}")
         self._validate_scales()
+        self._validate_shared_block()
         mlps = self.layer_mlps()
         for i, (mixer, mlp) in enumerate(zip(self.layer_mixers(), mlps)):
             if mixer == NO_MIXER and mlp == "none":
@@ -199,6 +213,49 @@ class ModelConfig:
                 raise ValueError(f"logit_softcap must be a positive finite number or None; got {cap!r}")
             if self.head != "lm":
                 raise ValueError(f"logit_softcap caps language-model logits; it needs head='lm', got head={self.head!r}")
+
+    def shared_block_spec(self) -> Optional[Dict[str, Any]]:
+        """``shared_block`` with every default filled in, or None."""
+        if self.shared_block is None:
+            return None
+        return {**SHARED_BLOCK_KEYS, **self.shared_block}
+
+    def _validate_shared_block(self) -> None:
+        spec = self.shared_block
+        if spec is None:
+            return
+        if not isinstance(spec, dict):
+            raise TypeError(f"shared_block must be a dict or None; got {type(spec).__name__}")
+        unknown = sorted(set(spec) - set(SHARED_BLOCK_KEYS))
+        missing = sorted(k for k, v in SHARED_BLOCK_KEYS.items() if v is None and k not in spec
+                         and k not in ("n_kv_heads", "head_dim", "softmax_scale", "adapter_rank"))
+        if unknown or missing:
+            raise ValueError(f"shared_block: unknown keys {unknown}, missing keys {missing}; its keys are "
+                             f"{sorted(SHARED_BLOCK_KEYS)}")
+        spec = self.shared_block_spec()
+        layers = spec["layers"]
+        if not isinstance(layers, (list, tuple)) or not layers or list(layers) != sorted(set(layers)) \
+                or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers):
+            raise ValueError(f"shared_block['layers'] must be increasing layer indices in [0, n_layers={self.n_layers}); "
+                             f"got {layers!r}")
+        for key in ("num_blocks", "n_heads", "mlp_hidden"):
+            value = spec[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"shared_block[{key!r}] must be a positive int; got {value!r}")
+        rank = spec["adapter_rank"]
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"shared_block['adapter_rank'] must be a positive int or None; got {rank!r}")
+        if spec["attention_adapters"] and rank is None:
+            raise ValueError("shared_block['attention_adapters'] needs an adapter_rank")
+        if spec["mlp_activation"] not in MLP_ACTIVATIONS:
+            raise ValueError(f"shared_block['mlp_activation'] must be one of {list(MLP_ACTIVATIONS)}; "
+                             f"got {spec['mlp_activation']!r}")
+        if self.norm != "rmsnorm" or self.bidirectional:
+            raise ValueError(f"shared_block needs norm='rmsnorm' and a causal model; got norm={self.norm!r}, "
+                             f"bidirectional={self.bidirectional}")
+        for i in layers:
+            if self.layer_mixers()[i] == NO_MIXER:
+                raise ValueError(f"shared_block: layer {i} has no mixer, whose input the shared block would feed")
 
     def _validate_reverse_complement(self) -> None:
         if self.complement_map is not None:

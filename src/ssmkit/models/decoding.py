@@ -54,6 +54,8 @@ def fused_support(model) -> Optional[str]:
         return f"the fused decoder needs a token model with an LM head; head={cfg.head!r}"
     if cfg.bidirectional:
         return "a bidirectional model has no recurrent step"
+    if cfg.shared_block is not None:
+        return "the model has a shared attention block (shared_block); the fused decoder covers mixer blocks only"
     device = next(model.parameters()).device
     if device.type != "cpu":
         return f"the fused decoder runs on the CPU; the model is on {device}"
@@ -202,6 +204,8 @@ def graph_support(model, require_cuda: bool = True) -> Optional[str]:
         return f"CUDA-graph decoding needs a token model with an LM head; head={cfg.head!r}"
     if cfg.bidirectional:
         return "a bidirectional model has no recurrent step"
+    if cfg.shared_block is not None:
+        return "the model's shared attention block (shared_block) keeps a growing KV cache"
     device = next(model.parameters()).device
     if require_cuda and device.type != "cuda":
         return f"CUDA-graph decoding needs a CUDA model; the model is on {device}"

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..layers.base import Mixer
 from ..ops.lm_loss import lm_loss_chunked
-from .blocks import Block, make_norm
+from .blocks import Block, SharedBlock, make_norm
 from .config import ModelConfig
 from .generation import GenerationMixin
 from .pretrained import PretrainedMixin
@@ -57,7 +57,13 @@ class Backbone(nn.Module):
             self.embeddings = nn.Embedding(config.padded_vocab_size, config.d_model)
         else:
             self.input_proj = nn.Linear(config.input_dim, config.d_model)
-        self.layers = nn.ModuleList(Block(config, i, name) for i, name in enumerate(config.layer_mixers()))
+        spec = config.shared_block_spec()
+        uses = {}
+        if spec is not None:  # weights reused by several layers: use u of the block runs weight set u % num_blocks
+            self.shared_blocks = nn.ModuleList(SharedBlock(config.d_model, spec, config.norm_eps)
+                                               for _ in range(spec["num_blocks"]))
+            uses = {layer: self.shared_blocks[u % spec["num_blocks"]] for u, layer in enumerate(spec["layers"])}
+        self.layers = nn.ModuleList(Block(config, i, name, uses.get(i)) for i, name in enumerate(config.layer_mixers()))
         self.norm_f = make_norm(config.norm, config.d_model, config.norm_eps, config.norm_weight_offset)
 
 
@@ -227,10 +233,13 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         new_states: ModelState = []
         aux = x.new_zeros((), dtype=torch.float32)
         h = x
+        shared = {} if self.config.shared_block is None else {"embeddings": x}
+        if shared and context is not None:
+            raise ValueError("context parallelism does not cover models with a shared block (shared_block)")
         for i, layer in enumerate(self.backbone.layers):
             layer_state = None if state is None else state[i]
             if context is None:
-                h, layer_state, layer_aux = layer(h, layer_state, return_state, **mixer_kwargs)
+                h, layer_state, layer_aux = layer(h, layer_state, return_state, **shared, **mixer_kwargs)
             else:
                 h, layer_state = context.receive(i, layer, h)
                 h, layer_state, layer_aux = layer(h, layer_state, return_state or context.sends_state,
@@ -284,8 +293,9 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         self._check_model_state(state)
         h = self._embed(input_ids[:, None] if self.config.vocab_size is not None else input_ids[:, None, :])[:, 0]
         new_states: ModelState = []
+        shared = {} if self.config.shared_block is None else {"embeddings": h}
         for i, layer in enumerate(self.backbone.layers):
-            h, layer_state = layer.step(h, state[i])
+            h, layer_state = layer.step(h, state[i], **shared)
             new_states.append(layer_state)
         return self._head(h[:, None])[:, 0] if self.config.head != "classifier" else self._head(h[:, None]), new_states
 

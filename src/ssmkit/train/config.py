@@ -61,6 +61,7 @@ class ModelSpec:
     norm_weight_offset: float = 0.0
     embedding_multiplier: float = 1.0
     logit_softcap: Optional[float] = None
+    shared_block: Optional[Dict[str, Any]] = None
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 1
