@@ -3,7 +3,7 @@ per-layer MLP list (Nemotron-H), ungated MLPs and their activations, a mixture o
 renormalised router weights (Jamba), RMS norms on Mamba's dt/B/C (Jamba, Falcon-Mamba), partial rotary
 attention (Bamba), and the Gemma-family options (RecurrentGemma): an embedding multiplier, soft-capped logits,
 (1 + weight) RMS norms, biased MLPs with the tanh GeLU, and an attention whose output projection alone has a
-bias."""
+bias; and a shared attention + MLP block reused at several layers with per-use adapters (Zamba2)."""
 
 import pytest
 import torch
@@ -56,6 +56,15 @@ def test_mlp_only_layers_follow_the_pattern_and_their_formula():
     (dict(mixer="MM", embedding_multiplier="2"), "embedding_multiplier must be a finite number"),
     (dict(mixer="MM", norm="layernorm", norm_weight_offset=1.0), "norm_weight_offset scales RMS norms"),
     (dict(mixer="MM", head="classifier", num_classes=3, logit_softcap=5.0), "logit_softcap caps language-model"),
+    (dict(mixer="MM", shared_block=dict(layers=[1], n_heads=2, mlp_hidden=4, window=3)),
+     r"shared_block: unknown keys \['window'\]"),
+    (dict(mixer="MM", shared_block=dict(layers=[1, 1], n_heads=2, mlp_hidden=4)),
+     r"shared_block\['layers'\] must be increasing layer indices"),
+    (dict(mixer="MM", shared_block=dict(layers=[2], n_heads=2, mlp_hidden=4)), r"in \[0, n_layers=2\)"),
+    (dict(mixer="MM", shared_block=dict(layers=[0], n_heads=2, mlp_hidden=4, attention_adapters=True)),
+     "attention_adapters'] needs an adapter_rank"),
+    (dict(mixer="M-", mlp="gated", shared_block=dict(layers=[1], n_heads=2, mlp_hidden=4)),
+     "layer 1 has no mixer"),
 ])
 def test_bad_layer_lists_name_the_problem(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -211,3 +220,55 @@ def test_in_place_decoding_scales_embeddings_and_caps_logits():
             want, want_state = model.step(ids[:, t], want_state)
             got, state = decoder.step(ids[:, t], state)
             torch.testing.assert_close(got, want)
+
+
+def _shared_block_model():
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=10, n_layers=4, vocab_size=17, mixer="mamba2", residual_in_fp32=False,
+                         mixer_kwargs={"d_state": 3, "headdim": 5, "chunk_size": 4},
+                         shared_block=dict(layers=[0, 2, 3], num_blocks=2, n_heads=2, rope=True, mlp_hidden=6,
+                                           adapter_rank=2, attention_adapters=True, softmax_scale=0.4))
+    model = SSMModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter" in name:
+                p.normal_(0, 0.5)  # B starts at zero: make every adapter count
+    return model
+
+
+def test_shared_block_uses_share_weights_and_keep_their_own_adapters_and_caches():
+    model = _shared_block_model()
+    layers, blocks = model.backbone.layers, model.backbone.shared_blocks
+    assert len(blocks) == 2 and layers[1].shared is None
+    assert [layer._shared_block[0] for layer in layers if layer.shared is not None] == [blocks[0], blocks[1], blocks[0]]
+    assert layers[0].shared.q_adapter is not layers[3].shared.q_adapter
+    names = dict(model.state_dict())
+    assert "backbone.shared_blocks.0.attention.q_proj.weight" in names
+    assert not any(k.startswith("backbone.layers.0.shared.attention") for k in names)  # stored once
+    state = model.init_state(2)
+    assert {"shared.attention.k", "shared.attention.v", "shared.attention.pos"} <= set(state[0]) and \
+        not any(k.startswith("shared.") for k in state[1])
+    ids = torch.randint(0, 17, (2, 9))
+    with torch.no_grad():
+        whole = model(ids).logits
+        torch.testing.assert_close(_stepwise(model, ids), whole)
+        first = model(ids[:, :4], return_state=True)
+        second = model(ids[:, 4:], state=first.state)
+        torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole)
+        for layer in layers:  # the shared block counts: without it the logits change
+            if layer.shared is not None:
+                layer.shared.out_proj.weight.zero_()
+        assert not torch.allclose(model(ids).logits, whole)
+
+
+def test_decoders_and_exports_that_cannot_run_a_shared_block_refuse_it():
+    from ssmkit.deploy.export import check_exportable
+    from ssmkit.models.decoding import fused_support, graph_support
+    from ssmkit.models.interop import transformers_export
+
+    model = _shared_block_model()
+    assert "shared_block" in fused_support(model) and "shared_block" in graph_support(model, require_cuda=False)
+    with pytest.raises(ValueError, match="shared attention block"):
+        check_exportable(model)
+    with pytest.raises(ValueError, match=r"(?s)nemotron_h: the format has no shared block.*zamba2:"):
+        transformers_export(model)

@@ -1,4 +1,5 @@
-"""transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h, recurrent_gemma.
+"""transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h, recurrent_gemma,
+zamba2.
 
 For each type a small random model is made with transformers' own config class (odd sizes, several layers, a
 mixture of experts where the type has one, n_groups > 1 where it applies), its norms and skip weights
@@ -86,8 +87,34 @@ def hf_recurrent_gemma():
     return model
 
 
+def _zamba2_config(**overrides):
+    kwargs = dict(vocab_size=VOCAB, hidden_size=20, num_hidden_layers=6,
+                  layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"], mamba_d_state=5,
+                  mamba_d_conv=3, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=4, chunk_size=8, intermediate_size=26,
+                  num_attention_heads=4, num_key_value_heads=4, num_mem_blocks=2, use_shared_attention_adapter=True,
+                  adapter_rank=3, use_mem_rope=True, time_step_min=0.01)
+    kwargs.update(overrides)
+    return _config_class("Zamba2Config")(**kwargs)
+
+
+def _scale_matrices(model, factor):
+    """transformers initialises every matrix at std 0.02, so that the layers barely move the embeddings and
+    greedy decoding repeats one token: scale them up so that every block (the shared one too) counts."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return model
+
+
+def hf_zamba2():
+    """Three uses of two shared weight sets (the first used twice), q/k/v and MLP adapters, rotary attention,
+    n_groups = 2, tied embeddings (which is also what makes transformers tie the uses of a weight set)."""
+    return _scale_matrices(transformers.Zamba2ForCausalLM(_zamba2_config()), 6.0)
+
+
 MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h,
-          "recurrent_gemma": hf_recurrent_gemma}
+          "recurrent_gemma": hf_recurrent_gemma, "zamba2": hf_zamba2}
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))
@@ -188,3 +215,16 @@ def test_sharded_checkpoints_load(saved, tmp_path):
     ids = _ids(seed=4)
     with torch.no_grad():
         _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"{model_type} from shards")
+
+
+def test_zamba2_untied_uses_read_as_transformers_runs_them(tmp_path):
+    """Without tie_word_embeddings transformers gives every use of a shared block its own copy (saved under its
+    own layer, with adapter slots nothing reads): ssmkit reads one weight set per use and matches."""
+    torch.manual_seed(0)
+    hf = _scale_matrices(_perturb(transformers.Zamba2ForCausalLM(_zamba2_config(tie_word_embeddings=False))), 6.0)
+    hf.eval().save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    assert ours.config.shared_block["num_blocks"] == 3
+    ids = _ids()
+    with torch.no_grad():
+        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, "zamba2 untied")

@@ -212,7 +212,8 @@ class ModelConfig:
             if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (math.isfinite(cap) and cap > 0):
                 raise ValueError(f"logit_softcap must be a positive finite number or None; got {cap!r}")
             if self.head != "lm":
-                raise ValueError(f"logit_softcap caps language-model logits; it needs head='lm', got head={self.head!r}")
+                raise ValueError(f"logit_softcap caps language-model logits; it needs head='lm', got "
+                                 f"head={self.head!r}")
 
     def shared_block_spec(self) -> Optional[Dict[str, Any]]:
         """``shared_block`` with every default filled in, or None."""
@@ -236,8 +237,8 @@ class ModelConfig:
         layers = spec["layers"]
         if not isinstance(layers, (list, tuple)) or not layers or list(layers) != sorted(set(layers)) \
                 or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers):
-            raise ValueError(f"shared_block['layers'] must be increasing layer indices in [0, n_layers={self.n_layers}); "
-                             f"got {layers!r}")
+            raise ValueError(f"shared_block['layers'] must be increasing layer indices in [0, "
+                             f"n_layers={self.n_layers}); got {layers!r}")
         for key in ("num_blocks", "n_heads", "mlp_hidden"):
             value = spec[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

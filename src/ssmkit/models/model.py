@@ -63,7 +63,8 @@ class Backbone(nn.Module):
             self.shared_blocks = nn.ModuleList(SharedBlock(config.d_model, spec, config.norm_eps)
                                                for _ in range(spec["num_blocks"]))
             uses = {layer: self.shared_blocks[u % spec["num_blocks"]] for u, layer in enumerate(spec["layers"])}
-        self.layers = nn.ModuleList(Block(config, i, name, uses.get(i)) for i, name in enumerate(config.layer_mixers()))
+        self.layers = nn.ModuleList(Block(config, i, name, uses.get(i))
+                                    for i, name in enumerate(config.layer_mixers()))
         self.norm_f = make_norm(config.norm, config.d_model, config.norm_eps, config.norm_weight_offset)
 
 

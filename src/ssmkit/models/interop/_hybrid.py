@@ -1,6 +1,6 @@
-"""What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba, RecurrentGemma) share: reading their JSON
-values, renaming their per-layer tensors to ssmkit's and back, and the checks an export makes before it
-claims a model.
+"""What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba, RecurrentGemma, Zamba2) share:
+reading their JSON values, renaming their per-layer tensors to ssmkit's and back, and the checks an export makes
+before it claims a model.
 
 Not a format itself (the leading underscore keeps it out of the package's import loop).
 
@@ -83,16 +83,19 @@ def unpack_experts(weights: Tensors, prefix: str) -> Tensors:
     return out
 
 
-def check_language_model(model, fmt: str, gemma: bool = False) -> None:
+def check_language_model(model, fmt: str, gemma: bool = False, shared_block: bool = False) -> None:
     """The part every export shares: an RMSNorm language model read left to right. Unless ``gemma`` (a format
     that describes them itself), also none of the Gemma-family options (embedding multiplier, logit soft-cap,
-    (1 + weight) norms, MLP biases, tanh GeLU), which the Mamba-family formats cannot say."""
+    (1 + weight) norms, MLP biases, tanh GeLU), which the Mamba-family formats cannot say; unless
+    ``shared_block``, no shared block (Zamba2's)."""
     cfg = model.config
     if cfg.head != "lm" or cfg.vocab_size is None or cfg.bidirectional or cfg.norm != "rmsnorm":
         raise ValueError(f"{fmt}: only causal RMSNorm language models convert; this model has head={cfg.head!r}, "
                          f"norm={cfg.norm!r}, bidirectional={cfg.bidirectional}")
     if not gemma:
         check_no_gemma_options(cfg, fmt)
+    if not shared_block and cfg.shared_block is not None:
+        raise ValueError(f"{fmt}: the format has no shared block; this model has shared_block={cfg.shared_block}")
 
 
 def check_no_gemma_options(cfg, fmt: str) -> None:
