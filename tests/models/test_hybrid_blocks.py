@@ -58,6 +58,7 @@ def test_mlp_only_layers_follow_the_pattern_and_their_formula():
     (dict(mixer="MM", head="classifier", num_classes=3, logit_softcap=5.0), "logit_softcap caps language-model"),
     (dict(mixer="MM", shared_block=dict(layers=[1], n_heads=2, mlp_hidden=4, window=3)),
      r"shared_block: unknown keys \['window'\]"),
+    (dict(mixer="MM", shared_block=dict(layers=[1])), r"missing keys \['mlp_hidden', 'n_heads'\]"),
     (dict(mixer="MM", shared_block=dict(layers=[1, 1], n_heads=2, mlp_hidden=4)),
      r"shared_block\['layers'\] must be increasing layer indices"),
     (dict(mixer="MM", shared_block=dict(layers=[2], n_heads=2, mlp_hidden=4)), r"in \[0, n_layers=2\)"),

@@ -35,7 +35,8 @@ dict describing one attention + MLP block whose weights are reused at several de
 in order); use u runs weight set u % ``num_blocks``. Its input is the layer's input concatenated with the
 embeddings (``concat_embeddings``), each use adds its own low-rank adapters (``adapter_rank``: on the MLP's
 gate and up projections, and on q, k, v with ``attention_adapters``) and its own output projection, and the
-result is added to the input of that layer's mixer (before its norm). Keys and defaults: :data:`SHARED_BLOCK_KEYS`.
+result is added to the input of that layer's mixer (before its norm). Keys: :data:`SHARED_BLOCK_REQUIRED` and
+the defaults in :data:`SHARED_BLOCK_KEYS`.
 
 Gemma-family options (RecurrentGemma uses all three): ``embedding_multiplier`` scales the embedding output
 (Gemma: sqrt(d_model)); ``logit_softcap`` = c bounds the LM logits smoothly, logits = c tanh(logits / c);
@@ -62,7 +63,8 @@ NO_MIXER, NO_MIXER_LETTER = "none", "-"
 NORMS = ("rmsnorm", "layernorm")
 HEADS = ("lm", "classifier", "regression")
 POOLINGS = ("mean", "last")
-#: shared_block keys -> default (None: required)
+#: the keys ModelConfig.shared_block must give, and the others with their defaults
+SHARED_BLOCK_REQUIRED = ("layers", "n_heads", "mlp_hidden")
 SHARED_BLOCK_KEYS = {"layers": None, "num_blocks": 1, "n_heads": None, "n_kv_heads": None, "head_dim": None,
                      "rope": False, "rope_base": 10000.0, "softmax_scale": None, "mlp_hidden": None,
                      "mlp_activation": "gelu", "adapter_rank": None, "attention_adapters": False,
@@ -228,8 +230,7 @@ class ModelConfig:
         if not isinstance(spec, dict):
             raise TypeError(f"shared_block must be a dict or None; got {type(spec).__name__}")
         unknown = sorted(set(spec) - set(SHARED_BLOCK_KEYS))
-        missing = sorted(k for k, v in SHARED_BLOCK_KEYS.items() if v is None and k not in spec
-                         and k not in ("n_kv_heads", "head_dim", "softmax_scale", "adapter_rank"))
+        missing = sorted(k for k in SHARED_BLOCK_REQUIRED if k not in spec)
         if unknown or missing:
             raise ValueError(f"shared_block: unknown keys {unknown}, missing keys {missing}; its keys are "
                              f"{sorted(SHARED_BLOCK_KEYS)}")
