@@ -217,14 +217,16 @@ def test_sharded_checkpoints_load(saved, tmp_path):
         _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"{model_type} from shards")
 
 
-def test_zamba2_untied_uses_read_as_transformers_runs_them(tmp_path):
+@pytest.mark.parametrize("overrides, weight_sets", [(dict(tie_word_embeddings=False), 3), (dict(num_mem_blocks=5), 3)])
+def test_zamba2_weight_sets_read_as_transformers_builds_them(tmp_path, overrides, weight_sets):
     """Without tie_word_embeddings transformers gives every use of a shared block its own copy (saved under its
-    own layer, with adapter slots nothing reads): ssmkit reads one weight set per use and matches."""
+    own layer, with adapter slots nothing reads); with more weight sets than uses it builds only one per use.
+    ssmkit reads either as transformers runs it."""
     torch.manual_seed(0)
-    hf = _scale_matrices(_perturb(transformers.Zamba2ForCausalLM(_zamba2_config(tie_word_embeddings=False))), 6.0)
+    hf = _scale_matrices(_perturb(transformers.Zamba2ForCausalLM(_zamba2_config(**overrides))), 6.0)
     hf.eval().save_pretrained(tmp_path)
     ours = from_pretrained(tmp_path)
-    assert ours.config.shared_block["num_blocks"] == 3
+    assert ours.config.shared_block["num_blocks"] == weight_sets
     ids = _ids()
     with torch.no_grad():
-        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, "zamba2 untied")
+        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"zamba2 {overrides}")

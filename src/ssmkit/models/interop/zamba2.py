@@ -89,9 +89,10 @@ def config_from_zamba2(raw: dict) -> ModelConfig:
         if adapters and kv_heads != heads:
             raise ValueError(f"{fmt} config: q/k/v adapters need num_key_value_heads = num_attention_heads "
                              f"(transformers adds a {2 * hidden}-wide adapter to each); got {kv_heads} and {heads}")
-        # transformers ties the uses of a weight set only with tie_word_embeddings; otherwise each use has its own
+        # transformers ties the uses of a weight set only with tie_word_embeddings; otherwise each use has its own.
+        # Weight sets beyond the number of uses are never built (nor saved).
         tied = raw.get("tie_word_embeddings", True)
-        shared = dict(layers=hybrid, num_blocks=raw.get("num_mem_blocks", 1) if tied else len(hybrid),
+        shared = dict(layers=hybrid, num_blocks=min(raw.get("num_mem_blocks", 1), len(hybrid)) if tied else len(hybrid),
                       n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
                       rope=bool(raw.get("use_mem_rope", False)), rope_base=theta, softmax_scale=(head_dim / 2) ** -0.5,
                       mlp_hidden=raw.get("intermediate_size") or 4 * hidden, mlp_activation=_ACTS[act],
