@@ -305,10 +305,8 @@ class Block(nn.Module):
         state, shared_state = self._split_state(state)
         mixer_in = x_t
         if self.shared is not None:
-            if embeddings is None:
-                raise ValueError(f"layer {self.layer_idx} reads the shared block, which needs the embeddings: "
-                                 "pass embeddings=")
-            mixer_in, shared_state = self._mixer_input(x_t[:, None], embeddings[:, None], shared_state, True)
+            one = None if embeddings is None else embeddings[:, None]
+            mixer_in, shared_state = self._mixer_input(x_t[:, None], one, shared_state, True)
             mixer_in = mixer_in[:, 0]
         y, new_state = self.mixer.step(self.norm(mixer_in.to(self.norm.weight.dtype)), state)
         h, _ = self._mlp(self._residual(x_t) + y, need_aux=False)
