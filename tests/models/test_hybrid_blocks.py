@@ -1,7 +1,9 @@
 """The building blocks the released hybrids need, held to hand-written references: MLP-only layers and a
 per-layer MLP list (Nemotron-H), ungated MLPs and their activations, a mixture of experts without
-renormalised router weights (Jamba), RMS norms on Mamba's dt/B/C (Jamba, Falcon-Mamba), and partial rotary
-attention (Bamba)."""
+renormalised router weights (Jamba), RMS norms on Mamba's dt/B/C (Jamba, Falcon-Mamba), partial rotary
+attention (Bamba), and the Gemma-family options (RecurrentGemma): an embedding multiplier, soft-capped logits,
+(1 + weight) RMS norms, biased MLPs with the tanh GeLU, and an attention whose output projection alone has a
+bias; and a shared attention + MLP block reused at several layers with per-use adapters (Zamba2)."""
 
 import pytest
 import torch
@@ -48,6 +50,22 @@ def test_mlp_only_layers_follow_the_pattern_and_their_formula():
     (dict(mixer="MM", mlp=["gated", "swiglu"]), "mlp must be one of"),
     (dict(mixer="MM", mlp="gated", mlp_activation="tanh"), "mlp_activation must be one of"),
     (dict(mixer="MM", moe_renormalize="no"), "moe_renormalize must be a bool"),
+    (dict(mixer="MM", mlp_bias=1), "mlp_bias must be a bool"),
+    (dict(mixer="MM", logit_softcap=0.0), "logit_softcap must be a positive finite number or None"),
+    (dict(mixer="MM", logit_softcap=float("inf")), "logit_softcap must be a positive finite number"),
+    (dict(mixer="MM", embedding_multiplier="2"), "embedding_multiplier must be a finite number"),
+    (dict(mixer="MM", norm="layernorm", norm_weight_offset=1.0), "norm_weight_offset scales RMS norms"),
+    (dict(mixer="MM", head="classifier", num_classes=3, logit_softcap=5.0), "logit_softcap caps language-model"),
+    (dict(mixer="MM", shared_block=dict(layers=[1], n_heads=2, mlp_hidden=4, window=3)),
+     r"shared_block: unknown keys \['window'\]"),
+    (dict(mixer="MM", shared_block=dict(layers=[1])), r"missing keys \['mlp_hidden', 'n_heads'\]"),
+    (dict(mixer="MM", shared_block=dict(layers=[1, 1], n_heads=2, mlp_hidden=4)),
+     r"shared_block\['layers'\] must be increasing layer indices"),
+    (dict(mixer="MM", shared_block=dict(layers=[2], n_heads=2, mlp_hidden=4)), r"in \[0, n_layers=2\)"),
+    (dict(mixer="MM", shared_block=dict(layers=[0], n_heads=2, mlp_hidden=4, attention_adapters=True)),
+     "attention_adapters'] needs an adapter_rank"),
+    (dict(mixer="M-", mlp="gated", shared_block=dict(layers=[1], n_heads=2, mlp_hidden=4)),
+     "layer 1 has no mixer"),
 ])
 def test_bad_layer_lists_name_the_problem(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -129,3 +147,129 @@ def test_partial_rotary_attention_turns_only_the_first_rope_dim_features():
     for bad in (3, 8):
         with pytest.raises(ValueError, match="rope_dim must be even and at most head_dim=6"):
             Attention(12, n_heads=2, rope_dim=bad)
+
+
+def _gemma_model(**overrides):
+    kwargs = dict(d_model=12, n_layers=3, vocab_size=23, mixer="HAH", mlp="gated", mlp_hidden=10, mlp_bias=True,
+                  mlp_activation="gelu_tanh", norm_weight_offset=1.0, embedding_multiplier=3.5, logit_softcap=2.0,
+                  residual_in_fp32=False, tie_embeddings=False,
+                  mixer_kwargs={"hawk": {"lru_width": 9, "n_heads": 3},
+                                "attention": {"n_heads": 3, "n_kv_heads": 1, "rope_dim": 2, "window": 3,
+                                              "out_bias": True}})
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = SSMModel(ModelConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", "bias")):
+                p.add_(0.3 * torch.randn_like(p))
+        model.lm_head.weight.mul_(10.0)  # logits past the cap's bend
+    return model
+
+
+def test_gemma_options_follow_their_formulas():
+    model = _gemma_model()
+    ids = torch.randint(0, 23, (2, 8))
+    block = model.backbone.layers[0]
+    assert not SSMModel(model.config).backbone.norm_f.weight.any()  # (1 + weight): weights start at zero
+    attention = model.backbone.layers[1].mixer
+    assert attention.q_proj.bias is None and attention.o_proj.bias is not None
+    assert block.mlp.gate_proj.bias is not None and block.mlp.down_proj.bias is not None
+    with torch.no_grad():
+        x = torch.randn(2, 5, 12)
+        rms = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + model.config.norm_eps)
+        torch.testing.assert_close(block.norm(x), rms * (1 + block.norm.weight))
+        mlp = block.mlp
+        gelu = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+        torch.testing.assert_close(mlp.act(x), gelu)
+        # the embedding multiplier scales what the first layer reads; the cap bounds the logits smoothly
+        plain = _gemma_model(embedding_multiplier=1.0, logit_softcap=None)
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model._embed(ids), 3.5 * plain._embed(ids))
+        capped = model(ids).logits
+        plain.backbone.embeddings.weight.mul_(3.5)
+        uncapped = plain(ids).logits
+        torch.testing.assert_close(capped, 2.0 * torch.tanh(uncapped / 2.0))
+        assert capped.abs().max() < 2.0 < uncapped.abs().max()
+        torch.testing.assert_close(_stepwise(model, ids), capped)
+
+
+def test_chunked_loss_refuses_a_soft_capped_model():
+    model = _gemma_model()
+    ids = torch.randint(0, 23, (2, 8))
+    with pytest.raises(ValueError, match="loss_chunk_size computes the loss from uncapped logits"):
+        model(ids, labels=ids, loss_chunk_size=4)
+
+
+def test_mamba_family_exports_refuse_the_gemma_options():
+    from ssmkit.models.interop import transformers_export
+
+    model = SSMModel(ModelConfig(d_model=8, n_layers=2, vocab_size=11, mixer="mamba", logit_softcap=3.0))
+    with pytest.raises(ValueError, match=r"(?s)transformers: the format has no \['logit_softcap'\]"):
+        transformers_export(model)
+
+
+def test_in_place_decoding_scales_embeddings_and_caps_logits():
+    from ssmkit.models.decoding import CUDAGraphDecoder
+
+    model = _gemma_model(mixer="HHH")  # constant-size states only: what a CUDA graph replays
+    ids = torch.randint(0, 23, (2, 6))
+    decoder = CUDAGraphDecoder(model, capture=False)
+    state, want_state = model.init_state(2), model.init_state(2)
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            want, want_state = model.step(ids[:, t], want_state)
+            got, state = decoder.step(ids[:, t], state)
+            torch.testing.assert_close(got, want)
+
+
+def _shared_block_model():
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=10, n_layers=4, vocab_size=17, mixer="mamba2", residual_in_fp32=False,
+                         mixer_kwargs={"d_state": 3, "headdim": 5, "chunk_size": 4},
+                         shared_block=dict(layers=[0, 2, 3], num_blocks=2, n_heads=2, rope=True, mlp_hidden=6,
+                                           adapter_rank=2, attention_adapters=True, softmax_scale=0.4))
+    model = SSMModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter" in name:
+                p.normal_(0, 0.5)  # B starts at zero: make every adapter count
+    return model
+
+
+def test_shared_block_uses_share_weights_and_keep_their_own_adapters_and_caches():
+    model = _shared_block_model()
+    layers, blocks = model.backbone.layers, model.backbone.shared_blocks
+    assert len(blocks) == 2 and layers[1].shared is None
+    assert [layer._shared_block[0] for layer in layers if layer.shared is not None] == [blocks[0], blocks[1], blocks[0]]
+    assert layers[0].shared.q_adapter is not layers[3].shared.q_adapter
+    names = dict(model.state_dict())
+    assert "backbone.shared_blocks.0.attention.q_proj.weight" in names
+    assert not any(k.startswith("backbone.layers.0.shared.attention") for k in names)  # stored once
+    state = model.init_state(2)
+    assert {"shared.attention.k", "shared.attention.v", "shared.attention.pos"} <= set(state[0]) and \
+        not any(k.startswith("shared.") for k in state[1])
+    ids = torch.randint(0, 17, (2, 9))
+    with torch.no_grad():
+        whole = model(ids).logits
+        torch.testing.assert_close(_stepwise(model, ids), whole)
+        first = model(ids[:, :4], return_state=True)
+        second = model(ids[:, 4:], state=first.state)
+        torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole)
+        for layer in layers:  # the shared block counts: without it the logits change
+            if layer.shared is not None:
+                layer.shared.out_proj.weight.zero_()
+        assert not torch.allclose(model(ids).logits, whole)
+
+
+def test_decoders_and_exports_that_cannot_run_a_shared_block_refuse_it():
+    from ssmkit.deploy.export import check_exportable
+    from ssmkit.models.decoding import fused_support, graph_support
+    from ssmkit.models.interop import transformers_export
+
+    model = _shared_block_model()
+    assert "shared_block" in fused_support(model) and "shared_block" in graph_support(model, require_cuda=False)
+    with pytest.raises(ValueError, match="shared attention block"):
+        check_exportable(model)
+    with pytest.raises(ValueError, match=r"(?s)nemotron_h: the format has no shared block.*zamba2:"):
+        transformers_export(model)

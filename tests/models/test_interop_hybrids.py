@@ -1,4 +1,5 @@
-"""transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h.
+"""transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h, recurrent_gemma,
+zamba2.
 
 For each type a small random model is made with transformers' own config class (odd sizes, several layers, a
 mixture of experts where the type has one, n_groups > 1 where it applies), its norms and skip weights
@@ -68,7 +69,52 @@ def hf_nemotron_h():
     return transformers.NemotronHForCausalLM(cfg)
 
 
-MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h}
+def hf_recurrent_gemma():
+    """Griffin's pattern (recurrent, attention, recurrent) over 5 layers, an RG-LRU wider than the model (27 of 24,
+    3 blocks of 9), multi-query local attention with a window (5) shorter than the test sequences, tied
+    embeddings. transformers initialises every bias at zero and the embeddings small: perturb the biases and
+    scale the embeddings so that the biases count and the logits reach the soft cap's bend (cap 7)."""
+    cfg = _config_class("RecurrentGemmaConfig")(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=38, num_hidden_layers=5, num_attention_heads=3,
+        num_key_value_heads=1, lru_width=27, attention_window_size=5, conv1d_width=3,
+        block_types=["recurrent", "attention", "recurrent"], logits_soft_cap=7.0, rms_norm_eps=1e-5)
+    model = transformers.RecurrentGemmaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+        model.model.embed_tokens.weight.mul_(6.0)
+    return model
+
+
+def _zamba2_config(**overrides):
+    kwargs = dict(vocab_size=VOCAB, hidden_size=20, num_hidden_layers=6,
+                  layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"], mamba_d_state=5,
+                  mamba_d_conv=3, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=4, chunk_size=8, intermediate_size=26,
+                  num_attention_heads=4, num_key_value_heads=4, num_mem_blocks=2, use_shared_attention_adapter=True,
+                  adapter_rank=3, use_mem_rope=True, time_step_min=0.01)
+    kwargs.update(overrides)
+    return _config_class("Zamba2Config")(**kwargs)
+
+
+def _scale_matrices(model, factor):
+    """transformers initialises every matrix at std 0.02, so that the layers barely move the embeddings and
+    greedy decoding repeats one token: scale them up so that every block (the shared one too) counts."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return model
+
+
+def hf_zamba2():
+    """Three uses of two shared weight sets (the first used twice), q/k/v and MLP adapters, rotary attention,
+    n_groups = 2, tied embeddings (which is also what makes transformers tie the uses of a weight set)."""
+    return _scale_matrices(transformers.Zamba2ForCausalLM(_zamba2_config()), 6.0)
+
+
+MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h,
+          "recurrent_gemma": hf_recurrent_gemma, "zamba2": hf_zamba2}
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))
@@ -152,11 +198,12 @@ def test_a_damaged_hybrid_checkpoint_lists_what_does_not_match(saved, tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text((directory / "config.json").read_text())
     tensors = load_file(str(directory / "model.safetensors"))
-    dropped = sorted(k for k in tensors if "A_log" in k)[0]
+    dropped = sorted(k for k in tensors if "A_log" in k or "recurrent_param" in k)[0]
     del tensors[dropped]
     tensors["model.extra.weight"] = torch.zeros(2)
     save_file(tensors, str(tmp_path / "d" / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"(?s)missing \(1\): .*A_log.*unexpected \(1\): model.extra.weight"):
+    with pytest.raises(ValueError, match=r"(?s)missing \(1\): .*(A_log|recurrent_param).*"
+                                         r"unexpected \(1\): model.extra.weight"):
         from_pretrained(tmp_path / "d")
 
 
@@ -168,3 +215,18 @@ def test_sharded_checkpoints_load(saved, tmp_path):
     ids = _ids(seed=4)
     with torch.no_grad():
         _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"{model_type} from shards")
+
+
+@pytest.mark.parametrize("overrides, weight_sets", [(dict(tie_word_embeddings=False), 3), (dict(num_mem_blocks=5), 3)])
+def test_zamba2_weight_sets_read_as_transformers_builds_them(tmp_path, overrides, weight_sets):
+    """Without tie_word_embeddings transformers gives every use of a shared block its own copy (saved under its
+    own layer, with adapter slots nothing reads); with more weight sets than uses it builds only one per use.
+    ssmkit reads either as transformers runs it."""
+    torch.manual_seed(0)
+    hf = _scale_matrices(_perturb(transformers.Zamba2ForCausalLM(_zamba2_config(**overrides))), 6.0)
+    hf.eval().save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    assert ours.config.shared_block["num_blocks"] == weight_sets
+    ids = _ids()
+    with torch.no_grad():
+        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"zamba2 {overrides}")

@@ -71,6 +71,9 @@ def check_exportable(model) -> None:
         raise ValueError("a bidirectional model reads the future and has no recurrence to export")
     if config.head == "classifier":
         raise ValueError("a classifier head pools over the whole sequence; export needs head='lm' or 'regression'")
+    if config.shared_block is not None:
+        raise ValueError("the model's shared attention block (shared_block) keeps a KV cache that grows with the "
+                         "sequence; only mixers with a constant-size state can be exported")
     for i, layer in enumerate(model.backbone.layers):
         if layer.mixer is None:  # an MLP-only layer keeps no state
             continue
@@ -95,13 +98,13 @@ def state_layout(model, batch_size: int = 1) -> List[StateEntry]:
 def _embed(model, inputs: torch.Tensor) -> torch.Tensor:
     backbone = model.backbone
     if model.config.vocab_size is not None:
-        return backbone.embeddings(inputs)
+        return model.scale_embeddings(backbone.embeddings(inputs))
     return backbone.input_proj(inputs.to(backbone.input_proj.weight.dtype))
 
 
 def _head(model, h: torch.Tensor) -> torch.Tensor:
     h = model.backbone.norm_f(h.to(model.backbone.norm_f.weight.dtype))
-    return model.lm_head(h) if model.config.head == "lm" else model.regressor(h)
+    return model.cap_logits(model.lm_head(h)) if model.config.head == "lm" else model.regressor(h)
 
 
 class _Recurrence(nn.Module):

@@ -63,6 +63,12 @@ class Attention(Mixer):
             even); the rest pass unrotated. None = head_dim.
         window: sliding window w (each token attends to itself and the w - 1 tokens before it); None = all.
         bias: biases in the four projections.
+        out_bias: a bias in the output projection o_proj; None = ``bias`` (RecurrentGemma: q, k, v without,
+            o_proj with one).
+        softmax_scale: the factor of q k^T in the softmax; None = 1 / sqrt(head_dim) (Zamba2's shared
+            attention: 1 / sqrt(head_dim / 2)).
+        out_dim: the width o_proj writes; None = d_model. Only a block that uses the attention inside itself
+            (the shared block of :mod:`ssmkit.models.blocks`) sets it: a mixer's output is d_model wide.
         causal: False for full (encoder) attention: no step, state or window then.
 
     Shapes: forward x (batch, L, d_model) -> (batch, L, d_model); step x_t (batch, d_model).
@@ -76,7 +82,8 @@ class Attention(Mixer):
     def __init__(self, d_model: int, n_heads: int = 8, n_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, rope: bool = True, rope_base: float = 10000.0,
                  window: Optional[int] = None, bias: bool = False, causal: bool = True,
-                 rope_dim: Optional[int] = None):
+                 rope_dim: Optional[int] = None, out_bias: Optional[bool] = None,
+                 softmax_scale: Optional[float] = None, out_dim: Optional[int] = None):
         super().__init__(d_model)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
@@ -109,13 +116,22 @@ class Attention(Mixer):
             check_positive_int("rope_dim", rope_dim)
             if rope_dim % 2 or rope_dim > head_dim:
                 raise ValueError(f"rope_dim must be even and at most head_dim={head_dim}; got {rope_dim}")
+        if out_bias is None:
+            out_bias = bias
+        if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                          or not (math.isfinite(softmax_scale) and softmax_scale > 0)):
+            raise ValueError(f"softmax_scale must be a positive finite number or None; got {softmax_scale!r}")
+        self.softmax_scale = None if softmax_scale is None else float(softmax_scale)
+        out_dim = d_model if out_dim is None else check_positive_int("out_dim", out_dim)
+        if not isinstance(bias, bool) or not isinstance(out_bias, bool):
+            raise TypeError(f"bias and out_bias must be bools; got bias={bias!r}, out_bias={out_bias!r}")
         self.rope_dim = head_dim if rope_dim is None else rope_dim
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope, self.rope_base, self.window = rope, float(rope_base), window
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, out_dim, bias=out_bias)
 
     @property
     def cache_limit(self) -> Optional[int]:
@@ -126,19 +142,28 @@ class Attention(Mixer):
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, rope={self.rope}, window={self.window}"
                 + ("" if self.causal else ", causal=False")
-                + (f", rope_dim={self.rope_dim}" if self.rope_dim != self.head_dim else ""))
+                + (f", rope_dim={self.rope_dim}" if self.rope_dim != self.head_dim else "")
+                + (f", softmax_scale={self.softmax_scale}" if self.softmax_scale is not None else "")
+                + (f", bias={self.q_proj.bias is not None}, out_bias={self.o_proj.bias is not None}"
+                   if (self.q_proj.bias is None) != (self.o_proj.bias is None) else ""))
 
     def state_spec(self, batch_size: int):
         cache = (batch_size, self.n_kv_heads, None, self.head_dim)
         return {"k": (cache, "cache"), "v": (cache, "cache"), "pos": ((batch_size,), "index")}
 
     # ----------------------------------------------------------------------------------------------
-    def _project(self, x: torch.Tensor, pos):
-        """x (B, L, D), pos (B,) or 0 -> q (B, H, L, d_h), k and v (B, H_kv, L, d_h), rotated to pos + 0..L-1."""
+    def _project(self, x: torch.Tensor, pos, deltas=None):
+        """x (B, L, D), pos (B,) or 0 -> q (B, H, L, d_h), k and v (B, H_kv, L, d_h), rotated to pos + 0..L-1.
+
+        ``deltas``: optional (dq, dk, dv) added to the three projections before the heads are split (the
+        per-use low-rank adapters of a shared block)."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if deltas is not None:
+            q, k, v = q + deltas[0], k + deltas[1], v + deltas[2]
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope and self.rope_dim == self.head_dim:
             q = apply_rope(q, pos, self.rope_base)
             k = apply_rope(k, pos, self.rope_base)
@@ -209,20 +234,21 @@ class Attention(Mixer):
             gqa = {"enable_gqa": True}  # sdpa reads query head h from kv head h // (H / H_kv), as _expand_kv
         else:
             k, v = self._expand_kv(k), self._expand_kv(v)
+        opts = dict(gqa, scale=self.softmax_scale)
         if padded is not None and bool((padded > 0).any()):
             mask = self._mask(length, cached, q.device)
             key_at = torch.arange(cached + length, device=q.device)
             real = key_at[None, :] >= padded[:, None]  # (B, T + L)
             full = real[:, None, None, :] if mask is None else real[:, None, None, :] & mask[None, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=full, **gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=full, **opts)
         elif not self.causal:
-            y = F.scaled_dot_product_attention(q, k, v, **gqa)  # every query reads every key
+            y = F.scaled_dot_product_attention(q, k, v, **opts)  # every query reads every key
         elif cached == 0 and self.window is None:
             # plain causal (torch's is_causal is the top-left aligned mask, right only without a cache):
             # let torch pick its fused causal path instead of reading an explicit mask
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, **gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, **opts)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(length, cached, q.device), **gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(length, cached, q.device), **opts)
         return y.transpose(1, 2).reshape(q.shape[0], length, self.n_heads * self.head_dim)
 
     def _trim(self, t: torch.Tensor) -> torch.Tensor:
@@ -239,14 +265,14 @@ class Attention(Mixer):
         self._refuse_recurrence("step()")
         return super().step(x_t, state)
 
-    def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool):
+    def _forward(self, x: torch.Tensor, state: Optional[State], return_state: bool, deltas=None):
         if state is not None:
             self._refuse_recurrence("an initial state")
         if return_state:
             self._refuse_recurrence("return_state")
         batch, length, _ = x.shape
         pos = None if state is None else state[self.state_key("pos")]
-        q, k, v = self._project(x, 0 if pos is None else pos)
+        q, k, v = self._project(x, 0 if pos is None else pos, deltas)
         padded = None
         if state is not None:
             cached = state[self.state_key("k")].shape[2]

@@ -7,6 +7,15 @@ Block (pre-norm residual, as in Mamba and transformers' MambaBlock):
 
 A layer whose mixer is "none" (Nemotron-H's MLP-only layers) has only the second line, and an empty state.
 
+A layer that reads the shared block (``ModelConfig.shared_block``; Zamba2) feeds its mixer with more:
+
+    s = out_proj_u(SharedBlock(concat(x, e); adapters_u))     # e: the embeddings, u: this use
+    h = x + mixer(norm(x + s))
+
+    SharedBlock(z) = mlp(norm2(attention(norm_in(z))))        # no residual inside; weights shared by its uses
+
+Its attention's KV cache is part of the layer's state, under keys prefixed "shared.".
+
 The mixer's state passes through unchanged in shape, so a block runs in parallel (``forward``) or one token
 at a time (``step``) exactly like its mixer.
 """
@@ -19,27 +28,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.attention import Attention
 from ..layers.registry import build_mixer
 from .config import NO_MIXER
 
+SHARED_STATE_PREFIX = "shared."
+
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as transformers' MambaRMSNorm)."""
+    """y = x / sqrt(mean(x^2) + eps) * (weight_offset + weight), computed in float32 (as transformers'
+    MambaRMSNorm). ``weight_offset=1`` is Gemma's norm, whose weights are stored as their difference from 1
+    (zeros at initialisation) and whose scale multiplies in float32 before rounding to x's dtype."""
 
-    def __init__(self, d: int, eps: float = 1e-5):
+    def __init__(self, d: int, eps: float = 1e-5, weight_offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.weight_offset = float(weight_offset)
+        self.weight = nn.Parameter(torch.full((d,), 1.0 - self.weight_offset))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", weight_offset={self.weight_offset}"
+                                                            if self.weight_offset else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         x32 = F.rms_norm(x32, x32.shape[-1:], eps=self.eps)  # one fused kernel on CUDA
+        if self.weight_offset:
+            return (x32 * (self.weight_offset + self.weight.to(x32.dtype))).to(dtype)
         return self.weight * x32.to(dtype)
 
 
-def make_norm(kind: str, d: int, eps: float) -> nn.Module:
-    return RMSNorm(d, eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
+def make_norm(kind: str, d: int, eps: float, weight_offset: float = 0.0) -> nn.Module:
+    return RMSNorm(d, eps, weight_offset) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
@@ -47,19 +68,24 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     return torch.square(F.relu(x))
 
 
-#: ModelConfig.mlp_activation -> function (gelu is the exact erf form)
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "relu2": relu_squared}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GeLU by its tanh approximation (Hendrycks & Gimpel 2016, Sec. 2), Gemma's and RecurrentGemma's."""
+    return F.gelu(x, approximate="tanh")
+
+
+#: ModelConfig.mlp_activation -> function ("gelu" is the exact erf form)
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu": F.relu, "relu2": relu_squared}
 
 
 class GatedMLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (Shazeer 2020) with act = silu."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "silu"):
+    def __init__(self, d_model: int, hidden: int, activation: str = "silu", bias: bool = False):
         super().__init__()
         self.act = ACTIVATIONS[activation]
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -68,11 +94,11 @@ class GatedMLP(nn.Module):
 class PlainMLP(nn.Module):
     """Two-layer MLP without a gate: down(act(up(x))) (Nemotron-H's, with act = relu2)."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "relu2"):
+    def __init__(self, d_model: int, hidden: int, activation: str = "relu2", bias: bool = False):
         super().__init__()
         self.act = ACTIVATIONS[activation]
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))
@@ -89,11 +115,11 @@ class MoE(nn.Module):
     """
 
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, activation: str = "silu",
-                 renormalize: bool = True):
+                 renormalize: bool = True, bias: bool = False):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.router = nn.Linear(d_model, num_experts, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(d_model, hidden, activation) for _ in range(num_experts))
+        self.experts = nn.ModuleList(GatedMLP(d_model, hidden, activation, bias) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -113,17 +139,84 @@ class MoE(nn.Module):
         return out.reshape(shape), aux
 
 
-class Block(nn.Module):
-    """Pre-norm residual block around one mixer (and an optional MLP)."""
+class SharedBlock(nn.Module):
+    """The weights an attention + MLP block shares across its uses (Zamba2's shared transformer block):
+    norm over the input (d_model, or 2 d_model with the embeddings concatenated), attention writing d_model,
+    norm2, gated MLP. No residual inside: its use adds the result to a mixer's input (:class:`SharedUse`)."""
 
-    def __init__(self, config, layer_idx: int, mixer_name: str):
+    def __init__(self, d_model: int, spec: dict, norm_eps: float):
+        super().__init__()
+        width = 2 * d_model if spec["concat_embeddings"] else d_model
+        self.norm = RMSNorm(width, norm_eps)
+        self.attention = Attention(width, n_heads=spec["n_heads"], n_kv_heads=spec["n_kv_heads"],
+                                   head_dim=spec["head_dim"], rope=spec["rope"], rope_base=spec["rope_base"],
+                                   softmax_scale=spec["softmax_scale"], out_dim=d_model)
+        self.norm2 = RMSNorm(d_model, norm_eps)
+        self.mlp = GatedMLP(d_model, spec["mlp_hidden"], spec["mlp_activation"])
+
+
+def _low_rank(d_in: int, rank: int, d_out: int) -> nn.Sequential:
+    """x -> B (A x): a rank-``rank`` adapter (LoRA, Hu et al. 2021), B starting at zero."""
+    adapter = nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
+    nn.init.zeros_(adapter[1].weight)
+    return adapter
+
+
+class SharedUse(nn.Module):
+    """One use of a :class:`SharedBlock`: its own adapters (q, k, v and the MLP's gate and up, each low rank)
+    and its own output projection. ``forward(block, x, e, state)``: x, e (B, L, D) -> (s (B, L, D), state)."""
+
+    def __init__(self, d_model: int, spec: dict):
+        super().__init__()
+        self.concat_embeddings = spec["concat_embeddings"]
+        width = 2 * d_model if self.concat_embeddings else d_model
+        rank = spec["adapter_rank"]
+        self.q_adapter = self.k_adapter = self.v_adapter = self.mlp_adapter = None
+        if rank is not None:
+            self.mlp_adapter = _low_rank(d_model, rank, 2 * spec["mlp_hidden"])  # gate, then up
+            if spec["attention_adapters"]:
+                heads = spec["n_heads"]
+                head_dim = spec["head_dim"] or width // heads
+                kv = (spec["n_kv_heads"] or heads) * head_dim
+                self.q_adapter = _low_rank(width, rank, heads * head_dim)
+                self.k_adapter = _low_rank(width, rank, kv)
+                self.v_adapter = _low_rank(width, rank, kv)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, block: SharedBlock, x: torch.Tensor, embeddings: torch.Tensor, state: Optional[dict],
+                return_state: bool):
+        z = torch.cat([x, embeddings.to(x.dtype)], dim=-1) if self.concat_embeddings else x
+        z = block.norm(z.to(block.norm.weight.dtype))                                    # (B, L, 2D)
+        deltas = None
+        if self.q_adapter is not None:
+            deltas = (self.q_adapter(z), self.k_adapter(z), self.v_adapter(z))
+        y, new_state = block.attention._forward(z, state, return_state, deltas)          # (B, L, D)
+        y = block.norm2(y)
+        mlp = block.mlp
+        gate, up = mlp.gate_proj(y), mlp.up_proj(y)
+        if self.mlp_adapter is not None:
+            delta_gate, delta_up = self.mlp_adapter(y).chunk(2, dim=-1)
+            gate, up = gate + delta_gate, up + delta_up
+        return self.out_proj(mlp.down_proj(mlp.act(gate) * up)), new_state
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one mixer (and an optional MLP, and optionally a use of the shared
+    block feeding the mixer's input)."""
+
+    def __init__(self, config, layer_idx: int, mixer_name: str, shared_block: Optional[SharedBlock] = None):
         super().__init__()
         d = config.d_model
         self.layer_idx = layer_idx
         self.residual_in_fp32 = config.residual_in_fp32
+        self.shared = None
+        self._shared_block = ()  # a tuple, so the backbone alone registers the shared weights
+        if shared_block is not None:
+            self.shared = SharedUse(d, config.shared_block_spec())
+            self._shared_block = (shared_block,)
         self.norm = self.mixer = self.mixer_bwd = None
         if mixer_name != NO_MIXER:
-            self.norm = make_norm(config.norm, d, config.norm_eps)
+            self.norm = make_norm(config.norm, d, config.norm_eps, config.norm_weight_offset)
             self.mixer = build_mixer(mixer_name, d, **config.kwargs_for(mixer_name))
             # bidirectional (classifiers only): a second mixer reads the sequence backwards
             if config.bidirectional:
@@ -131,19 +224,42 @@ class Block(nn.Module):
         self.mlp = None
         kind = config.layer_mlps()[layer_idx]
         if kind != "none":
-            self.norm2 = make_norm(config.norm, d, config.norm_eps)
-            act = config.mlp_activation
+            self.norm2 = make_norm(config.norm, d, config.norm_eps, config.norm_weight_offset)
+            act, bias = config.mlp_activation, config.mlp_bias
             if kind == "gated":
-                self.mlp = GatedMLP(d, config.mlp_hidden or 4 * d, act)
+                self.mlp = GatedMLP(d, config.mlp_hidden or 4 * d, act, bias)
             elif kind == "plain":
-                self.mlp = PlainMLP(d, config.mlp_hidden or 4 * d, act)
+                self.mlp = PlainMLP(d, config.mlp_hidden or 4 * d, act, bias)
             else:
                 self.mlp = MoE(d, config.mlp_hidden or 2 * d, config.num_experts, config.top_k, act,
-                               config.moe_renormalize)
+                               config.moe_renormalize, bias)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
-        """The mixer's zero state; an MLP-only layer has none ({})."""
-        return {} if self.mixer is None else self.mixer.init_state(batch_size, device=device, dtype=dtype)
+        """The mixer's zero state (and the shared block's empty KV cache); an MLP-only layer has none ({})."""
+        state = {} if self.mixer is None else self.mixer.init_state(batch_size, device=device, dtype=dtype)
+        if self.shared is not None:
+            attention = self._shared_block[0].attention
+            for key, value in attention.init_state(batch_size, device=device, dtype=dtype).items():
+                state[SHARED_STATE_PREFIX + key] = value
+        return state
+
+    def _split_state(self, state: Optional[dict]):
+        """(the mixer's state, the shared block's) from this layer's state."""
+        if state is None or self.shared is None:
+            return state, None
+        n = len(SHARED_STATE_PREFIX)
+        return ({k: v for k, v in state.items() if not k.startswith(SHARED_STATE_PREFIX)},
+                {k[n:]: v for k, v in state.items() if k.startswith(SHARED_STATE_PREFIX)})
+
+    def _mixer_input(self, x: torch.Tensor, embeddings, shared_state, return_state: bool):
+        """x plus this layer's use of the shared block (x unchanged without one); and the block's new state."""
+        if self.shared is None:
+            return x, None
+        if embeddings is None:
+            raise ValueError(f"layer {self.layer_idx} reads the shared block, which needs the embeddings: pass "
+                             "embeddings= (the model's forward and step do)")
+        s, new_state = self.shared(self._shared_block[0], x, embeddings, shared_state, return_state)
+        return x + s.to(x.dtype), new_state
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if self.residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x
@@ -158,12 +274,16 @@ class Block(nn.Module):
             aux = h.new_zeros(()) if need_aux else None
         return h + out, aux
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None, return_state: bool = False, **mixer_kwargs):
-        """x (B, L, D) -> (h (B, L, D), new_state or None, aux_loss scalar)."""
+    def forward(self, x: torch.Tensor, state: Optional[dict] = None, return_state: bool = False,
+                embeddings: Optional[torch.Tensor] = None, **mixer_kwargs):
+        """x (B, L, D) -> (h (B, L, D), new_state or None, aux_loss scalar). ``embeddings`` (B, L, D): the
+        model's embedding output, which a layer that reads the shared block needs."""
         if self.mixer is None:
             h, aux = self._mlp(self._residual(x))
             return h, ({} if return_state else None), aux
-        normed = self.norm(x.to(self.norm.weight.dtype))
+        state, shared_state = self._split_state(state)
+        mixer_in, shared_state = self._mixer_input(x, embeddings, shared_state, return_state)
+        normed = self.norm(mixer_in.to(self.norm.weight.dtype))
         if self.mixer_bwd is not None:
             if state is not None or return_state:
                 raise ValueError("a bidirectional block reads the future and has no recurrent state")
@@ -174,18 +294,30 @@ class Block(nn.Module):
         else:
             y, new_state = self.mixer(normed, state, **mixer_kwargs), None
         h, aux = self._mlp(self._residual(x) + y)
+        if shared_state is not None and new_state is not None:
+            new_state = {**new_state, **{SHARED_STATE_PREFIX + k: v for k, v in shared_state.items()}}
         return h, new_state, aux
 
-    def step(self, x_t: torch.Tensor, state: dict):
-        """x_t (B, D) -> (h_t (B, D), new_state)."""
+    def step(self, x_t: torch.Tensor, state: dict, embeddings: Optional[torch.Tensor] = None):
+        """x_t (B, D) -> (h_t (B, D), new_state); ``embeddings`` (B, D) as in forward."""
         if self.mixer is None:
             return self._mlp(self._residual(x_t))[0], {}
-        y, new_state = self.mixer.step(self.norm(x_t.to(self.norm.weight.dtype)), state)
+        state, shared_state = self._split_state(state)
+        mixer_in = x_t
+        if self.shared is not None:
+            one = None if embeddings is None else embeddings[:, None]
+            mixer_in, shared_state = self._mixer_input(x_t[:, None], one, shared_state, True)
+            mixer_in = mixer_in[:, 0]
+        y, new_state = self.mixer.step(self.norm(mixer_in.to(self.norm.weight.dtype)), state)
         h, _ = self._mlp(self._residual(x_t) + y, need_aux=False)
+        if shared_state is not None:
+            new_state = {**new_state, **{SHARED_STATE_PREFIX + k: v for k, v in shared_state.items()}}
         return h, new_state
 
     def step_inplace(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
         """``step`` writing the mixer's new state into ``state`` (see ``Mixer.step_inplace``): x_t -> h_t."""
+        if self.shared is not None:
+            raise ValueError(f"layer {self.layer_idx} reads the shared block, whose KV cache grows: no in-place step")
         if self.mixer is None:
             return self._mlp(self._residual(x_t), need_aux=False)[0]
         y = self.mixer.step_inplace(self.norm(x_t.to(self.norm.weight.dtype)), state)

@@ -28,7 +28,20 @@ experts every other layer, ``["gated", "moe", "gated", "moe"]``). Kinds: ``none`
 (down(act(gate(x)) * up(x)), SwiGLU with act = silu); ``plain`` (down(act(up(x))), Nemotron-H's with act =
 relu2); ``moe`` (top-k mixture of gated experts). ``mlp_activation`` is the act of all of them;
 ``moe_renormalize`` says whether the top-k router weights are renormalised to sum to 1 (Mixtral) or kept as
-the softmax gave them (Jamba).
+the softmax gave them (Jamba); ``mlp_bias`` gives every MLP projection a bias (RecurrentGemma).
+
+Shared block (Zamba, Glorioso et al. 2024, arXiv 2405.16712; Zamba2, arXiv 2411.15242): ``shared_block`` is a
+dict describing one attention + MLP block whose weights are reused at several depths, ``layers`` (the uses,
+in order); use u runs weight set u % ``num_blocks``. Its input is the layer's input concatenated with the
+embeddings (``concat_embeddings``), each use adds its own low-rank adapters (``adapter_rank``: on the MLP's
+gate and up projections, and on q, k, v with ``attention_adapters``) and its own output projection, and the
+result is added to the input of that layer's mixer (before its norm). Keys: :data:`SHARED_BLOCK_REQUIRED` and
+the defaults in :data:`SHARED_BLOCK_KEYS`.
+
+Gemma-family options (RecurrentGemma uses all three): ``embedding_multiplier`` scales the embedding output
+(Gemma: sqrt(d_model)); ``logit_softcap`` = c bounds the LM logits smoothly, logits = c tanh(logits / c);
+``norm_weight_offset`` = 1 makes the RMS norms scale by (1 + weight), their weights stored as the difference
+from 1 (zero at initialisation).
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -43,12 +57,18 @@ from typing import Any, Dict, List, Optional, Union
 from ..layers.registry import MIXERS, pattern_letters
 
 MLP_KINDS = ("none", "gated", "plain", "moe")
-MLP_ACTIVATIONS = ("silu", "gelu", "relu", "relu2")
+MLP_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 #: the name and pattern letter of a layer without a mixer (an MLP-only block)
 NO_MIXER, NO_MIXER_LETTER = "none", "-"
 NORMS = ("rmsnorm", "layernorm")
 HEADS = ("lm", "classifier", "regression")
 POOLINGS = ("mean", "last")
+#: the keys ModelConfig.shared_block must give, and the others with their defaults
+SHARED_BLOCK_REQUIRED = ("layers", "n_heads", "mlp_hidden")
+SHARED_BLOCK_KEYS = {"layers": None, "num_blocks": 1, "n_heads": None, "n_kv_heads": None, "head_dim": None,
+                     "rope": False, "rope_base": 10000.0, "softmax_scale": None, "mlp_hidden": None,
+                     "mlp_activation": "gelu", "adapter_rank": None, "attention_adapters": False,
+                     "concat_embeddings": True}
 #: mixer keyword arguments that choose how a layer runs, not what it computes: never kept in a config
 #: (choose them with ``ssmkit.ops.use_backend`` or the layer's attribute at run time)
 EXECUTION_KWARGS = ("backend", "recompute")
@@ -68,10 +88,16 @@ class ModelConfig:
     mlp_hidden: Optional[int] = None  # default: 4 * d_model for "gated"/"plain", 2 * d_model per expert for "moe"
     num_experts: int = 8
     top_k: int = 2
-    mlp_activation: str = "silu"  # act of every MLP kind: "silu" | "gelu" | "relu" | "relu2" (relu(x)^2)
+    # act of every MLP kind: "silu" | "gelu" (exact) | "gelu_tanh" (tanh approximation) | "relu" | "relu2" (relu^2)
+    mlp_activation: str = "silu"
     moe_renormalize: bool = True  # top-k router weights renormalised to sum to 1 (Mixtral); False: Jamba
+    mlp_bias: bool = False  # biases in every MLP projection (RecurrentGemma)
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
+    norm_weight_offset: float = 0.0  # RMS norms scale by (norm_weight_offset + weight); Gemma: 1.0
+    embedding_multiplier: float = 1.0  # the embedding output times this (Gemma: sqrt(d_model))
+    logit_softcap: Optional[float] = None  # LM logits = cap * tanh(logits / cap) (Gemma 2, RecurrentGemma); None: off
+    shared_block: Optional[Dict[str, Any]] = None  # attention + MLP reused at several layers (Zamba2); see above
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 1
@@ -163,8 +189,11 @@ class ModelConfig:
         if self.bidirectional and self.head != "classifier":
             raise ValueError("bidirectional=True reads the future, so it is only allowed with head='classifier'")
         self._validate_reverse_complement()
-        if not isinstance(self.moe_renormalize, bool):
-            raise TypeError(f"moe_renormalize must be a bool; got {type(self.moe_renormalize).__name__}")
+        for name in ("moe_renormalize", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {type(getattr(self, name)).__name__}")
+        self._validate_scales()
+        self._validate_shared_block()
         mlps = self.layer_mlps()
         for i, (mixer, mlp) in enumerate(zip(self.layer_mixers(), mlps)):
             if mixer == NO_MIXER and mlp == "none":
@@ -172,6 +201,63 @@ class ModelConfig:
                                  f"'gated', 'plain' or 'moe'; got mlp={self.mlp!r}")
         if self.bidirectional and NO_MIXER in self.layer_mixers():
             raise ValueError("bidirectional=True needs a mixer in every layer; got a mixer 'none'")
+
+    def _validate_scales(self) -> None:
+        for name in ("norm_weight_offset", "embedding_multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
+        if self.norm_weight_offset != 0 and self.norm != "rmsnorm":
+            raise ValueError(f"norm_weight_offset scales RMS norms; it needs norm='rmsnorm', got norm={self.norm!r}")
+        cap = self.logit_softcap
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (math.isfinite(cap) and cap > 0):
+                raise ValueError(f"logit_softcap must be a positive finite number or None; got {cap!r}")
+            if self.head != "lm":
+                raise ValueError(f"logit_softcap caps language-model logits; it needs head='lm', got "
+                                 f"head={self.head!r}")
+
+    def shared_block_spec(self) -> Optional[Dict[str, Any]]:
+        """``shared_block`` with every default filled in, or None."""
+        if self.shared_block is None:
+            return None
+        return {**SHARED_BLOCK_KEYS, **self.shared_block}
+
+    def _validate_shared_block(self) -> None:
+        spec = self.shared_block
+        if spec is None:
+            return
+        if not isinstance(spec, dict):
+            raise TypeError(f"shared_block must be a dict or None; got {type(spec).__name__}")
+        unknown = sorted(set(spec) - set(SHARED_BLOCK_KEYS))
+        missing = sorted(k for k in SHARED_BLOCK_REQUIRED if k not in spec)
+        if unknown or missing:
+            raise ValueError(f"shared_block: unknown keys {unknown}, missing keys {missing}; its keys are "
+                             f"{sorted(SHARED_BLOCK_KEYS)}")
+        spec = self.shared_block_spec()
+        layers = spec["layers"]
+        if not isinstance(layers, (list, tuple)) or not layers or list(layers) != sorted(set(layers)) \
+                or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers):
+            raise ValueError(f"shared_block['layers'] must be increasing layer indices in [0, "
+                             f"n_layers={self.n_layers}); got {layers!r}")
+        for key in ("num_blocks", "n_heads", "mlp_hidden"):
+            value = spec[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"shared_block[{key!r}] must be a positive int; got {value!r}")
+        rank = spec["adapter_rank"]
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"shared_block['adapter_rank'] must be a positive int or None; got {rank!r}")
+        if spec["attention_adapters"] and rank is None:
+            raise ValueError("shared_block['attention_adapters'] needs an adapter_rank")
+        if spec["mlp_activation"] not in MLP_ACTIVATIONS:
+            raise ValueError(f"shared_block['mlp_activation'] must be one of {list(MLP_ACTIVATIONS)}; "
+                             f"got {spec['mlp_activation']!r}")
+        if self.norm != "rmsnorm" or self.bidirectional:
+            raise ValueError(f"shared_block needs norm='rmsnorm' and a causal model; got norm={self.norm!r}, "
+                             f"bidirectional={self.bidirectional}")
+        for i in layers:
+            if self.layer_mixers()[i] == NO_MIXER:
+                raise ValueError(f"shared_block: layer {i} has no mixer, whose input the shared block would feed")
 
     def _validate_reverse_complement(self) -> None:
         if self.complement_map is not None:

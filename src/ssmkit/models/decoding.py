@@ -54,6 +54,8 @@ def fused_support(model) -> Optional[str]:
         return f"the fused decoder needs a token model with an LM head; head={cfg.head!r}"
     if cfg.bidirectional:
         return "a bidirectional model has no recurrent step"
+    if cfg.shared_block is not None:
+        return "the model has a shared attention block (shared_block); the fused decoder covers mixer blocks only"
     device = next(model.parameters()).device
     if device.type != "cpu":
         return f"the fused decoder runs on the CPU; the model is on {device}"
@@ -66,8 +68,9 @@ def fused_support(model) -> Optional[str]:
             return f"layer {i} normalises dt, B and C (dt_bc_rmsnorm); the fused decoder does not"
         if layer.mlp is not None:
             return f"layer {i} has an MLP; the fused decoder covers mixer-only blocks"
-    if cfg.norm != "rmsnorm":
-        return f"the fused decoder covers RMSNorm blocks; norm={cfg.norm!r}"
+    if cfg.norm != "rmsnorm" or cfg.norm_weight_offset != 0:
+        return (f"the fused decoder covers RMSNorm blocks scaling by their weight; norm={cfg.norm!r}, "
+                f"norm_weight_offset={cfg.norm_weight_offset}")
     for name, p in model.named_parameters():
         if p.dtype != torch.float32:
             return f"the fused decoder needs float32 parameters; {name} is {p.dtype}"
@@ -187,6 +190,8 @@ class FusedDecoder:
                    new[ssm_key], *after)
         logits = self._logits[out_set]
         self.ext.linear_out(model.backbone.norm_f(h).contiguous(), *self.head, logits)
+        if model.config.logit_softcap is not None:
+            logits.copy_(model.cap_logits(logits))
         return logits, new_state
 
 
@@ -199,6 +204,8 @@ def graph_support(model, require_cuda: bool = True) -> Optional[str]:
         return f"CUDA-graph decoding needs a token model with an LM head; head={cfg.head!r}"
     if cfg.bidirectional:
         return "a bidirectional model has no recurrent step"
+    if cfg.shared_block is not None:
+        return "the model's shared attention block (shared_block) keeps a growing KV cache"
     device = next(model.parameters()).device
     if require_cuda and device.type != "cuda":
         return f"CUDA-graph decoding needs a CUDA model; the model is on {device}"
@@ -246,7 +253,7 @@ class CUDAGraphDecoder:
     def _one_token(self, ids: torch.Tensor, state: list) -> torch.Tensor:
         """The step that is recorded: ids (B,) -> logits (B, V), ``state`` updated in place."""
         model = self.model
-        h = model.backbone.embeddings(ids[:, None])[:, 0]
+        h = model.scale_embeddings(model.backbone.embeddings(ids[:, None])[:, 0])
         for layer, layer_state in zip(model.backbone.layers, state):
             h = layer.step_inplace(h, layer_state)
         return model._head(h[:, None])[:, 0]

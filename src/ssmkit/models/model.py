@@ -30,7 +30,7 @@ from torch import nn
 
 from ..layers.base import Mixer
 from ..ops.lm_loss import lm_loss_chunked
-from .blocks import Block, make_norm
+from .blocks import Block, SharedBlock, make_norm
 from .config import ModelConfig
 from .generation import GenerationMixin
 from .pretrained import PretrainedMixin
@@ -57,8 +57,15 @@ class Backbone(nn.Module):
             self.embeddings = nn.Embedding(config.padded_vocab_size, config.d_model)
         else:
             self.input_proj = nn.Linear(config.input_dim, config.d_model)
-        self.layers = nn.ModuleList(Block(config, i, name) for i, name in enumerate(config.layer_mixers()))
-        self.norm_f = make_norm(config.norm, config.d_model, config.norm_eps)
+        spec = config.shared_block_spec()
+        uses = {}
+        if spec is not None:  # weights reused by several layers: use u of the block runs weight set u % num_blocks
+            self.shared_blocks = nn.ModuleList(SharedBlock(config.d_model, spec, config.norm_eps)
+                                               for _ in range(spec["num_blocks"]))
+            uses = {layer: self.shared_blocks[u % spec["num_blocks"]] for u, layer in enumerate(spec["layers"])}
+        self.layers = nn.ModuleList(Block(config, i, name, uses.get(i))
+                                    for i, name in enumerate(config.layer_mixers()))
+        self.norm_f = make_norm(config.norm, config.d_model, config.norm_eps, config.norm_weight_offset)
 
 
 class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
@@ -113,18 +120,29 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
             lo, hi = int(inputs.min()), int(inputs.max())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size}); got values in [{lo}, {hi}]")
-            return self.backbone.embeddings(inputs)
+            return self.scale_embeddings(self.backbone.embeddings(inputs))
         if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
             raise TypeError("inputs must be a floating-point tensor (batch, length, input_dim)")
         if inputs.dim() != 3 or inputs.shape[-1] != cfg.input_dim or inputs.shape[1] == 0:
             raise ValueError(f"inputs must be (batch, length >= 1, input_dim={cfg.input_dim}); got {tuple(inputs.shape)}")
         return self.backbone.input_proj(inputs.to(self.backbone.input_proj.weight.dtype))
 
+    def scale_embeddings(self, embedded: torch.Tensor) -> torch.Tensor:
+        """The embedding output times ``config.embedding_multiplier`` (Gemma's sqrt(d_model)); unchanged at 1."""
+        m = self.config.embedding_multiplier
+        return embedded if m == 1 else embedded * m
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """cap * tanh(logits / cap) with cap = ``config.logit_softcap`` (Gemma 2, RecurrentGemma); unchanged
+        without a cap. Every path that computes LM logits goes through here."""
+        cap = self.config.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
     def _head(self, h: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg = self.config
         h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
         if cfg.head == "lm":
-            return self.lm_head(h)
+            return self.cap_logits(self.lm_head(h))
         if cfg.head == "regression":
             return self.regressor(h)
         if cfg.pooling == "mean":
@@ -193,6 +211,9 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
                 raise ValueError(f"logits_to_keep must be a positive int or None; got {logits_to_keep!r}")
             if self.config.head != "lm" or labels is not None:
                 raise ValueError("logits_to_keep is for language-model inference (head 'lm', no labels)")
+        if loss_chunk_size is not None and self.config.logit_softcap is not None:
+            raise ValueError(f"loss_chunk_size computes the loss from uncapped logits; this model has logit_softcap="
+                             f"{self.config.logit_softcap}: pass loss_chunk_size=None")
         if targets is not None:
             if labels is not None or self.config.head != "lm":
                 raise ValueError("targets (aligned LM targets) is for head 'lm' and excludes labels")
@@ -213,10 +234,13 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         new_states: ModelState = []
         aux = x.new_zeros((), dtype=torch.float32)
         h = x
+        shared = {} if self.config.shared_block is None else {"embeddings": x}
+        if shared and context is not None:
+            raise ValueError("context parallelism does not cover models with a shared block (shared_block)")
         for i, layer in enumerate(self.backbone.layers):
             layer_state = None if state is None else state[i]
             if context is None:
-                h, layer_state, layer_aux = layer(h, layer_state, return_state, **mixer_kwargs)
+                h, layer_state, layer_aux = layer(h, layer_state, return_state, **shared, **mixer_kwargs)
             else:
                 h, layer_state = context.receive(i, layer, h)
                 h, layer_state, layer_aux = layer(h, layer_state, return_state or context.sends_state,
@@ -270,8 +294,9 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         self._check_model_state(state)
         h = self._embed(input_ids[:, None] if self.config.vocab_size is not None else input_ids[:, None, :])[:, 0]
         new_states: ModelState = []
+        shared = {} if self.config.shared_block is None else {"embeddings": h}
         for i, layer in enumerate(self.backbone.layers):
-            h, layer_state = layer.step(h, state[i])
+            h, layer_state = layer.step(h, state[i], **shared)
             new_states.append(layer_state)
         return self._head(h[:, None])[:, 0] if self.config.head != "classifier" else self._head(h[:, None]), new_states
 

@@ -65,12 +65,15 @@ class StreamingClassifier:
             raise ValueError(f"chunk must have batch_size={self.batch_size} rows; got {shape}")
         model = self.model
         h = model._embed(chunk)
+        embeddings = h if model.config.shared_block is not None else None  # what a shared block reads
         for i, layer in enumerate(model.backbone.layers):
             if h.shape[1] == 1:  # one step: the recurrence itself, without a parallel pass's set-up
-                h_t, self.state[i] = layer.step(h[:, 0], self.state[i])
+                shared = {} if embeddings is None else {"embeddings": embeddings[:, 0]}
+                h_t, self.state[i] = layer.step(h[:, 0], self.state[i], **shared)
                 h = h_t[:, None]
             else:
-                h, self.state[i], _ = layer(h, self.state[i], True)
+                shared = {} if embeddings is None else {"embeddings": embeddings}
+                h, self.state[i], _ = layer(h, self.state[i], True, **shared)
         self.samples_read += h.shape[1]
         if model.config.head != "classifier":
             return model._head(h)

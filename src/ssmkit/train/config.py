@@ -55,8 +55,13 @@ class ModelSpec:
     top_k: int = 2
     mlp_activation: str = "silu"
     moe_renormalize: bool = True
+    mlp_bias: bool = False
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
+    norm_weight_offset: float = 0.0
+    embedding_multiplier: float = 1.0
+    logit_softcap: Optional[float] = None
+    shared_block: Optional[Dict[str, Any]] = None
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 1

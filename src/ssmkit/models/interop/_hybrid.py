@@ -1,6 +1,6 @@
-"""What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba) share: reading their JSON
-values, renaming their per-layer tensors to ssmkit's and back, and the checks an export makes before it
-claims a model.
+"""What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba, RecurrentGemma, Zamba2) share:
+reading their JSON values, renaming their per-layer tensors to ssmkit's and back, and the checks an export makes
+before it claims a model.
 
 Not a format itself (the leading underscore keeps it out of the package's import loop).
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -34,6 +34,18 @@ def require(raw: dict, key: str, model_type: str):
     if key not in raw:
         raise ValueError(f"{model_type} config.json has no {key!r}")
     return raw[key]
+
+
+def rope_of(raw: dict, model_type: str, default_factor: float = 1.0) -> Tuple[float, float]:
+    """(rope_theta, partial_rotary_factor): transformers 5 nests them in rope_parameters, older configs keep
+    them at the top level; only the default (unscaled) rotary embedding is read."""
+    params = raw.get("rope_parameters") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"{model_type} config: rope_type={rope_type!r} is not supported (ssmkit reads 'default')")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", default_factor))
+    return float(theta), float(factor)
 
 
 def dt_rank_of(value, hidden_size: int) -> int:
@@ -71,12 +83,30 @@ def unpack_experts(weights: Tensors, prefix: str) -> Tensors:
     return out
 
 
-def check_language_model(model, fmt: str) -> None:
-    """The part every export shares: an RMSNorm language model read left to right."""
+def check_language_model(model, fmt: str, gemma: bool = False, shared_block: bool = False) -> None:
+    """The part every export shares: an RMSNorm language model read left to right. Unless ``gemma`` (a format
+    that describes them itself), also none of the Gemma-family options (embedding multiplier, logit soft-cap,
+    (1 + weight) norms, MLP biases, tanh GeLU), which the Mamba-family formats cannot say; unless
+    ``shared_block``, no shared block (Zamba2's)."""
     cfg = model.config
     if cfg.head != "lm" or cfg.vocab_size is None or cfg.bidirectional or cfg.norm != "rmsnorm":
         raise ValueError(f"{fmt}: only causal RMSNorm language models convert; this model has head={cfg.head!r}, "
                          f"norm={cfg.norm!r}, bidirectional={cfg.bidirectional}")
+    if not gemma:
+        check_no_gemma_options(cfg, fmt)
+    if not shared_block and cfg.shared_block is not None:
+        raise ValueError(f"{fmt}: the format has no shared block; this model has shared_block={cfg.shared_block}")
+
+
+def check_no_gemma_options(cfg, fmt: str) -> None:
+    """A ValueError naming the Gemma-family options of ``cfg`` that are not at their defaults."""
+    set_ = {k: getattr(cfg, k) for k, default in (("embedding_multiplier", 1.0), ("logit_softcap", None),
+                                                  ("norm_weight_offset", 0.0), ("mlp_bias", False))
+            if getattr(cfg, k) != default}
+    if cfg.mlp_activation == "gelu_tanh":
+        set_["mlp_activation"] = cfg.mlp_activation
+    if set_:
+        raise ValueError(f"{fmt}: the format has no {sorted(set_)}; this model sets {set_}")
 
 
 def all_equal(values, what: str, fmt: str):

@@ -16,7 +16,7 @@ from typing import Tuple
 
 from ..config import ModelConfig
 from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, json_float, rename_layers, require,
-                      state_dict_without_tied_head)
+                      rope_of, state_dict_without_tied_head)
 from .registry import CheckpointFormat, register_format
 
 _OUTER = {"model.embed_tokens.weight": "backbone.embeddings.weight",
@@ -24,12 +24,8 @@ _OUTER = {"model.embed_tokens.weight": "backbone.embeddings.weight",
 
 
 def _rope(raw: dict) -> Tuple[float, float]:
-    """(rope_theta, partial_rotary_factor): transformers 5 nests them in rope_parameters, older configs not;
-    Bamba's config fixes the factor at 0.5."""
-    params = raw.get("rope_parameters") or {}
-    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))
-    return float(theta), float(factor)
+    """(rope_theta, partial_rotary_factor); Bamba's config fixes the factor at 0.5."""
+    return rope_of(raw, "bamba", default_factor=0.5)
 
 
 def config_from_bamba(raw: dict) -> ModelConfig:
@@ -108,6 +104,7 @@ def to_bamba(model) -> Tuple[dict, Tensors]:
         all_equal((has_bias(x.q_proj) for x in attns), "attention bias", fmt)
         for x in attns:
             if not x.rope or x.rope_dim != int(x.head_dim * 0.5) or x.window is not None \
+                    or has_bias(x.o_proj) != has_bias(x.q_proj) \
                     or x.head_dim != cfg.d_model // x.n_heads:
                 raise ValueError(f"{fmt}: attention rotates half of each head (head_dim = d_model / n_heads) and has "
                                  f"no window; this model's attention: {x.extra_repr()}")

@@ -115,7 +115,8 @@ def to_jamba(model) -> Tuple[dict, Tensors]:
         heads = all_equal((x.n_heads for x in attns), "n_heads", fmt)
         kv_heads = all_equal((x.n_kv_heads for x in attns), "n_kv_heads", fmt)
         for x in attns:
-            if x.rope or x.window is not None or has_bias(x.q_proj) or x.head_dim * x.n_heads != cfg.d_model:
+            if x.rope or x.window is not None or has_bias(x.q_proj) or has_bias(x.o_proj) \
+                    or x.head_dim * x.n_heads != cfg.d_model:
                 raise ValueError(f"{fmt}: attention has no positions, window or bias and head_dim = d_model / "
                                  f"n_heads; this model's attention: {x.extra_repr()}")
     attn_period, attn_offset = _period_offset([k == "attention" for k in mixers], "attention")

@@ -131,7 +131,7 @@ def to_nemotron_h(model) -> Tuple[dict, Tensors]:
         kv_heads = all_equal((x.n_kv_heads for x in attns), "n_kv_heads", fmt)
         head_dim = all_equal((x.head_dim for x in attns), "head_dim", fmt)
         for x in attns:
-            if x.rope or x.window is not None or has_bias(x.q_proj):
+            if x.rope or x.window is not None or has_bias(x.q_proj) or has_bias(x.o_proj):
                 raise ValueError(f"{fmt}: attention has no positions, window or bias; this model's attention: "
                                  f"{x.extra_repr()}")
     raw = dict(model_type="nemotron_h", architectures=["NemotronHForCausalLM"], vocab_size=cfg.padded_vocab_size,

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..io import write_checkpoint_dir
+from ._hybrid import check_no_gemma_options
 from .registry import CheckpointFormat, register_format
 
 
@@ -65,6 +66,10 @@ def to_hf(model) -> Tuple[dict, Dict[str, torch.Tensor]]:
         raise ValueError("only pure Mamba or Mamba2 language models (RMSNorm, no MLP) convert to transformers; "
                          f"this model has mixers {sorted(kinds)}, mlp={cfg.mlp!r}, norm={cfg.norm!r}, head={cfg.head!r}")
     mixer = model.backbone.layers[0].mixer
+    check_no_gemma_options(cfg, "transformers")
+    if cfg.shared_block is not None:
+        raise ValueError(f"transformers: Mamba and Mamba2 have no shared block; this model has shared_block="
+                         f"{cfg.shared_block}")
     if getattr(mixer, "dt_bc_rmsnorm", None) is not None:
         raise ValueError("transformers' Mamba has no norms on dt, B and C; this model has "
                          f"dt_bc_rmsnorm={mixer.dt_bc_rmsnorm!r} (Falcon-Mamba or Jamba's)")
