@@ -3,7 +3,7 @@ the KV cache as its state.
 
     q = x W_q,  k = x W_k,  v = x W_v            (per head; k, v have n_kv_heads heads)
     q, k <- RoPE(q, k) at absolute positions      (Su et al. 2021)
-    y_i = softmax(q_i k_j^T / sqrt(head_dim) over allowed j) v_j,   out = concat_heads(y) W_o
+    y_i = softmax(q_i k_j^T * scale over allowed j)  (scale 1 / sqrt(head_dim) unless given) v_j,   out = concat_heads(y) W_o
 
 Allowed keys: every j <= i (causal, Vaswani et al. 2017), or with ``window`` = w only i - w < j <= i
 (sliding window, Beltagy et al. 2020 / Mistral). With ``causal=False`` every token attends to every token
@@ -66,8 +66,11 @@ class Attention(Mixer):
     def __init__(self, d_model: int, n_heads: int = 8, n_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, rope: bool = True, rope_base: float = 10000.0,
                  window: Optional[int] = None, bias: bool = False, causal: bool = True,
-                 rope_dim: Optional[int] = None):
+                 rope_dim: Optional[int] = None, scale: Optional[float] = None):
         super().__init__(d_model)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+            raise ValueError(f"scale must be a positive number or None (1 / sqrt(head_dim)); got {scale!r}")
+        self.scale = None if scale is None else float(scale)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
         if not causal and window is not None:
@@ -116,7 +119,8 @@ class Attention(Mixer):
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, rope={self.rope}, window={self.window}"
                 + ("" if self.causal else ", causal=False")
-                + (f", rope_dim={self.rope_dim}" if self.rope_dim != self.head_dim else ""))
+                + (f", rope_dim={self.rope_dim}" if self.rope_dim != self.head_dim else "")
+                + (f", scale={self.scale}" if self.scale is not None else ""))
 
     def state_spec(self, batch_size: int):
         cache = (batch_size, self.n_kv_heads, None, self.head_dim)
@@ -175,15 +179,15 @@ class Attention(Mixer):
             key_at = torch.arange(cached + length, device=q.device)
             real = key_at[None, :] >= padded[:, None]  # (B, T + L)
             full = real[:, None, None, :] if mask is None else real[:, None, None, :] & mask[None, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=full)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=self.scale)
         elif not self.causal:
-            y = F.scaled_dot_product_attention(q, k, v)  # every query reads every key
+            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # every query reads every key
         elif cached == 0 and self.window is None:
             # plain causal (torch's is_causal is the top-left aligned mask, right only without a cache):
             # let torch pick its fused causal path instead of reading an explicit mask
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(length, cached, q.device))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(length, cached, q.device), scale=self.scale)
         return y.transpose(1, 2).reshape(q.shape[0], length, self.n_heads * self.head_dim)
 
     def _trim(self, t: torch.Tensor) -> torch.Tensor:

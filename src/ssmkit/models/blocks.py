@@ -89,11 +89,13 @@ class MoE(nn.Module):
     """
 
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, activation: str = "silu",
-                 renormalize: bool = True):
+                 renormalize: bool = True, shared_hidden: Optional[int] = None):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.experts = nn.ModuleList(GatedMLP(d_model, hidden, activation) for _ in range(num_experts))
+        # a shared expert every token goes through beside its routed ones (DeepSeekMoE, Granite-4.0-H)
+        self.shared_expert = GatedMLP(d_model, shared_hidden, activation) if shared_hidden else None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -110,6 +112,8 @@ class MoE(nn.Module):
                 out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None])
         load = F.one_hot(chosen, self.num_experts).float().sum((0, 1)) / chosen.numel()  # f_e
         aux = self.num_experts * (load * probs.mean(0)).sum()
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
         return out.reshape(shape), aux
 
 
@@ -121,6 +125,7 @@ class Block(nn.Module):
         d = config.d_model
         self.layer_idx = layer_idx
         self.residual_in_fp32 = config.residual_in_fp32
+        self.residual_multiplier = float(config.residual_multiplier)
         self.norm = self.mixer = self.mixer_bwd = None
         if mixer_name != NO_MIXER:
             self.norm = make_norm(config.norm, d, config.norm_eps)
@@ -139,7 +144,7 @@ class Block(nn.Module):
                 self.mlp = PlainMLP(d, config.mlp_hidden or 4 * d, act)
             else:
                 self.mlp = MoE(d, config.mlp_hidden or 2 * d, config.num_experts, config.top_k, act,
-                               config.moe_renormalize)
+                               config.moe_renormalize, config.moe_shared_hidden)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         """The mixer's zero state; an MLP-only layer has none ({})."""
@@ -156,7 +161,10 @@ class Block(nn.Module):
             out, aux = out
         else:
             aux = h.new_zeros(()) if need_aux else None
-        return h + out, aux
+        return h + self._scaled(out), aux
+
+    def _scaled(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
     def forward(self, x: torch.Tensor, state: Optional[dict] = None, return_state: bool = False, **mixer_kwargs):
         """x (B, L, D) -> (h (B, L, D), new_state or None, aux_loss scalar)."""
@@ -173,7 +181,7 @@ class Block(nn.Module):
             y, new_state = self.mixer(normed, state, return_state=True, **mixer_kwargs)
         else:
             y, new_state = self.mixer(normed, state, **mixer_kwargs), None
-        h, aux = self._mlp(self._residual(x) + y)
+        h, aux = self._mlp(self._residual(x) + self._scaled(y))
         return h, new_state, aux
 
     def step(self, x_t: torch.Tensor, state: dict):
@@ -181,7 +189,7 @@ class Block(nn.Module):
         if self.mixer is None:
             return self._mlp(self._residual(x_t))[0], {}
         y, new_state = self.mixer.step(self.norm(x_t.to(self.norm.weight.dtype)), state)
-        h, _ = self._mlp(self._residual(x_t) + y, need_aux=False)
+        h, _ = self._mlp(self._residual(x_t) + self._scaled(y), need_aux=False)
         return h, new_state
 
     def step_inplace(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
@@ -189,5 +197,5 @@ class Block(nn.Module):
         if self.mixer is None:
             return self._mlp(self._residual(x_t), need_aux=False)[0]
         y = self.mixer.step_inplace(self.norm(x_t.to(self.norm.weight.dtype)), state)
-        h, _ = self._mlp(self._residual(x_t) + y, need_aux=False)
+        h, _ = self._mlp(self._residual(x_t) + self._scaled(y), need_aux=False)
         return h

@@ -28,7 +28,11 @@ experts every other layer, ``["gated", "moe", "gated", "moe"]``). Kinds: ``none`
 (down(act(gate(x)) * up(x)), SwiGLU with act = silu); ``plain`` (down(act(up(x))), Nemotron-H's with act =
 relu2); ``moe`` (top-k mixture of gated experts). ``mlp_activation`` is the act of all of them;
 ``moe_renormalize`` says whether the top-k router weights are renormalised to sum to 1 (Mixtral) or kept as
-the softmax gave them (Jamba).
+the softmax gave them (Jamba); ``moe_shared_hidden`` adds a shared gated MLP of that width that every token
+goes through beside its routed experts (DeepSeekMoE, Granite-4.0-H).
+
+Scalar multipliers (Granite): ``embedding_multiplier`` scales the embeddings, ``residual_multiplier`` each mixer
+and MLP output before it joins the residual stream, ``logit_multiplier`` the logits; all 1 by default.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -70,6 +75,10 @@ class ModelConfig:
     top_k: int = 2
     mlp_activation: str = "silu"  # act of every MLP kind: "silu" | "gelu" | "relu" | "relu2" (relu(x)^2)
     moe_renormalize: bool = True  # top-k router weights renormalised to sum to 1 (Mixtral); False: Jamba
+    moe_shared_hidden: Optional[int] = None  # a shared gated MLP of this width beside the experts of "moe" layers
+    embedding_multiplier: float = 1.0  # the embedding output times this (Granite)
+    residual_multiplier: float = 1.0  # each mixer and MLP output times this before it joins the residual (Granite)
+    logit_multiplier: float = 1.0  # the logits times this (Granite: 1 / logits_scaling)
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
@@ -165,6 +174,13 @@ class ModelConfig:
         self._validate_reverse_complement()
         if not isinstance(self.moe_renormalize, bool):
             raise TypeError(f"moe_renormalize must be a bool; got {type(self.moe_renormalize).__name__}")
+        if self.moe_shared_hidden is not None and (not isinstance(self.moe_shared_hidden, int)
+                                                   or self.moe_shared_hidden < 1):
+            raise ValueError(f"moe_shared_hidden must be a positive int or None; got {self.moe_shared_hidden!r}")
+        for name in ("embedding_multiplier", "residual_multiplier", "logit_multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
         mlps = self.layer_mlps()
         for i, (mixer, mlp) in enumerate(zip(self.layer_mixers(), mlps)):
             if mixer == NO_MIXER and mlp == "none":

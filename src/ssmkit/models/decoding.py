@@ -54,6 +54,9 @@ def fused_support(model) -> Optional[str]:
         return f"the fused decoder needs a token model with an LM head; head={cfg.head!r}"
     if cfg.bidirectional:
         return "a bidirectional model has no recurrent step"
+    for name in ("embedding_multiplier", "residual_multiplier", "logit_multiplier"):
+        if getattr(cfg, name) != 1.0:
+            return f"the fused decoder has no {name}; this model's is {getattr(cfg, name)}"
     device = next(model.parameters()).device
     if device.type != "cpu":
         return f"the fused decoder runs on the CPU; the model is on {device}"
@@ -246,7 +249,7 @@ class CUDAGraphDecoder:
     def _one_token(self, ids: torch.Tensor, state: list) -> torch.Tensor:
         """The step that is recorded: ids (B,) -> logits (B, V), ``state`` updated in place."""
         model = self.model
-        h = model.backbone.embeddings(ids[:, None])[:, 0]
+        h = model.backbone.embeddings(ids[:, None])[:, 0] * model.config.embedding_multiplier
         for layer, layer_state in zip(model.backbone.layers, state):
             h = layer.step_inplace(h, layer_state)
         return model._head(h[:, None])[:, 0]

@@ -113,7 +113,8 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
             lo, hi = int(inputs.min()), int(inputs.max())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size}); got values in [{lo}, {hi}]")
-            return self.backbone.embeddings(inputs)
+            x = self.backbone.embeddings(inputs)
+            return x if cfg.embedding_multiplier == 1.0 else x * cfg.embedding_multiplier
         if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
             raise TypeError("inputs must be a floating-point tensor (batch, length, input_dim)")
         if inputs.dim() != 3 or inputs.shape[-1] != cfg.input_dim or inputs.shape[1] == 0:
@@ -124,7 +125,8 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         cfg = self.config
         h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
         if cfg.head == "lm":
-            return self.lm_head(h)
+            logits = self.lm_head(h)
+            return logits if cfg.logit_multiplier == 1.0 else logits * cfg.logit_multiplier
         if cfg.head == "regression":
             return self.regressor(h)
         if cfg.pooling == "mean":

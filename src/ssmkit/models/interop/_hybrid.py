@@ -1,4 +1,4 @@
-"""What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba) share: reading their JSON
+"""What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba, Granite-4.0-H) share: reading their JSON
 values, renaming their per-layer tensors to ssmkit's and back, and the checks an export makes before it
 claims a model.
 
@@ -71,12 +71,29 @@ def unpack_experts(weights: Tensors, prefix: str) -> Tensors:
     return out
 
 
-def check_language_model(model, fmt: str) -> None:
-    """The part every export shares: an RMSNorm language model read left to right."""
+def check_language_model(model, fmt: str, scaled: bool = False) -> None:
+    """The part every export shares: an RMSNorm language model read left to right. Unless the format has them
+    (``scaled``: Granite's), also no multipliers, attention scale or shared expert, which it would lose."""
     cfg = model.config
     if cfg.head != "lm" or cfg.vocab_size is None or cfg.bidirectional or cfg.norm != "rmsnorm":
         raise ValueError(f"{fmt}: only causal RMSNorm language models convert; this model has head={cfg.head!r}, "
                          f"norm={cfg.norm!r}, bidirectional={cfg.bidirectional}")
+    if not scaled:
+        check_unscaled(model, fmt)
+
+
+def check_unscaled(model, fmt: str) -> None:
+    """A ValueError when the model has what only Granite's format describes: multipliers other than 1, an
+    attention scale other than 1/sqrt(head_dim) or a shared expert beside a mixture."""
+    cfg = model.config
+    scales = {name: getattr(cfg, name) for name in ("embedding_multiplier", "residual_multiplier", "logit_multiplier")}
+    odd = {k: v for k, v in scales.items() if v != 1.0}
+    odd.update({f"layer {i} attention scale": layer.mixer.scale for i, layer in enumerate(model.backbone.layers)
+                if getattr(layer.mixer, "scale", None) is not None})
+    if cfg.moe_shared_hidden is not None and "moe" in cfg.layer_mlps():
+        odd["moe_shared_hidden"] = cfg.moe_shared_hidden
+    if odd:
+        raise ValueError(f"{fmt}: has no multipliers, attention scale or shared expert; this model has {odd}")
 
 
 def all_equal(values, what: str, fmt: str):
