@@ -98,6 +98,8 @@ def test_multipliers_scale_embeddings_residual_branches_and_logits():
         expected = model.lm_head(model.backbone.norm_f(h)) * 0.4
         torch.testing.assert_close(model(ids).logits, expected)
         torch.testing.assert_close(_stepwise(model, ids), expected)
+    from ssmkit.models.decoding import fused_support
+    assert "embedding_multiplier" in fused_support(model)  # the fused CPU decoder has no multipliers
 
 
 def test_attention_scale_replaces_one_over_sqrt_head_dim():
