@@ -82,6 +82,9 @@ MODELS = {
                        mixer_kwargs=dict(mamba=dict(d_state=4), s4d=dict(d_state=4))),
     "mlp-only-layer": dict(d_model=16, n_layers=3, vocab_size=37, mixer="M-M", mlp=["none", "gated", "none"],
                            mixer_kwargs=dict(mamba=dict(d_state=4))),
+    "multipliers": dict(d_model=16, n_layers=2, vocab_size=37, mixer="mamba2", mlp="gated",
+                        mixer_kwargs=dict(headdim=8, d_state=4), embedding_multiplier=1.5, residual_multiplier=0.7,
+                        logit_multiplier=0.4),
 }
 
 

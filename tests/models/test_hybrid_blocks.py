@@ -66,6 +66,8 @@ def test_mlp_only_layers_follow_the_pattern_and_their_formula():
      "attention_adapters'] needs an adapter_rank"),
     (dict(mixer="M-", mlp="gated", shared_block=dict(layers=[1], n_heads=2, mlp_hidden=4)),
      "layer 1 has no mixer"),
+    (dict(mixer="MM", moe_shared_hidden=0), "moe_shared_hidden must be a positive int or None; got 0"),
+    (dict(mixer="MM", residual_multiplier=float("nan")), "residual_multiplier must be a finite number"),
 ])
 def test_bad_layer_lists_name_the_problem(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -86,6 +88,47 @@ def test_moe_weights_each_token_by_its_router_softmax(renormalize):
         for w, e in zip(weights, top.indices):
             expected[t] += w * moe.experts[int(e)](x[t])
     torch.testing.assert_close(out, expected)
+
+
+def test_moe_shared_expert_is_added_for_every_token():
+    torch.manual_seed(0)
+    moe = MoE(6, 5, num_experts=3, top_k=1, shared_hidden=4).double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    out, _ = moe(x)
+    routed = moe.router(x).argmax(-1)
+    expected = torch.stack([moe.experts[int(e)](x[t]) + moe.shared_expert(x[t]) for t, e in enumerate(routed)])
+    torch.testing.assert_close(out, expected)
+
+
+def test_multipliers_scale_embeddings_residual_branches_and_logits():
+    """embedding x e, each mixer/MLP output x r before it joins the residual, logits x l; step agrees."""
+    torch.manual_seed(0)
+    base = dict(d_model=8, n_layers=2, vocab_size=11, mixer="MA", mlp="gated", mlp_hidden=6, residual_in_fp32=False,
+                mixer_kwargs={"attention": dict(n_heads=2, softmax_scale=0.3)})
+    model = SSMModel(ModelConfig(**base, embedding_multiplier=1.5, residual_multiplier=0.7, logit_multiplier=0.4))
+    ids = torch.randint(0, 11, (2, 6))
+    with torch.no_grad():
+        h = model.backbone.embeddings(ids) * 1.5
+        for layer in model.backbone.layers:
+            h = h + 0.7 * layer.mixer(layer.norm(h))
+            h = h + 0.7 * layer.mlp(layer.norm2(h))
+        expected = model.lm_head(model.backbone.norm_f(h)) * 0.4
+        torch.testing.assert_close(model(ids).logits, expected)
+        torch.testing.assert_close(_stepwise(model, ids), expected)
+    from ssmkit.models.decoding import fused_support
+    assert "residual_multiplier" in fused_support(model)  # the fused CPU decoder has no residual/logit multipliers
+
+
+def test_attention_scale_replaces_one_over_sqrt_head_dim():
+    torch.manual_seed(0)
+    plain, scaled = Attention(8, n_heads=2, rope=False), Attention(8, n_heads=2, rope=False, softmax_scale=0.25)
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():  # scale 0.25 on head_dim 4 is 1/sqrt(16): queries twice as long under the default
+        plain.q_proj.weight.mul_(0.5)
+        torch.testing.assert_close(scaled(x), plain(x))
+    with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
+        Attention(8, n_heads=2, softmax_scale=0)
 
 
 @pytest.mark.parametrize("kind", ["weighted", "weightless"])

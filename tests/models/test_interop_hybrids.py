@@ -1,5 +1,5 @@
 """transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h, recurrent_gemma,
-zamba2.
+zamba2, granitemoehybrid.
 
 For each type a small random model is made with transformers' own config class (odd sizes, several layers, a
 mixture of experts where the type has one, n_groups > 1 where it applies), its norms and skip weights
@@ -117,6 +117,21 @@ MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba,
           "recurrent_gemma": hf_recurrent_gemma, "zamba2": hf_zamba2}
 
 
+def hf_granitemoehybrid():  # every multiplier away from 1, experts beside the shared MLP
+    cfg = _config_class("GraniteMoeHybridConfig")(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=12, shared_intermediate_size=20, num_hidden_layers=4,
+        num_attention_heads=3, num_key_value_heads=1, layer_types=["mamba", "attention", "mamba", "mamba"],
+        num_local_experts=3, num_experts_per_tok=2, mamba_n_heads=6, mamba_d_head=8, mamba_n_groups=2,
+        mamba_d_state=5, mamba_d_conv=3, mamba_chunk_size=8, embedding_multiplier=1.7, residual_multiplier=0.6,
+        attention_multiplier=0.3, logits_scaling=2.5, position_embedding_type="rope", rms_norm_eps=1e-5,
+        tie_word_embeddings=False)
+    return transformers.GraniteMoeHybridForCausalLM(cfg)
+
+
+MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h,
+          "granitemoehybrid": hf_granitemoehybrid}
+
+
 @pytest.fixture(scope="module", params=sorted(MAKERS))
 def saved(request, tmp_path_factory):
     """(model_type, transformers model, its directory)."""
@@ -230,3 +245,41 @@ def test_zamba2_weight_sets_read_as_transformers_builds_them(tmp_path, overrides
     ids = _ids()
     with torch.no_grad():
         _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"zamba2 {overrides}")
+
+
+def test_granite_without_experts_reads_and_converts_back(tmp_path):
+    """num_local_experts=0: the shared MLP is each layer's only MLP (ssmkit mlp="gated"), no rotary embedding."""
+    cfg = _config_class("GraniteMoeHybridConfig")(
+        vocab_size=VOCAB, hidden_size=20, shared_intermediate_size=28, num_hidden_layers=3, num_attention_heads=5,
+        num_key_value_heads=5, layer_types=["attention", "mamba", "mamba"], num_local_experts=0, mamba_n_heads=5,
+        mamba_d_head=8, mamba_n_groups=1, mamba_d_state=4, mamba_d_conv=4, mamba_chunk_size=4,
+        embedding_multiplier=0.8, residual_multiplier=1.3, attention_multiplier=0.5, logits_scaling=0.7,
+        position_embedding_type=None, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = _perturb(transformers.GraniteMoeHybridForCausalLM(cfg)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_pretrained(tmp_path / "hf")
+    assert ours.config.layer_mlps() == ["gated"] * 3
+    ids = _ids(seed=5)
+    with torch.no_grad():
+        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, "granite without experts")
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        _assert_close(again(ids).logits, hf(ids).logits, "granite without experts, written back")
+
+
+def test_formats_without_multipliers_refuse_a_scaled_model():
+    from ssmkit.models import ModelConfig, SSMModel
+    from ssmkit.models.interop import bamba, transformers_format
+
+    hybrid = SSMModel(ModelConfig(d_model=16, n_layers=2, vocab_size=VOCAB, mixer=["mamba2", "attention"],
+                                  mixer_kwargs={"mamba2": dict(headdim=8, d_state=4, chunk_size=4),
+                                                "attention": dict(n_heads=2, rope_dim=4)},
+                                  mlp="gated", mlp_hidden=8, residual_multiplier=0.5, residual_in_fp32=False))
+    with pytest.raises(ValueError, match="residual_multiplier"):
+        bamba.to_bamba(hybrid)
+    plain = SSMModel(ModelConfig(d_model=16, n_layers=1, vocab_size=VOCAB, mixer="mamba2", logit_multiplier=2.0,
+                                 mixer_kwargs={"mamba2": dict(headdim=8, d_state=4, chunk_size=4)}))
+    with pytest.raises(ValueError, match="logit_multiplier"):
+        transformers_format.to_hf(plain)

@@ -3,7 +3,7 @@ the KV cache as its state.
 
     q = x W_q,  k = x W_k,  v = x W_v            (per head; k, v have n_kv_heads heads)
     q, k <- RoPE(q, k) at absolute positions      (Su et al. 2021)
-    y_i = softmax(q_i k_j^T / sqrt(head_dim) over allowed j) v_j,   out = concat_heads(y) W_o
+    y_i = softmax(q_i k_j^T * scale over allowed j)  (scale 1 / sqrt(head_dim) unless given) v_j,   out = concat_heads(y) W_o
 
 Allowed keys: every j <= i (causal, Vaswani et al. 2017), or with ``window`` = w only i - w < j <= i
 (sliding window, Beltagy et al. 2020 / Mistral). With ``causal=False`` every token attends to every token

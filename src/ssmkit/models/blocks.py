@@ -115,11 +115,13 @@ class MoE(nn.Module):
     """
 
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, activation: str = "silu",
-                 renormalize: bool = True, bias: bool = False):
+                 renormalize: bool = True, bias: bool = False, shared_hidden: Optional[int] = None):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.experts = nn.ModuleList(GatedMLP(d_model, hidden, activation, bias) for _ in range(num_experts))
+        # a shared expert every token goes through beside its routed ones (DeepSeekMoE, Granite-4.0-H)
+        self.shared_expert = GatedMLP(d_model, shared_hidden, activation, bias) if shared_hidden else None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -136,6 +138,8 @@ class MoE(nn.Module):
                 out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None])
         load = F.one_hot(chosen, self.num_experts).float().sum((0, 1)) / chosen.numel()  # f_e
         aux = self.num_experts * (load * probs.mean(0)).sum()
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
         return out.reshape(shape), aux
 
 
@@ -214,6 +218,7 @@ class Block(nn.Module):
         if shared_block is not None:
             self.shared = SharedUse(d, config.shared_block_spec())
             self._shared_block = (shared_block,)
+        self.residual_multiplier = float(config.residual_multiplier)
         self.norm = self.mixer = self.mixer_bwd = None
         if mixer_name != NO_MIXER:
             self.norm = make_norm(config.norm, d, config.norm_eps, config.norm_weight_offset)
@@ -232,7 +237,7 @@ class Block(nn.Module):
                 self.mlp = PlainMLP(d, config.mlp_hidden or 4 * d, act, bias)
             else:
                 self.mlp = MoE(d, config.mlp_hidden or 2 * d, config.num_experts, config.top_k, act,
-                               config.moe_renormalize, bias)
+                               config.moe_renormalize, bias, config.moe_shared_hidden)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         """The mixer's zero state (and the shared block's empty KV cache); an MLP-only layer has none ({})."""
@@ -272,7 +277,10 @@ class Block(nn.Module):
             out, aux = out
         else:
             aux = h.new_zeros(()) if need_aux else None
-        return h + out, aux
+        return h + self._scaled(out), aux
+
+    def _scaled(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
     def forward(self, x: torch.Tensor, state: Optional[dict] = None, return_state: bool = False,
                 embeddings: Optional[torch.Tensor] = None, **mixer_kwargs):
@@ -293,7 +301,7 @@ class Block(nn.Module):
             y, new_state = self.mixer(normed, state, return_state=True, **mixer_kwargs)
         else:
             y, new_state = self.mixer(normed, state, **mixer_kwargs), None
-        h, aux = self._mlp(self._residual(x) + y)
+        h, aux = self._mlp(self._residual(x) + self._scaled(y))
         if shared_state is not None and new_state is not None:
             new_state = {**new_state, **{SHARED_STATE_PREFIX + k: v for k, v in shared_state.items()}}
         return h, new_state, aux
@@ -309,7 +317,7 @@ class Block(nn.Module):
             mixer_in, shared_state = self._mixer_input(x_t[:, None], one, shared_state, True)
             mixer_in = mixer_in[:, 0]
         y, new_state = self.mixer.step(self.norm(mixer_in.to(self.norm.weight.dtype)), state)
-        h, _ = self._mlp(self._residual(x_t) + y, need_aux=False)
+        h, _ = self._mlp(self._residual(x_t) + self._scaled(y), need_aux=False)
         if shared_state is not None:
             new_state = {**new_state, **{SHARED_STATE_PREFIX + k: v for k, v in shared_state.items()}}
         return h, new_state
@@ -321,5 +329,5 @@ class Block(nn.Module):
         if self.mixer is None:
             return self._mlp(self._residual(x_t), need_aux=False)[0]
         y = self.mixer.step_inplace(self.norm(x_t.to(self.norm.weight.dtype)), state)
-        h, _ = self._mlp(self._residual(x_t) + y, need_aux=False)
+        h, _ = self._mlp(self._residual(x_t) + self._scaled(y), need_aux=False)
         return h

@@ -28,7 +28,9 @@ experts every other layer, ``["gated", "moe", "gated", "moe"]``). Kinds: ``none`
 (down(act(gate(x)) * up(x)), SwiGLU with act = silu); ``plain`` (down(act(up(x))), Nemotron-H's with act =
 relu2); ``moe`` (top-k mixture of gated experts). ``mlp_activation`` is the act of all of them;
 ``moe_renormalize`` says whether the top-k router weights are renormalised to sum to 1 (Mixtral) or kept as
-the softmax gave them (Jamba); ``mlp_bias`` gives every MLP projection a bias (RecurrentGemma).
+the softmax gave them (Jamba); ``mlp_bias`` gives every MLP projection a bias (RecurrentGemma);
+``moe_shared_hidden`` adds a shared gated MLP of that width that every token
+goes through beside its routed experts (DeepSeekMoE, Granite-4.0-H).
 
 Shared block (Zamba, Glorioso et al. 2024, arXiv 2405.16712; Zamba2, arXiv 2411.15242): ``shared_block`` is a
 dict describing one attention + MLP block whose weights are reused at several depths, ``layers`` (the uses,
@@ -42,6 +44,9 @@ Gemma-family options (RecurrentGemma uses all three): ``embedding_multiplier`` s
 (Gemma: sqrt(d_model)); ``logit_softcap`` = c bounds the LM logits smoothly, logits = c tanh(logits / c);
 ``norm_weight_offset`` = 1 makes the RMS norms scale by (1 + weight), their weights stored as the difference
 from 1 (zero at initialisation).
+
+Scalar multipliers (Granite): ``embedding_multiplier`` (above), ``residual_multiplier`` each mixer and MLP
+output before it joins the residual stream, ``logit_multiplier`` the logits; all 1 by default.
 """
 
 from __future__ import annotations
@@ -92,6 +97,9 @@ class ModelConfig:
     mlp_activation: str = "silu"
     moe_renormalize: bool = True  # top-k router weights renormalised to sum to 1 (Mixtral); False: Jamba
     mlp_bias: bool = False  # biases in every MLP projection (RecurrentGemma)
+    moe_shared_hidden: Optional[int] = None  # a shared gated MLP of this width beside the experts of "moe" layers
+    residual_multiplier: float = 1.0  # each mixer and MLP output times this before it joins the residual (Granite)
+    logit_multiplier: float = 1.0  # the logits times this (Granite: 1 / logits_scaling)
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     norm_weight_offset: float = 0.0  # RMS norms scale by (norm_weight_offset + weight); Gemma: 1.0
@@ -194,6 +202,13 @@ class ModelConfig:
                 raise TypeError(f"{name} must be a bool; got {type(getattr(self, name)).__name__}")
         self._validate_scales()
         self._validate_shared_block()
+        if self.moe_shared_hidden is not None and (not isinstance(self.moe_shared_hidden, int)
+                                                   or self.moe_shared_hidden < 1):
+            raise ValueError(f"moe_shared_hidden must be a positive int or None; got {self.moe_shared_hidden!r}")
+        for name in ("residual_multiplier", "logit_multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
         mlps = self.layer_mlps()
         for i, (mixer, mlp) in enumerate(zip(self.layer_mixers(), mlps)):
             if mixer == NO_MIXER and mlp == "none":

@@ -56,6 +56,9 @@ def fused_support(model) -> Optional[str]:
         return "a bidirectional model has no recurrent step"
     if cfg.shared_block is not None:
         return "the model has a shared attention block (shared_block); the fused decoder covers mixer blocks only"
+    for name in ("residual_multiplier", "logit_multiplier"):
+        if getattr(cfg, name) != 1.0:
+            return f"the fused decoder has no {name}; this model's is {getattr(cfg, name)}"
     device = next(model.parameters()).device
     if device.type != "cpu":
         return f"the fused decoder runs on the CPU; the model is on {device}"

@@ -133,9 +133,11 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         return embedded if m == 1 else embedded * m
 
     def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """cap * tanh(logits / cap) with cap = ``config.logit_softcap`` (Gemma 2, RecurrentGemma); unchanged
-        without a cap. Every path that computes LM logits goes through here."""
-        cap = self.config.logit_softcap
+        """The LM head's output times ``config.logit_multiplier`` (Granite), then cap * tanh(logits / cap) with
+        cap = ``config.logit_softcap`` (Gemma 2, RecurrentGemma); unchanged at 1 without a cap. Every path that
+        computes LM logits goes through here."""
+        m, cap = self.config.logit_multiplier, self.config.logit_softcap
+        logits = logits if m == 1 else logits * m
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _head(self, h: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -55,12 +55,15 @@ class ModelSpec:
     top_k: int = 2
     mlp_activation: str = "silu"
     moe_renormalize: bool = True
+    moe_shared_hidden: Optional[int] = None
     mlp_bias: bool = False
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     norm_weight_offset: float = 0.0
     embedding_multiplier: float = 1.0
     logit_softcap: Optional[float] = None
+    residual_multiplier: float = 1.0
+    logit_multiplier: float = 1.0
     shared_block: Optional[Dict[str, Any]] = None
     residual_in_fp32: bool = True
     tie_embeddings: bool = True

@@ -1,4 +1,5 @@
-"""What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba, RecurrentGemma, Zamba2) share:
+"""What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba, RecurrentGemma, Zamba2,
+Granite-4.0-H) share:
 reading their JSON values, renaming their per-layer tensors to ssmkit's and back, and the checks an export makes
 before it claims a model.
 
@@ -83,30 +84,51 @@ def unpack_experts(weights: Tensors, prefix: str) -> Tensors:
     return out
 
 
-def check_language_model(model, fmt: str, gemma: bool = False, shared_block: bool = False) -> None:
+def check_language_model(model, fmt: str, gemma: bool = False, shared_block: bool = False,
+                         scaled: bool = False) -> None:
     """The part every export shares: an RMSNorm language model read left to right. Unless ``gemma`` (a format
     that describes them itself), also none of the Gemma-family options (embedding multiplier, logit soft-cap,
     (1 + weight) norms, MLP biases, tanh GeLU), which the Mamba-family formats cannot say; unless
-    ``shared_block``, no shared block (Zamba2's)."""
+    ``shared_block``, no shared block (Zamba2's); unless ``scaled`` (Granite's), no multipliers, attention
+    scale or shared expert. The embedding multiplier is allowed by either ``gemma`` or ``scaled``."""
     cfg = model.config
     if cfg.head != "lm" or cfg.vocab_size is None or cfg.bidirectional or cfg.norm != "rmsnorm":
         raise ValueError(f"{fmt}: only causal RMSNorm language models convert; this model has head={cfg.head!r}, "
                          f"norm={cfg.norm!r}, bidirectional={cfg.bidirectional}")
+    embedding = ("embedding_multiplier",) if (gemma or scaled) else ()
     if not gemma:
-        check_no_gemma_options(cfg, fmt)
+        check_no_gemma_options(cfg, fmt, allow=embedding)
     if not shared_block and cfg.shared_block is not None:
         raise ValueError(f"{fmt}: the format has no shared block; this model has shared_block={cfg.shared_block}")
+    if not scaled:
+        check_unscaled(model, fmt, allow=embedding)
 
 
-def check_no_gemma_options(cfg, fmt: str) -> None:
-    """A ValueError naming the Gemma-family options of ``cfg`` that are not at their defaults."""
+def check_no_gemma_options(cfg, fmt: str, allow=()) -> None:
+    """A ValueError naming the Gemma-family options of ``cfg`` that are not at their defaults (but ``allow``)."""
     set_ = {k: getattr(cfg, k) for k, default in (("embedding_multiplier", 1.0), ("logit_softcap", None),
                                                   ("norm_weight_offset", 0.0), ("mlp_bias", False))
-            if getattr(cfg, k) != default}
+            if getattr(cfg, k) != default and k not in allow}
     if cfg.mlp_activation == "gelu_tanh":
         set_["mlp_activation"] = cfg.mlp_activation
     if set_:
         raise ValueError(f"{fmt}: the format has no {sorted(set_)}; this model sets {set_}")
+
+
+def check_unscaled(model, fmt: str, allow=()) -> None:
+    """A ValueError when the model has what only Granite's format describes: multipliers other than 1 (but
+    ``allow``), an attention scale other than 1/sqrt(head_dim) or a shared expert beside a mixture."""
+    cfg = model.config
+    scales = {name: getattr(cfg, name) for name in ("embedding_multiplier", "residual_multiplier", "logit_multiplier")
+              if name not in allow}
+    odd = {k: v for k, v in scales.items() if v != 1.0}
+    odd.update({f"layer {i} attention scale": layer.mixer.softmax_scale
+                for i, layer in enumerate(model.backbone.layers)
+                if getattr(layer.mixer, "softmax_scale", None) is not None})
+    if cfg.moe_shared_hidden is not None and "moe" in cfg.layer_mlps():
+        odd["moe_shared_hidden"] = cfg.moe_shared_hidden
+    if odd:
+        raise ValueError(f"{fmt}: has no multipliers, attention scale or shared expert; this model has {odd}")
 
 
 def all_equal(values, what: str, fmt: str):

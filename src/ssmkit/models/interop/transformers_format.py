@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..io import write_checkpoint_dir
-from ._hybrid import check_no_gemma_options
+from ._hybrid import check_no_gemma_options, check_unscaled
 from .registry import CheckpointFormat, register_format
 
 
@@ -65,6 +65,7 @@ def to_hf(model) -> Tuple[dict, Dict[str, torch.Tensor]]:
             or cfg.norm != "rmsnorm" or cfg.bidirectional:
         raise ValueError("only pure Mamba or Mamba2 language models (RMSNorm, no MLP) convert to transformers; "
                          f"this model has mixers {sorted(kinds)}, mlp={cfg.mlp!r}, norm={cfg.norm!r}, head={cfg.head!r}")
+    check_unscaled(model, "transformers")
     mixer = model.backbone.layers[0].mixer
     check_no_gemma_options(cfg, "transformers")
     if cfg.shared_block is not None:
