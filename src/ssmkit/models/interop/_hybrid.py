@@ -68,6 +68,18 @@ def rename_layers(weights: Tensors, outer: Dict[str, str],
     return renamed
 
 
+def split_layer_name(name: str, outer: Dict[str, str]):
+    """An ssmkit tensor name on its way out: (their name, None) for an outer tensor (``outer``: their name ->
+    ours) or a name outside the layers (kept as it is); (None, (index, rest)) for backbone.layers.<index>.<rest>."""
+    for theirs, ours in outer.items():
+        if name == ours:
+            return theirs, None
+    if not name.startswith("backbone.layers."):
+        return name, None
+    index, rest = name[len("backbone.layers."):].split(".", 1)
+    return None, (index, rest)
+
+
 def unpack_experts(weights: Tensors, prefix: str) -> Tensors:
     """transformers 5 keeps the experts of a mixture as two stacked tensors in memory
     (``experts.gate_up_proj`` (E, 2I, D), ``experts.down_proj`` (E, D, I)); checkpoints on disk usually hold

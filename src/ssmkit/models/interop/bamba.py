@@ -16,7 +16,7 @@ from typing import Tuple
 
 from ..config import ModelConfig
 from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, json_float, rename_layers, require,
-                      rope_of, state_dict_without_tied_head)
+                      rope_of, split_layer_name, state_dict_without_tied_head)
 from .registry import CheckpointFormat, register_format
 
 _OUTER = {"model.embed_tokens.weight": "backbone.embeddings.weight",
@@ -126,12 +126,10 @@ def to_bamba(model) -> Tuple[dict, Tensors]:
 
 
 def _to_bamba_name(name: str, mixers) -> str:
-    for theirs, ours in _OUTER.items():
-        if name == ours:
-            return theirs
-    if not name.startswith("backbone.layers."):
-        return name
-    index, rest = name[len("backbone.layers."):].split(".", 1)
+    outside, parts = split_layer_name(name, _OUTER)
+    if parts is None:
+        return outside
+    index, rest = parts
     mixer = "mamba." if mixers[int(index)] == "mamba2" else "self_attn."
     for theirs, ours in (("input_layernorm.", "norm."), (mixer, "mixer."), ("pre_ff_layernorm.", "norm2."),
                          ("feed_forward.", "mlp.")):

@@ -24,7 +24,7 @@ import torch
 
 from ..config import ModelConfig
 from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, json_float, require,
-                      state_dict_without_tied_head)
+                      split_layer_name, state_dict_without_tied_head)
 from .registry import CheckpointFormat, register_format
 
 _FMT = "granitemoehybrid"
@@ -192,12 +192,10 @@ def to_granitemoehybrid(model) -> Tuple[dict, Tensors]:
 
 
 def _to_granite_name(name: str, mixers):
-    for theirs, ours in _OUTER.items():
-        if name == ours:
-            return theirs
-    if not name.startswith("backbone.layers."):
-        return name
-    index, rest = name[len("backbone.layers."):].split(".", 1)
+    outside, parts = split_layer_name(name, _OUTER)
+    if parts is None:
+        return outside
+    index, rest = parts
     base = f"model.layers.{index}."
     if rest.startswith("norm."):
         return base + "input_layernorm." + rest[len("norm."):]

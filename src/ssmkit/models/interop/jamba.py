@@ -18,7 +18,7 @@ from typing import Tuple
 
 from ..config import ModelConfig
 from ._hybrid import (Tensors, all_equal, check_language_model, dt_rank_of, has_bias, rename_layers, require,
-                      state_dict_without_tied_head, unpack_experts)
+                      split_layer_name, state_dict_without_tied_head, unpack_experts)
 from .registry import CheckpointFormat, register_format
 
 _OUTER = {"model.embed_tokens.weight": "backbone.embeddings.weight",
@@ -141,12 +141,10 @@ def to_jamba(model) -> Tuple[dict, Tensors]:
 
 
 def _to_jamba_name(name: str, mixers) -> str:
-    for theirs, ours in _OUTER.items():
-        if name == ours:
-            return theirs
-    if not name.startswith("backbone.layers."):
-        return name
-    index, rest = name[len("backbone.layers."):].split(".", 1)
+    outside, parts = split_layer_name(name, _OUTER)
+    if parts is None:
+        return outside
+    index, rest = parts
     mixer = "mamba." if mixers[int(index)] == "mamba" else "self_attn."
     for theirs, ours in (("input_layernorm.", "norm."), (mixer, "mixer."), ("pre_ff_layernorm.", "norm2."),
                          ("feed_forward.", "mlp.")):

@@ -39,7 +39,7 @@ import torch
 
 from ..config import ModelConfig
 from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, rename_layers, require, rope_of,
-                      state_dict_without_tied_head)
+                      split_layer_name, state_dict_without_tied_head)
 from .registry import CheckpointFormat, register_format
 
 _OUTER = {"model.embed_tokens.weight": "backbone.embeddings.weight",
@@ -171,12 +171,10 @@ def to_recurrent_gemma(model) -> Tuple[dict, Tensors]:
 
 
 def _to_recurrent_gemma_name(name: str) -> str:
-    for theirs, ours in _OUTER.items():
-        if name == ours:
-            return theirs
-    if not name.startswith("backbone.layers."):
-        return name
-    index, rest = name[len("backbone.layers."):].split(".", 1)
+    outside, parts = split_layer_name(name, _OUTER)
+    if parts is None:
+        return outside
+    index, rest = parts
     for theirs, ours in _INNER:
         if rest.startswith(ours):
             return f"model.layers.{index}.{theirs}{rest[len(ours):]}"
