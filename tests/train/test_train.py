@@ -223,6 +223,22 @@ def test_exact_resume_and_keep_last(tmp_path):
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_cut_metrics_line_is_dropped_on_resume_and_a_damaged_one_skipped_with_a_warning(tmp_path):
+    from ssmkit.train.logging import RunLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "train", "step": 1, "loss": 2.0}\n{"event": "train", "st')  # killed mid-record
+    logger = RunLogger(tmp_path, progress=False, tensorboard=False, append=True)
+    logger.log({"event": "train", "step": 2, "loss": 1.5})
+    logger.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]  # the resumed record is not glued onto the cut one
+    # two writers in one folder, or a damaged disk: plotting at the end of a run must not throw the run away
+    path.write_text('{"event": "train", "step": 1, "loss": 2.0}\n{"ev{"event": "train"\n[1, 2]\n'
+                    '{"event": "train", "step": 2, "loss": 1.0}\n')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: skipped 2 line\(s\).*lines \[2, 3\]"):
+        assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run = make_run(tmp_path / "run", "train.steps=6", "train.checkpoint_every=2")
     with _OnTrainingForward(4, _nan), pytest.raises(TrainingDiverged, match="at step 4 of 6") as info:

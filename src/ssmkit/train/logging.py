@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -86,6 +87,8 @@ class RunLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if append:
+            _drop_partial_last_line(self.path)
         self._file = open(self.path, "a" if append else "w", encoding="utf-8")
         if progress:
             try:
@@ -158,6 +161,17 @@ def _jsonable(value):
     return value
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A process killed while writing a record leaves a last line without its newline; a resumed run would
+    glue its first record onto it. Cut the file back to its last complete line."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 # --------------------------------------------------------------------------------------------------
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
     """The events of a metrics.jsonl file, keeping the last record of each (event, step, split, length):
@@ -165,14 +179,25 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
     path = Path(path)
     latest: Dict[tuple, Dict[str, Any]] = {}
     order: List[tuple] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    damaged = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            damaged.append(number)  # e.g. two processes wrote one file, or a crash cut a line
+            continue
+        if not isinstance(record, dict):
+            damaged.append(number)
+            continue
         key = (record.get("event"), record.get("step"), record.get("split"), record.get("length"))
         if key not in latest:
             order.append(key)
         latest[key] = record
+    if damaged:
+        warnings.warn(f"{path}: skipped {len(damaged)} line(s) that are not JSON records (lines "
+                      f"{damaged[:5]}{' ...' if len(damaged) > 5 else ''})", stacklevel=2)
     return [latest[k] for k in order]
 
 
