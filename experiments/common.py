@@ -40,7 +40,7 @@ RUNS_DIR = REPO / "outputs" / "experiments"
 if str(REPO / "src") not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO / "src"))
 
-from ssmkit.compare import D_MODEL, PRESETS  # noqa: E402
+from ssmkit.compare import _preset_spec  # noqa: E402
 from ssmkit.train import ModelSpec, RunConfig, TaskSpec, TrainConfig, TrainResult, forward_batch, model_config_for, train  # noqa: E402
 
 
@@ -93,10 +93,9 @@ def setup(threads: int) -> Dict[str, Any]:
 # Models and training
 # --------------------------------------------------------------------------------------------------
 def preset(name: str, **overrides) -> ModelSpec:
-    """The ``ssmkit compare`` preset ``name`` (d_model 64, 2 layers), with ModelSpec fields overridden."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}: choose from {sorted(PRESETS)}")
-    return replace(ModelSpec(d_model=D_MODEL, n_layers=2, **PRESETS[name]), **overrides)
+    """The ``ssmkit compare`` model ``name`` (d_model 64, 2 layers unless the preset says otherwise): a preset,
+    or any registered mixer at its default sizes; with ModelSpec fields overridden."""
+    return replace(_preset_spec(name), **overrides)
 
 
 def seconds_per_step(task, spec: ModelSpec, batch_size: int, repeats: int = 4, seed: int = 0) -> float:

@@ -27,6 +27,7 @@ from common import (RUNS_DIR, list_models, markdown_table, parse_args, preset, r
 
 NAME = "selective_copying"
 MODELS = ("mamba", "s4d", "transformer", "mamba2")
+FAMILY = ("h3", "hyena", "rwkv7", "hawk", "griffin", "mamba3")  # issue 13: the rest of the family
 PUBLISHED = {"source": "Gu & Dao 2023 (Mamba), Table 1: L=4096, vocab 16, 16 tokens, 2 layers, D=64",
              "accuracy_percent": {"S4 no gate": 18.3, "S6 no gate": 97.0, "H3 (S4)": 57.0, "Mamba with S4": 56.4,
                                   "Mamba with Hyena": 28.4, "H3 with S6": 99.7, "Mamba (S6)": 99.8}}
@@ -40,7 +41,7 @@ def main() -> None:
         p.add_argument("--lr", type=float, default=3e-3)
 
     args = parse_args(__doc__, 360.0, MODELS[:3], extra)
-    models = list_models(args.models, MODELS)
+    models = list_models(args.models, MODELS + FAMILY)
     machine = setup(args.threads)
     started = time.perf_counter()
     task_kwargs = {"vocab_size": 16, "length": args.length, "num_tokens": args.num_tokens, "seed": args.seed}

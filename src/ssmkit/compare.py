@@ -39,6 +39,11 @@ PRESETS: Dict[str, Dict] = {
     "mamba": dict(mixer="mamba", mixer_kwargs={"mamba": {"d_state": 16}}),
     "mamba2": dict(mixer="mamba2", mixer_kwargs={"mamba2": {"d_state": 32, "headdim": 16, "chunk_size": 64}}),
     "hybrid": dict(mixer="MA", mixer_kwargs={"mamba": {"d_state": 16}, "attention": {"n_heads": 4}}),
+    # Griffin (De et al. 2024): two RG-LRU recurrent blocks to one local (sliding-window) multi-query attention
+    # layer, each with a gated MLP of expansion 3, as configs/griffin.yaml; three layers to keep the 2:1 ratio
+    "griffin": dict(n_layers=3, mixer="HHA", mixer_kwargs={"hawk": {"n_heads": 4},
+                                                           "attention": {"n_heads": 4, "n_kv_heads": 1, "window": 16}},
+                    mlp="gated", mlp_hidden=192),
 }
 DEFAULT_TASKS = {
     "induction_heads": dict(kwargs={}, length=32, eval_lengths=[64, 256, 1024], lr=3e-3),
@@ -73,7 +78,7 @@ LIMIT_TASKS = {
 def _preset_spec(name: str) -> ModelSpec:
     """A named preset, or any registered mixer (two layers of it at its default sizes, no MLP)."""
     if name in PRESETS:
-        return ModelSpec(d_model=D_MODEL, n_layers=2, **PRESETS[name])
+        return ModelSpec(**{"d_model": D_MODEL, "n_layers": 2, **PRESETS[name]})
     if name in MIXERS:
         return ModelSpec(d_model=D_MODEL, n_layers=2, mixer=name)
     import difflib
