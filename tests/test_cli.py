@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ssmkit.cli import main
 
@@ -69,6 +70,29 @@ def test_compare_runs_end_to_end(tmp_path, capsys):
     assert rows[0]["state_mb"] < rows[1]["state_mb"]
     assert (out / "report.md").exists() and (out / "compare.png").exists()
     assert "| mamba |" in capsys.readouterr().out
+
+
+def test_every_compare_preset_builds_and_steps_like_it_reads():
+    from ssmkit.compare import PRESETS, _preset_spec
+    from ssmkit.models import from_config
+    from ssmkit.tasks import make_task
+    from ssmkit.train import model_config_for
+
+    task = make_task("induction_heads", vocab_size=16, length=16)
+    for name in PRESETS:
+        spec = _preset_spec(name)
+        assert spec.d_model == 64 and spec.n_layers == PRESETS[name].get("n_layers", 2), name
+        torch.manual_seed(0)
+        model = from_config(model_config_for(task, spec)).eval()
+        ids = task.batch("val", 0, 2).inputs
+        with torch.no_grad():
+            full = model(ids).logits
+            state, steps = model.init_state(2), []
+            for token in ids.unbind(1):
+                logits, state = model.step(token, state)
+                steps.append(logits)
+        torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-5, rtol=1e-4, msg=name)
+    assert _preset_spec("griffin").mixer == "HHA"
 
 
 def test_bench_prints_every_requested_mixer(capsys):
