@@ -185,9 +185,14 @@ def _plot_needle(results: dict, lengths, out) -> None:
 
 def main() -> None:
     def extra(p):
-        p.add_argument("--kv", type=int, nargs="+", default=[4, 16, 32], help="MQAR key-value pairs")
-        p.add_argument("--state-sizes", type=int, nargs="+", default=[4, 16, 64], help="Mamba d_state at max --kv")
-        p.add_argument("--copy-lengths", type=int, nargs="+", default=[16, 64, 128], help="string copy L (even)")
+        # each list may be given empty (e.g. "--kv" alone) to skip that sweep: a sweep split over processes
+        p.add_argument("--kv", type=int, nargs="*", default=[4, 16, 32], help="MQAR key-value pairs")
+        p.add_argument("--state-sizes", type=int, nargs="*", default=[4, 16, 64],
+                       help="Mamba d_state at --state-kv pairs")
+        p.add_argument("--state-kv", type=int, default=None, help="pairs of the state-size sweep (default max --kv)")
+        p.add_argument("--copy-lengths", type=int, nargs="*", default=[16, 64, 128], help="string copy L (even)")
+        p.add_argument("--plot-from", default=None,
+                       help="only draw limits.png from this results JSON (e.g. one merged from several processes)")
         p.add_argument("--quick", action="store_true", help="smoke run: mamba and transformer, one point each, 2 s "
                        "(with --needle: the three needle models at L=64, depths 0 and 1, 1 s each)")
         p.add_argument("--needle", action="store_true",
@@ -200,6 +205,11 @@ def main() -> None:
         p.add_argument("--needle-eval-batches", type=int, default=4, help="test batches of 32 per depth")
 
     args = parse_args(__doc__, 10.0, MODELS, extra)
+    if args.plot_from:
+        import json
+
+        plot_limits(json.loads(open(args.plot_from).read()), args.out)
+        return
     if args.needle:
         if args.models == list(MODELS):
             args.models = list(NEEDLE_MODELS)
@@ -215,7 +225,7 @@ def main() -> None:
         kwargs = {"vocab_size": MQAR_VOCAB, "length": MQAR_LENGTH, "num_kv_pairs": kv, "seed": args.seed}
         for name in args.models:
             mqar.setdefault(name, {})[str(kv)] = one_point(f"mqar_kv{kv}_{name}", "mqar", kwargs, model_spec(name), args)
-    kv = max(args.kv)
+    kv = args.state_kv or max(args.kv or [32])
     kwargs = {"vocab_size": MQAR_VOCAB, "length": MQAR_LENGTH, "num_kv_pairs": kv, "seed": args.seed}
     for d_state in args.state_sizes:
         state[str(d_state)] = one_point(f"mqar_kv{kv}_mamba_N{d_state}", "mqar", kwargs,
@@ -226,6 +236,11 @@ def main() -> None:
             copy.setdefault(name, {})[str(length)] = one_point(f"copy_L{length}_{name}", "string_copy", kwargs,
                                                                model_spec(name), args)
 
+    results = {"experiment": NAME, "machine": machine, "quiet_machine": False,
+               "budget_per_point_s": args.budget, "batch_size": 32, "lr": 3e-3, "quick": args.quick,
+               "mqar_settings": {"vocab_size": MQAR_VOCAB, "length": MQAR_LENGTH, "state_kv": kv},
+               "copy_settings": {"vocab_size": COPY_VOCAB},
+               "mqar": mqar, "mqar_state_size": state, "string_copy": copy}
     tables = {
         "mqar": markdown_table(["model", "params"] + [f"kv={k}" for k in args.kv],
                                [[n, f"{next(iter(r.values()))['params']:,}"] + [r[str(k)]["test_accuracy"] for k in args.kv]
@@ -237,13 +252,48 @@ def main() -> None:
     }
     for title, table in tables.items():
         print(f"\n{title}\n{table}")
-    write_results(NAME, {"experiment": NAME, "machine": machine, "quiet_machine": False,
-                         "budget_per_point_s": args.budget, "batch_size": 32, "lr": 3e-3, "quick": args.quick,
-                         "mqar_settings": {"vocab_size": MQAR_VOCAB, "length": MQAR_LENGTH},
-                         "copy_settings": {"vocab_size": COPY_VOCAB},
-                         "mqar": mqar, "mqar_state_size": state, "string_copy": copy, "tables": tables,
-                         "published": PUBLISHED, "total_seconds": round(time.perf_counter() - started, 1),
-                         "runs_dir": str(RUNS_DIR / NAME)}, args.out)
+    results.update(tables=tables, published=PUBLISHED, total_seconds=round(time.perf_counter() - started, 1),
+                   runs_dir=str(RUNS_DIR / NAME))
+    write_results(NAME, results, args.out)
+    plot_limits(results, args.out)
+
+
+def plot_limits(results: dict, out=None) -> None:
+    """Three panels: MQAR accuracy vs key-value pairs, vs Mamba's d_state, and copy accuracy vs string length."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    from common import save_figure
+
+    kv = results.get("mqar_settings", {}).get("state_kv", 32)
+    state = results.get("mqar_state_size", {})
+    panels = [(results.get("mqar", {}), "key-value pairs (MQAR, L=128)", False),
+              ({"mamba": state} if state else {}, f"Mamba d_state (MQAR, {kv} pairs)", False),
+              (results.get("string_copy", {}), "string length n (copy)", True)]
+    panels = [p for p in panels if p[0]]  # a sweep split over processes may hold only some of them
+    if not panels:
+        print("no sweep in the results: no plot")
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    for ax, (sweep, xlabel, halve) in zip(axes[0], panels):
+        for name, points in sweep.items():
+            xs = sorted(points, key=int)
+            ax.plot([int(x) // 2 if halve else int(x) for x in xs], [points[x]["test_accuracy"] for x in xs],
+                    marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle(f"Where a fixed state falls short ({results.get('budget_per_point_s', '?')} s per point)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, NAME, out)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
