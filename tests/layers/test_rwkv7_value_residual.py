@@ -128,3 +128,17 @@ def test_a_later_time_mix_without_v_first_is_refused():
         RWKV7(8, head_size=4, value_low_rank_dim=4)
     with pytest.raises(TypeError, match="value_residual must be a bool"):
         RWKV7(8, head_size=4, value_residual=1)
+
+
+def test_the_in_place_decoder_passes_v_first():
+    """The in-place step of CUDA-graph decoding (recording off here) equals the model's own step."""
+    from ssmkit.models.decoding import CUDAGraphDecoder
+
+    model = _model(4).float()
+    tokens = torch.randint(0, 11, (2, 6))
+    decoder = CUDAGraphDecoder(model, capture=False)
+    state, state_inplace = model.init_state(2), model.init_state(2)
+    for t in range(tokens.shape[1]):
+        want, state = model.step(tokens[:, t], state)
+        got, state_inplace = decoder.step(tokens[:, t], state_inplace)
+        torch.testing.assert_close(got[:, :11], want[:, :11], rtol=1e-5, atol=1e-6)

@@ -248,7 +248,7 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
             else:
                 h, layer_state = context.receive(i, layer, h)
                 h, layer_state, layer_aux = layer(h, layer_state, return_state or context.sends_state,
-                                                  **mixer_kwargs)
+                                                  cross_layer=cross_layer, **mixer_kwargs)
                 h = context.send_state(i, h, layer_state)
             new_states.append(layer_state)
             aux = aux + layer_aux.float()
