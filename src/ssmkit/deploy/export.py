@@ -136,9 +136,9 @@ class RecurrentStep(_Recurrence):
     def forward(self, inputs: torch.Tensor, *state: torch.Tensor):
         states = self._unflatten(state)
         h = _embed(self.model, inputs)  # (B, D)
-        new_states = []
+        new_states, cross_layer = [], {}  # what a layer hands to later ones (models/blocks.py)
         for layer, layer_state in zip(self.model.backbone.layers, states):
-            h, layer_state = layer.step(h, layer_state)
+            h, layer_state = layer.step(h, layer_state, cross_layer=cross_layer)
             new_states.append(layer_state)
         return (_head(self.model, h),) + self._flatten(new_states)
 
@@ -149,9 +149,9 @@ class ChunkPrefill(_Recurrence):
     def forward(self, inputs: torch.Tensor, *state: torch.Tensor):
         states = self._unflatten(state)
         h = _embed(self.model, inputs)  # (B, C, D)
-        new_states = []
+        new_states, cross_layer = [], {}
         for layer, layer_state in zip(self.model.backbone.layers, states):
-            h, layer_state, _aux = layer(h, layer_state, True)
+            h, layer_state, _aux = layer(h, layer_state, True, cross_layer=cross_layer)
             new_states.append(layer_state)
         return (_head(self.model, h[:, -1]),) + self._flatten(new_states)
 

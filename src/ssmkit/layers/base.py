@@ -97,8 +97,17 @@ class Mixer(nn.Module):
     constant_state: bool = True
     #: the backends the contract suite runs this mixer with, one row each (None: its default)
     contract_backends: Tuple[Optional[str], ...] = (None,)
+    #: whether ``_forward`` and ``_step`` take ``cross_layer``: a dict the model passes from layer to layer
+    #: within one forward or step, for values one layer hands to later ones (RWKV-7's first-layer value)
+    cross_layer: bool = False
     #: whether ``_step(x_t, state, inplace=True)`` writes the new state into ``state`` (see ``step_inplace``)
     inplace_step: bool = False
+
+    @classmethod
+    def model_kwargs(cls, position: int, count: int) -> Dict[str, object]:
+        """Constructor kwargs a model adds for the ``position``-th (from 0) of its ``count`` mixers of this
+        kind (RWKV-7: the value residual from the second on); the configuration's kwargs override them."""
+        return {}
 
     def __init__(self, d_model: int):
         super().__init__()
@@ -180,7 +189,8 @@ class Mixer(nn.Module):
         self.__dict__["_last_backends"] = dict(ran)
 
     def forward(self, x: torch.Tensor, state: Optional[State] = None, return_state: bool = False, *,
-                seq_idx: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
+                seq_idx: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                cross_layer: Optional[dict] = None):
         """Run the mixer over a whole sequence.
 
         Args:
@@ -193,6 +203,7 @@ class Mixer(nn.Module):
                 state restarts from zero where the id changes (mixers with ``supports_packing`` only).
             cu_seqlens: optional 1-D cumulative sequence lengths [0, l1, l1 + l2, ...] for a batch of one,
                 the other way to describe packing.
+            cross_layer: the dict the model passes between layers (mixers with ``cross_layer`` only).
 
         Returns:
             y (batch, length, d_model), or ``(y, state)`` when ``return_state``.
@@ -200,9 +211,10 @@ class Mixer(nn.Module):
         self._check_input(x)
         if state is not None:
             self._check_state(state, x)
+        extra = self._cross_layer_kwargs(cross_layer)
         if seq_idx is None and cu_seqlens is None:
             with self._execution():
-                y, new_state = self._forward(x, state, return_state)
+                y, new_state = self._forward(x, state, return_state, **extra)
         else:
             if not self.supports_packing:
                 raise ValueError(f"{type(self).__name__} does not take packed sequences (seq_idx / cu_seqlens); "
@@ -213,20 +225,32 @@ class Mixer(nn.Module):
             if seq_idx is not None and seq_idx.device != x.device:
                 raise ValueError(f"seq_idx is on {seq_idx.device} but x is on {x.device}")
             with self._execution():
-                y, new_state = self._forward(x, state, return_state, seq_idx=seq_idx)
+                y, new_state = self._forward(x, state, return_state, seq_idx=seq_idx, **extra)
         return (y, new_state) if return_state else y
 
-    def step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        """Advance the recurrence by one token: x_t (batch, d_model) -> (y_t (batch, d_model), new state)."""
+    def _cross_layer_kwargs(self, cross_layer: Optional[dict]) -> Dict[str, dict]:
+        if cross_layer is None:
+            return {}
+        if not isinstance(cross_layer, dict):
+            raise TypeError(f"cross_layer must be a dict; got {type(cross_layer).__name__}")
+        if not self.cross_layer:
+            raise ValueError(f"{type(self).__name__} takes no cross_layer values (its cross_layer is False)")
+        return {"cross_layer": cross_layer}
+
+    def step(self, x_t: torch.Tensor, state: State, cross_layer: Optional[dict] = None
+             ) -> Tuple[torch.Tensor, State]:
+        """Advance the recurrence by one token: x_t (batch, d_model) -> (y_t (batch, d_model), new state).
+        ``cross_layer``: as in ``forward``, with this token's values."""
         check_tensor("x_t", x_t)
         check_shape("x_t", x_t, (None, self.d_model), f"(batch, d_model={self.d_model})")
         if state is None:
             raise ValueError("state is required for step(); make one with init_state(batch_size)")
         self._check_state(state, x_t)
+        extra = self._cross_layer_kwargs(cross_layer)
         with self._execution():
-            return self._step(x_t, state)
+            return self._step(x_t, state, **extra)
 
-    def step_inplace(self, x_t: torch.Tensor, state: State) -> torch.Tensor:
+    def step_inplace(self, x_t: torch.Tensor, state: State, cross_layer: Optional[dict] = None) -> torch.Tensor:
         """``step`` that writes the new state into ``state``'s own tensors and returns y_t (batch, d_model).
 
         For decoding loops that keep their buffers (a CUDA graph replays fixed addresses). Mixers whose
@@ -241,11 +265,12 @@ class Mixer(nn.Module):
         if state is None:
             raise ValueError("state is required for step_inplace(); make one with init_state(batch_size)")
         self._check_state(state, x_t)
+        extra = self._cross_layer_kwargs(cross_layer)
         with self._execution():
             if self.inplace_step:
-                y, _ = self._step(x_t, state, inplace=True)
+                y, _ = self._step(x_t, state, inplace=True, **extra)
                 return y
-            y, new_state = self._step(x_t, state)
+            y, new_state = self._step(x_t, state, **extra)
         for key, value in new_state.items():
             state[key].copy_(value)
         return y

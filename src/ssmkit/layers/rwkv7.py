@@ -34,11 +34,17 @@ classes take ``layer_id`` and ``n_layers`` (defaults: the first layer of one): t
 orthogonal with gain 0.1 (times sqrt(rows / cols) for tall ones), first factors zero; r ~ U(+-0.5/sqrt C),
 k ~ U(+-0.05/sqrt C), v ~ U(+-0.5/sqrt C), output = 0; channel-mix key ~ U(+-0.5/sqrt C), value = 0.
 
-**Not here: the value residual.** From the second layer on, RWKV-7 mixes each layer's v with the first
-layer's (``v0, v1, v2``; v <- v + (v_first - v) sigmoid(v0 + x^v A_v B_v)). That is a path between layers,
-which the one-mixer contract (x -> y with its own state) has no channel for, so every time mix here is built
-as the authors' layer 0 (which has no value residual). Mapping a checkpoint's layers > 0 needs that path in
-the model first.
+Value residual (``value_residual=True``; the authors' layers 1 and up): each later time mix pulls its value
+toward the first time mix's, per token and channel,
+
+    v <- v + (v_first - v) * sigmoid(v0 + (x^v A_v) B_v)          ``v0`` (1, 1, C) = 1, ``v1`` = 0, ``v2`` ortho 0.1
+
+where v_first is the value v of the model's first time mix at the same token. That is a path between layers:
+the model passes a dict ``cross_layer`` through its layers (``Mixer.cross_layer``), into which a time mix
+without the residual writes ``cross_layer["v_first"]`` and from which one with it reads. A model sets
+``value_residual`` on every time mix after its first (``RWKV7.model_kwargs``). v_first is per token, so the
+recurrent state holds nothing for it. Not here: the model builds every time mix with ``layer_id=0`` (the
+depth-dependent initialisation of the other parameters is the authors' layer 0).
 
 Glossary (code name: paper symbol):
 
@@ -49,6 +55,7 @@ Glossary (code name: paper symbol):
 ``w0, w1, w2``           the decay's bias and low-rank pair; w_t = exp(-exp(-0.5 - softplus(-d_t)))
 ``a0, a1, a2``           the in-context learning rate alpha's bias and low-rank pair
 ``g1, g2``               the output gate's low-rank pair
+``v0, v1, v2``           the value residual's bias and low-rank pair (layers after the first)
 ``k_k``                  xi, the removal key's scale (kappa = k * xi, normalised per head: kappa_hat)
 ``k_a``                  the replacement key's mix with alpha (k~ = k * (1 + (alpha - 1) * k_a))
 ``r_k``                  rho, the per-head "bonus" weights of the current token
@@ -125,6 +132,9 @@ class RWKV7(Mixer):
         decay_low_rank_dim, a_low_rank_dim, gate_low_rank_dim: widths of the low-rank pairs; None = the
             authors' suggestions max(32, round(2.5 sqrt C / 32) 32), the same, max(32, round(5 C^0.8 / 32) 32).
         zero_init_output: the authors' zero ``output`` weight (True), or U(+-0.5 / sqrt C) like ``receptance``.
+        value_residual: mix v with the first time mix's (module docstring): adds ``v0, v1, v2``, and
+            forward and step then need ``cross_layer`` holding ``"v_first"`` (a model passes it).
+        value_low_rank_dim: width of ``v1, v2``; None = the authors' max(32, round(1.7 sqrt C / 32) 32).
         chunk_size: the chunk length of the chunked WKV backend (execution only).
         backend: "auto", "chunked" or "reference" for the WKV core; execution only, not saved in a model
             configuration. ``last_backend`` names the one that ran.
@@ -141,11 +151,18 @@ class RWKV7(Mixer):
     ssm_parameter_names = ("w0", "w1", "w2", "a0", "a1", "a2")
     depth_scaled = ("output.weight",)
     main_op = "wkv7"
+    cross_layer = True
+
+    @classmethod
+    def model_kwargs(cls, position: int, count: int):
+        """The value residual on every time mix of a model after its first (the authors' layers >= 1)."""
+        return {"value_residual": position > 0}
 
     def __init__(self, d_model: int, head_size: Optional[int] = None, layer_id: int = 0, n_layers: int = 1,
                  decay_low_rank_dim: Optional[int] = None, a_low_rank_dim: Optional[int] = None,
                  gate_low_rank_dim: Optional[int] = None, zero_init_output: bool = True, chunk_size: int = 16,
-                 backend: Optional[str] = "auto"):
+                 backend: Optional[str] = "auto", value_residual: bool = False,
+                 value_low_rank_dim: Optional[int] = None):
         super().__init__(d_model)
         # the authors' 64, or the whole width in a model narrower than that
         self.head_size = min(64, d_model) if head_size is None else check_positive_int("head_size", head_size)
@@ -154,6 +171,7 @@ class RWKV7(Mixer):
         self.n_heads = d_model // self.head_size
         self.layer_id, self.n_layers = _check_depth(layer_id, n_layers)
         self.zero_init_output = _check_bool("zero_init_output", zero_init_output)
+        self.value_residual = _check_bool("value_residual", value_residual)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         if backend is not None:
             check_choice("backend", backend, WKV7_BACKENDS)
@@ -165,6 +183,16 @@ class RWKV7(Mixer):
                                            ("gate_low_rank_dim", gate_low_rank_dim, 5.0, 0.8)):
             dims[name] = _low_rank_dim(C, factor, power) if value is None else check_positive_int(name, value)
         self.decay_low_rank_dim, self.a_low_rank_dim, self.gate_low_rank_dim = dims.values()
+        self.value_low_rank_dim = None
+        if self.value_residual:
+            self.value_low_rank_dim = (_low_rank_dim(C, 1.7, 0.5) if value_low_rank_dim is None
+                                       else check_positive_int("value_low_rank_dim", value_low_rank_dim))
+            self.v0 = nn.Parameter(torch.empty(1, 1, C))
+            self.v1 = nn.Parameter(torch.empty(C, self.value_low_rank_dim))
+            self.v2 = nn.Parameter(torch.empty(self.value_low_rank_dim, C))
+        elif value_low_rank_dim is not None:
+            raise ValueError(f"value_low_rank_dim is for value_residual=True; got {value_low_rank_dim!r} with "
+                             "value_residual=False")
 
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
             setattr(self, name, nn.Parameter(torch.empty(1, 1, C)))
@@ -201,7 +229,11 @@ class RWKV7(Mixer):
         self.k_k.copy_((0.71 - 0.1 * linear).reshape(1, 1, C))
         self.k_a.fill_(1.02)
         self.r_k.fill_(-0.04)
-        for first, second in ((self.w1, self.w2), (self.a1, self.a2), (self.g1, self.g2)):
+        pairs = [(self.w1, self.w2), (self.a1, self.a2), (self.g1, self.g2)]
+        if self.value_residual:
+            self.v0.fill_(1.0)
+            pairs.append((self.v1, self.v2))
+        for first, second in pairs:
             first.zero_()
             _orthogonal_(second, 0.1)
         bound = 1.0 / math.sqrt(C)
@@ -216,16 +248,17 @@ class RWKV7(Mixer):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, head_size={self.head_size}, n_heads={self.n_heads}, "
-                f"layer_id={self.layer_id}, n_layers={self.n_layers}, backend={self.backend!r}")
+                f"layer_id={self.layer_id}, n_layers={self.n_layers}, value_residual={self.value_residual}, "
+                f"backend={self.backend!r}")
 
     def state_spec(self, batch_size: int):
         return {"shift": ((batch_size, self.d_model), "cache"),
                 "wkv": ((batch_size, self.n_heads, self.head_size, self.head_size), "real")}
 
     # ----------------------------------------------------------------------------------------------
-    def _prepare(self, x: torch.Tensor, x_prev: torch.Tensor):
+    def _prepare(self, x: torch.Tensor, x_prev: torch.Tensor, cross_layer: Optional[dict]):
         """x, x_{t-1} (B, L, C) -> the WKV inputs r, log w, k~, v, a = -kappa_hat, b = kappa_hat * alpha, each
-        (B, L, H, N), and the gate g (B, L, C)."""
+        (B, L, H, N), and the gate g (B, L, C). Writes or reads ``cross_layer["v_first"]`` (B, L, C)."""
         batch, length, _ = x.shape
         heads = (batch, length, self.n_heads, self.head_size)
         shift = x_prev - x
@@ -240,7 +273,7 @@ class RWKV7(Mixer):
             # soft-clamped to (-inf, -0.5): each step's decay w = exp(-exp(.)) stays in (exp(-e^-0.5), 1)
             log_w = -torch.exp(-F.softplus(-d) - 0.5)                              # log w_t, (B, L, C)
         k = self.key(x_k)
-        v = self.value(x_v)
+        v = self._value_residual(self.value(x_v), x_v, cross_layer)
         alpha = torch.sigmoid(self.a0 + (x_a @ self.a1) @ self.a2)                 # in-context learning rate
         g = torch.sigmoid(x_g @ self.g1) @ self.g2
         kappa_hat = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0)         # (B, L, H, N)
@@ -249,6 +282,22 @@ class RWKV7(Mixer):
                   kappa_hat * alpha.view(heads))
         return wkv_in, g
 
+    def _value_residual(self, v: torch.Tensor, x_v: torch.Tensor, cross_layer: Optional[dict]) -> torch.Tensor:
+        """v -> v + (v_first - v) sigmoid(v0 + x^v A_v B_v) with the residual; without it, v, written to
+        ``cross_layer`` as the first layer's value."""
+        if not self.value_residual:
+            if cross_layer is not None:
+                cross_layer["v_first"] = v
+            return v
+        v_first = None if cross_layer is None else cross_layer.get("v_first")
+        if v_first is None:
+            raise ValueError("a time mix with value_residual=True needs the first time mix's value: pass "
+                             "cross_layer={'v_first': v_first} (an SSMModel passes it from its first RWKV-7 layer)")
+        if v_first.shape != v.shape:
+            raise ValueError(f"cross_layer['v_first'] must have the shape of this layer's v, {tuple(v.shape)}; "
+                             f"got {tuple(v_first.shape)}")
+        return v + (v_first.to(v.dtype) - v) * torch.sigmoid(self.v0 + (x_v @ self.v1) @ self.v2)
+
     def _output(self, y: torch.Tensor, r, k, v, g) -> torch.Tensor:
         """WKV output y (B, L, H, N) -> (B, L, C): per-head GroupNorm, the current token's bonus, gate, W_o."""
         batch, length = y.shape[:2]
@@ -256,10 +305,10 @@ class RWKV7(Mixer):
         bonus = (r * k * self.r_k).sum(dim=-1, keepdim=True) * v                  # (B, L, H, N)
         return self.output((y + bonus.reshape(batch, length, self.d_model)) * g)
 
-    def _forward(self, x, state, return_state):
+    def _forward(self, x, state, return_state, cross_layer: Optional[dict] = None):
         previous = None if state is None else state[self.state_key("shift")]
         wkv0 = None if state is None else state[self.state_key("wkv")]
-        (r, log_w, k, v, a, b), g = self._prepare(x, _shifted(x, previous))
+        (r, log_w, k, v, a, b), g = self._prepare(x, _shifted(x, previous), cross_layer)
         with ssm_core_precision(x):
             y, wkv_final = wkv7(*(to_core_dtype(t) for t in (r, log_w, k, v, a, b)), initial_state=wkv0,
                                 return_final_state=True, chunk_size=self.chunk_size)
@@ -269,9 +318,16 @@ class RWKV7(Mixer):
         return out, {self.state_key("shift"): x[:, -1].to(state_dtype(x.dtype, "cache")),
                      self.state_key("wkv"): wkv_final.to(state_dtype(x.dtype))}
 
-    def _step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def _step(self, x_t: torch.Tensor, state: State, cross_layer: Optional[dict] = None
+              ) -> Tuple[torch.Tensor, State]:
         x = x_t.unsqueeze(1)                                                       # (B, 1, C)
-        (r, log_w, k, v, a, b), g = self._prepare(x, state[self.state_key("shift")].to(x.dtype).unsqueeze(1))
+        # a step's cross_layer["v_first"] is (B, C); _prepare reads and writes it as (B, 1, C)
+        one = None
+        if cross_layer is not None:
+            one = {k: t.unsqueeze(1) for k, t in cross_layer.items() if k == "v_first"}
+        (r, log_w, k, v, a, b), g = self._prepare(x, state[self.state_key("shift")].to(x.dtype).unsqueeze(1), one)
+        if one is not None and "v_first" in one:
+            cross_layer["v_first"] = one["v_first"][:, 0]
         with ssm_core_precision(x_t):
             y_t, wkv = wkv7_step(*(to_core_dtype(t[:, 0]) for t in (r, log_w, k, v, a, b)),
                                  state[self.state_key("wkv")])

@@ -16,6 +16,11 @@ A layer that reads the shared block (``ModelConfig.shared_block``; Zamba2) feeds
 
 Its attention's KV cache is part of the layer's state, under keys prefixed "shared.".
 
+Values one layer hands to later ones (RWKV-7's first-layer value): a mixer with ``cross_layer`` takes the
+dict ``cross_layer`` that the model passes to every block of one forward or step, and a mixer kind's
+``model_kwargs(position, count)`` adds to its constructor kwargs by its position among the model's mixers
+of that kind.
+
 The mixer's state passes through unchanged in shape, so a block runs in parallel (``forward``) or one token
 at a time (``step``) exactly like its mixer.
 """
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import Attention
-from ..layers.registry import build_mixer
+from ..layers.registry import MIXERS, build_mixer
 from .config import NO_MIXER
 
 SHARED_STATE_PREFIX = "shared."
@@ -222,10 +227,13 @@ class Block(nn.Module):
         self.norm = self.mixer = self.mixer_bwd = None
         if mixer_name != NO_MIXER:
             self.norm = make_norm(config.norm, d, config.norm_eps, config.norm_weight_offset)
-            self.mixer = build_mixer(mixer_name, d, **config.kwargs_for(mixer_name))
+            names = config.layer_mixers()
+            kwargs = {**MIXERS[mixer_name].model_kwargs(names[:layer_idx].count(mixer_name), names.count(mixer_name)),
+                      **config.kwargs_for(mixer_name)}
+            self.mixer = build_mixer(mixer_name, d, **kwargs)
             # bidirectional (classifiers only): a second mixer reads the sequence backwards
             if config.bidirectional:
-                self.mixer_bwd = build_mixer(mixer_name, d, **config.kwargs_for(mixer_name))
+                self.mixer_bwd = build_mixer(mixer_name, d, **kwargs)
         self.mlp = None
         kind = config.layer_mlps()[layer_idx]
         if kind != "none":
@@ -282,10 +290,15 @@ class Block(nn.Module):
     def _scaled(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
+    def _cross(self, cross_layer: Optional[dict]) -> dict:
+        """The mixer's ``cross_layer`` kwarg: only for a mixer that takes it."""
+        return {"cross_layer": cross_layer} if cross_layer is not None and self.mixer.cross_layer else {}
+
     def forward(self, x: torch.Tensor, state: Optional[dict] = None, return_state: bool = False,
-                embeddings: Optional[torch.Tensor] = None, **mixer_kwargs):
+                embeddings: Optional[torch.Tensor] = None, cross_layer: Optional[dict] = None, **mixer_kwargs):
         """x (B, L, D) -> (h (B, L, D), new_state or None, aux_loss scalar). ``embeddings`` (B, L, D): the
-        model's embedding output, which a layer that reads the shared block needs."""
+        model's embedding output, which a layer that reads the shared block needs; ``cross_layer``: the dict
+        the model passes through its layers (module docstring)."""
         if self.mixer is None:
             h, aux = self._mlp(self._residual(x))
             return h, ({} if return_state else None), aux
@@ -298,16 +311,17 @@ class Block(nn.Module):
             y = self.mixer(normed) + self.mixer_bwd(normed.flip(1)).flip(1)
             new_state = None
         elif return_state:
-            y, new_state = self.mixer(normed, state, return_state=True, **mixer_kwargs)
+            y, new_state = self.mixer(normed, state, return_state=True, **self._cross(cross_layer), **mixer_kwargs)
         else:
-            y, new_state = self.mixer(normed, state, **mixer_kwargs), None
+            y, new_state = self.mixer(normed, state, **self._cross(cross_layer), **mixer_kwargs), None
         h, aux = self._mlp(self._residual(x) + self._scaled(y))
         if shared_state is not None and new_state is not None:
             new_state = {**new_state, **{SHARED_STATE_PREFIX + k: v for k, v in shared_state.items()}}
         return h, new_state, aux
 
-    def step(self, x_t: torch.Tensor, state: dict, embeddings: Optional[torch.Tensor] = None):
-        """x_t (B, D) -> (h_t (B, D), new_state); ``embeddings`` (B, D) as in forward."""
+    def step(self, x_t: torch.Tensor, state: dict, embeddings: Optional[torch.Tensor] = None,
+             cross_layer: Optional[dict] = None):
+        """x_t (B, D) -> (h_t (B, D), new_state); ``embeddings`` (B, D) and ``cross_layer`` as in forward."""
         if self.mixer is None:
             return self._mlp(self._residual(x_t))[0], {}
         state, shared_state = self._split_state(state)
@@ -316,18 +330,19 @@ class Block(nn.Module):
             one = None if embeddings is None else embeddings[:, None]
             mixer_in, shared_state = self._mixer_input(x_t[:, None], one, shared_state, True)
             mixer_in = mixer_in[:, 0]
-        y, new_state = self.mixer.step(self.norm(mixer_in.to(self.norm.weight.dtype)), state)
+        y, new_state = self.mixer.step(self.norm(mixer_in.to(self.norm.weight.dtype)), state,
+                                       **self._cross(cross_layer))
         h, _ = self._mlp(self._residual(x_t) + self._scaled(y), need_aux=False)
         if shared_state is not None:
             new_state = {**new_state, **{SHARED_STATE_PREFIX + k: v for k, v in shared_state.items()}}
         return h, new_state
 
-    def step_inplace(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
+    def step_inplace(self, x_t: torch.Tensor, state: dict, cross_layer: Optional[dict] = None) -> torch.Tensor:
         """``step`` writing the mixer's new state into ``state`` (see ``Mixer.step_inplace``): x_t -> h_t."""
         if self.shared is not None:
             raise ValueError(f"layer {self.layer_idx} reads the shared block, whose KV cache grows: no in-place step")
         if self.mixer is None:
             return self._mlp(self._residual(x_t), need_aux=False)[0]
-        y = self.mixer.step_inplace(self.norm(x_t.to(self.norm.weight.dtype)), state)
+        y = self.mixer.step_inplace(self.norm(x_t.to(self.norm.weight.dtype)), state, **self._cross(cross_layer))
         h, _ = self._mlp(self._residual(x_t) + self._scaled(y), need_aux=False)
         return h

@@ -257,8 +257,9 @@ class CUDAGraphDecoder:
         """The step that is recorded: ids (B,) -> logits (B, V), ``state`` updated in place."""
         model = self.model
         h = model.scale_embeddings(model.backbone.embeddings(ids[:, None])[:, 0])
+        cross_layer = {}  # what a layer hands to later ones (blocks.py)
         for layer, layer_state in zip(model.backbone.layers, state):
-            h = layer.step_inplace(h, layer_state)
+            h = layer.step_inplace(h, layer_state, cross_layer=cross_layer)
         return model._head(h[:, None])[:, 0]
 
     def prepare(self, batch: int) -> tuple:

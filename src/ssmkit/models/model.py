@@ -239,14 +239,16 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         shared = {} if self.config.shared_block is None else {"embeddings": x}
         if shared and context is not None:
             raise ValueError("context parallelism does not cover models with a shared block (shared_block)")
+        cross_layer = {}  # what a layer hands to later ones (blocks.py), for this forward only
         for i, layer in enumerate(self.backbone.layers):
             layer_state = None if state is None else state[i]
             if context is None:
-                h, layer_state, layer_aux = layer(h, layer_state, return_state, **shared, **mixer_kwargs)
+                h, layer_state, layer_aux = layer(h, layer_state, return_state, **shared, cross_layer=cross_layer,
+                                                  **mixer_kwargs)
             else:
                 h, layer_state = context.receive(i, layer, h)
                 h, layer_state, layer_aux = layer(h, layer_state, return_state or context.sends_state,
-                                                  **mixer_kwargs)
+                                                  cross_layer=cross_layer, **mixer_kwargs)
                 h = context.send_state(i, h, layer_state)
             new_states.append(layer_state)
             aux = aux + layer_aux.float()
@@ -297,8 +299,9 @@ class SSMModel(PretrainedMixin, GenerationMixin, nn.Module):
         h = self._embed(input_ids[:, None] if self.config.vocab_size is not None else input_ids[:, None, :])[:, 0]
         new_states: ModelState = []
         shared = {} if self.config.shared_block is None else {"embeddings": h}
+        cross_layer = {}  # this token's values a layer hands to later ones
         for i, layer in enumerate(self.backbone.layers):
-            h, layer_state = layer.step(h, state[i], **shared)
+            h, layer_state = layer.step(h, state[i], **shared, cross_layer=cross_layer)
             new_states.append(layer_state)
         return self._head(h[:, None])[:, 0] if self.config.head != "classifier" else self._head(h[:, None]), new_states
 

@@ -66,14 +66,15 @@ class StreamingClassifier:
         model = self.model
         h = model._embed(chunk)
         embeddings = h if model.config.shared_block is not None else None  # what a shared block reads
+        cross_layer = {}  # what a layer hands to later ones (blocks.py)
         for i, layer in enumerate(model.backbone.layers):
             if h.shape[1] == 1:  # one step: the recurrence itself, without a parallel pass's set-up
                 shared = {} if embeddings is None else {"embeddings": embeddings[:, 0]}
-                h_t, self.state[i] = layer.step(h[:, 0], self.state[i], **shared)
+                h_t, self.state[i] = layer.step(h[:, 0], self.state[i], **shared, cross_layer=cross_layer)
                 h = h_t[:, None]
             else:
                 shared = {} if embeddings is None else {"embeddings": embeddings}
-                h, self.state[i], _ = layer(h, self.state[i], True, **shared)
+                h, self.state[i], _ = layer(h, self.state[i], True, **shared, cross_layer=cross_layer)
         self.samples_read += h.shape[1]
         if model.config.head != "classifier":
             return model._head(h)
