@@ -1,5 +1,5 @@
 """transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h, recurrent_gemma,
-zamba2, granitemoehybrid.
+zamba2, granitemoehybrid, falcon_h1.
 
 For each type a small random model is made with transformers' own config class (odd sizes, several layers, a
 mixture of experts where the type has one, n_groups > 1 where it applies), its norms and skip weights
@@ -113,10 +113,6 @@ def hf_zamba2():
     return _scale_matrices(transformers.Zamba2ForCausalLM(_zamba2_config()), 6.0)
 
 
-MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h,
-          "recurrent_gemma": hf_recurrent_gemma, "zamba2": hf_zamba2}
-
-
 def hf_granitemoehybrid():  # every multiplier away from 1, experts beside the shared MLP
     cfg = _config_class("GraniteMoeHybridConfig")(
         vocab_size=VOCAB, hidden_size=24, intermediate_size=12, shared_intermediate_size=20, num_hidden_layers=4,
@@ -128,8 +124,25 @@ def hf_granitemoehybrid():  # every multiplier away from 1, experts beside the s
     return transformers.GraniteMoeHybridForCausalLM(cfg)
 
 
+def hf_falcon_h1(**overrides):
+    """Mamba-2 and attention in parallel in every layer; every multiplier away from 1 (the five in_proj
+    sections each their own), a Mamba width (mamba_d_ssm 36) unrelated to hidden_size, n_groups = 2, the gated
+    norm on (Falcon-H1's checkpoints run without it: test_falcon_h1_options), matrices scaled up so that
+    greedy decoding does not repeat one token."""
+    kwargs = dict(vocab_size=VOCAB, hidden_size=22, intermediate_size=26, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=6, mamba_d_ssm=36, mamba_n_heads=6, mamba_d_head=6, mamba_n_groups=2,
+                  mamba_d_state=5, mamba_d_conv=3, mamba_chunk_size=8, mamba_rms_norm=True,
+                  mamba_norm_before_gate=False, embedding_multiplier=1.3, lm_head_multiplier=0.7,
+                  mlp_multipliers=[0.8, 1.2], ssm_multipliers=[1.1, 0.9, 1.3, 0.6, 1.4], ssm_in_multiplier=0.75,
+                  ssm_out_multiplier=1.25, attention_in_multiplier=0.9, attention_out_multiplier=1.15,
+                  key_multiplier=0.5, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return _scale_matrices(transformers.FalconH1ForCausalLM(_config_class("FalconH1Config")(**kwargs)), 4.0)
+
+
 MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h,
-          "granitemoehybrid": hf_granitemoehybrid}
+          "recurrent_gemma": hf_recurrent_gemma, "zamba2": hf_zamba2, "granitemoehybrid": hf_granitemoehybrid,
+          "falcon_h1": hf_falcon_h1}
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))
