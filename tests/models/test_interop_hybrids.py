@@ -296,3 +296,39 @@ def test_formats_without_multipliers_refuse_a_scaled_model():
                                  mixer_kwargs={"mamba2": dict(headdim=8, d_state=4, chunk_size=4)}))
     with pytest.raises(ValueError, match="logit_multiplier"):
         transformers_format.to_hf(plain)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(mamba_rms_norm=False),  # the released checkpoints: no gated norm, y * silu(z)
+    dict(mamba_norm_before_gate=True, attention_bias=True, mamba_proj_bias=True, projectors_bias=True,
+         tie_word_embeddings=True, mamba_d_ssm=None, mamba_expand=2, mamba_n_heads=11, mamba_d_head=4, mamba_n_groups=1),
+], ids=["released", "biases-tied"])
+def test_falcon_h1_options_read_and_convert_back(tmp_path, overrides):
+    torch.manual_seed(0)
+    hf = _perturb(hf_falcon_h1(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_pretrained(tmp_path / "hf")
+    ids = _ids(seed=6)
+    with torch.no_grad():
+        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"falcon_h1 {overrides}")
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        _assert_close(again(ids).logits, hf(ids).logits, f"falcon_h1 {overrides}, written back")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(projectors_bias=True), "mamba_proj_bias, projectors_bias"),
+])
+def test_falcon_h1_options_ssmkit_lacks_are_refused_by_name(tmp_path, overrides, message):
+    kwargs = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_state=4, mamba_d_conv=3)
+    _config_class("FalconH1Config")(**kwargs, **overrides).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(tmp_path)
