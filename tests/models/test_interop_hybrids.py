@@ -301,7 +301,8 @@ def test_formats_without_multipliers_refuse_a_scaled_model():
 @pytest.mark.parametrize("overrides", [
     dict(mamba_rms_norm=False),  # the released checkpoints: no gated norm, y * silu(z)
     dict(mamba_norm_before_gate=True, attention_bias=True, mamba_proj_bias=True, projectors_bias=True,
-         tie_word_embeddings=True, mamba_d_ssm=None, mamba_expand=2, mamba_n_heads=11, mamba_d_head=4, mamba_n_groups=1),
+         tie_word_embeddings=True, mamba_d_ssm=None, mamba_expand=2, mamba_n_heads=11, mamba_d_head=4,
+         mamba_n_groups=1),
 ], ids=["released", "biases-tied"])
 def test_falcon_h1_options_read_and_convert_back(tmp_path, overrides):
     torch.manual_seed(0)

@@ -264,7 +264,8 @@ class ModelConfig:
 
     def _validate_parallel(self) -> None:
         if self.parallel_combine not in PARALLEL_COMBINES:
-            raise ValueError(f"parallel_combine must be one of {list(PARALLEL_COMBINES)}; got {self.parallel_combine!r}")
+            raise ValueError(f"parallel_combine must be one of {list(PARALLEL_COMBINES)}; "
+                             f"got {self.parallel_combine!r}")
         if not isinstance(self.parallel_branch_norm, bool):
             raise TypeError(f"parallel_branch_norm must be a bool; got {type(self.parallel_branch_norm).__name__}")
         parallel = any(PARALLEL_SEP in name for name in self.layer_mixers())

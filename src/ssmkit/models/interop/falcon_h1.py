@@ -93,7 +93,8 @@ def config_from_falcon_h1(raw: dict) -> ModelConfig:
     head_dim = raw.get("head_dim") or hidden // heads
     theta, factor = rope_of(raw, FMT)
     if factor != 1.0:
-        raise ValueError(f"{FMT} config: partial_rotary_factor={factor} is not supported (Falcon-H1 rotates whole heads)")
+        raise ValueError(f"{FMT} config: partial_rotary_factor={factor} is not supported (Falcon-H1 rotates "
+                         f"whole heads)")
     attention = dict(n_heads=heads, n_kv_heads=raw.get("num_key_value_heads") or heads, head_dim=head_dim,
                      rope=True, rope_base=theta, bias=bool(raw.get("attention_bias", False)))
     return ModelConfig(d_model=hidden, n_layers=n_layers, vocab_size=get("vocab_size"), mixer=[PARALLEL] * n_layers,
