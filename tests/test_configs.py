@@ -1,12 +1,13 @@
 """Every named config under configs/ loads (known keys, valid values, a task and model that build) and says,
 on its first line, the command that runs it."""
 
+import math
 from pathlib import Path
 
 import pytest
 
 from ssmkit.tasks import make_task
-from ssmkit.train import load_run_config, model_config_for
+from ssmkit.train import load_run_config, model_config_for, train
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 REQUIRED = ("induction", "selective_copying", "mqar", "digits_s4d", "digits_mamba", "listops_small",
@@ -29,3 +30,13 @@ def test_config_loads_and_names_its_command(path):
     config = model_config_for(task, run.model)          # and an invalid model here
     assert config.d_model == run.model.d_model
     assert run.train.out_dir.startswith("outputs/"), "runs write under outputs/ (ignored by git)"
+
+
+def test_hymba_config_trains_a_few_steps(tmp_path):
+    """The parallel-mixer layer ("mamba2+attention", averaged normed branches) trains from its named config."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "hymba.yaml"
+    run = load_run_config(path, ["train.steps=3", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=0",
+                                 "train.eval_batches=1", "train.eval_lengths=[]", "train.checkpoint_every=0",
+                                 f"train.out_dir={tmp_path / 'hymba'}"])
+    result = train(run)
+    assert len(result.losses) == 3 and all(math.isfinite(loss) for loss in result.losses), result.losses

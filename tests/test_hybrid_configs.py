@@ -17,6 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
     ("jamba", ["mamba"] * 4 + ["attention"] + ["mamba"] * 3, ["gated", "moe"] * 4),
     ("samba", ["mamba", "attention"] * 2, ["gated"] * 4),
     ("bamba", ["mamba2", "mamba2", "attention", "mamba2"], ["gated"] * 4),
+    ("hymba", ["mamba2+attention"] * 4, ["gated"] * 4),
 ])
 def test_hybrid_config_builds_and_runs(name, mixers, mlps):
     run = load_run_config(CONFIGS / f"{name}.yaml")

@@ -3,7 +3,8 @@ per-layer MLP list (Nemotron-H), ungated MLPs and their activations, a mixture o
 renormalised router weights (Jamba), RMS norms on Mamba's dt/B/C (Jamba, Falcon-Mamba), partial rotary
 attention (Bamba), and the Gemma-family options (RecurrentGemma): an embedding multiplier, soft-capped logits,
 (1 + weight) RMS norms, biased MLPs with the tanh GeLU, and an attention whose output projection alone has a
-bias; and a shared attention + MLP block reused at several layers with per-use adapters (Zamba2)."""
+bias; a shared attention + MLP block reused at several layers with per-use adapters (Zamba2); and parallel
+mixer layers ("mamba2+attention": Falcon-H1 sums the branches, Hymba averages their normed outputs)."""
 
 import pytest
 import torch
@@ -316,3 +317,84 @@ def test_decoders_and_exports_that_cannot_run_a_shared_block_refuse_it():
         check_exportable(model)
     with pytest.raises(ValueError, match=r"(?s)nemotron_h: the format has no shared block.*zamba2:"):
         transformers_export(model)
+
+
+def _parallel_config(**overrides):
+    kwargs = dict(d_model=12, n_layers=2, vocab_size=19, mixer="mamba2+attention", mlp="gated", mlp_hidden=10,
+                  mixer_kwargs={"mamba2": dict(d_state=4, headdim=6, ngroups=2, chunk_size=4),
+                                "attention": dict(n_heads=2)})
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("combine, branch_norm", [("sum", False), ("mean", True)])
+def test_parallel_layer_combines_its_branches_on_one_normed_input(combine, branch_norm):
+    torch.manual_seed(0)
+    model = SSMModel(_parallel_config(parallel_combine=combine, parallel_branch_norm=branch_norm)).eval()
+    layer = model.backbone.layers[0]
+    with torch.no_grad():
+        if branch_norm:
+            for norm in layer.mixer.norms.values():
+                norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+        x = torch.randn(2, 9, 12)
+        normed = layer.norm(x)
+        ys = [layer.mixer.branches[k](normed) for k in ("mamba2", "attention")]
+        if branch_norm:
+            ys = [layer.mixer.norms[k](y) for k, y in zip(("mamba2", "attention"), ys)]
+        expected = (ys[0] + ys[1]) / (2 if combine == "mean" else 1)
+        torch.testing.assert_close(layer.mixer(normed), expected)
+        assert model.config.layer_mixers() == ["mamba2+attention"] * 2
+
+
+def test_parallel_layer_carries_both_states_and_steps_in_place():
+    torch.manual_seed(0)
+    model = SSMModel(_parallel_config(parallel_combine="mean", parallel_branch_norm=True,
+                                      mixer=["mamba2+attention", "mamba2"])).eval()
+    ids = torch.randint(0, 19, (2, 11))
+    with torch.no_grad():
+        whole = model(ids).logits
+        first = model(ids[:, :5], return_state=True)
+        assert {k.split(".")[0] for k in first.state[0]} == {"mamba2", "attention"}
+        rest = model(ids[:, 5:], state=first.state)
+        torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), whole, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(_stepwise(model, ids), whole, rtol=1e-4, atol=1e-5)
+        mixer = model.backbone.layers[0].mixer
+        x_t = torch.randn(2, 12)
+        state = mixer.init_state(2)
+        expected, new_state = mixer.step(x_t, state)
+        with pytest.raises(ValueError, match="growing state"):  # attention's KV cache grows
+            mixer.step_inplace(x_t, state)
+    ssm_only = SSMModel(_parallel_config(mixer="mamba2+s4d", mixer_kwargs={
+        "mamba2": dict(d_state=4, headdim=6, chunk_size=4), "s4d": dict(d_state=4)})).eval()
+    mixer = ssm_only.backbone.layers[0].mixer
+    assert mixer.constant_state
+    x_t = torch.randn(2, 12)
+    state = {k: v + 0.1 * torch.randn_like(v) for k, v in mixer.init_state(2).items()}
+    with torch.no_grad():
+        expected, new_state = mixer.step(x_t, state)
+        torch.testing.assert_close(mixer.step_inplace(x_t, state), expected)
+    for key in new_state:
+        torch.testing.assert_close(state[key], new_state[key])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mixer="mamba2+atention"), "unknown mixer 'atention'"),
+    (dict(mixer="mamba2+mamba2"), "distinct mixers"),
+    (dict(parallel_combine="max"), "parallel_combine must be one of"),
+    (dict(mixer="mamba2", parallel_combine="mean"), "describe parallel layers"),
+    (dict(mixer="mamba2", parallel_branch_norm=True), "describe parallel layers"),
+])
+def test_bad_parallel_layers_name_the_problem(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _parallel_config(**overrides)
+
+
+def test_formats_without_parallel_layers_refuse_them():
+    from ssmkit.models.interop import bamba, falcon_h1, transformers_export
+
+    summed = SSMModel(_parallel_config())
+    with pytest.raises(ValueError, match="mamba2\\+attention"):
+        bamba.to_bamba(summed)
+    assert transformers_export(summed)[0] == "falcon_h1"
+    with pytest.raises(ValueError, match="parallel_combine"):
+        falcon_h1.to_falcon_h1(SSMModel(_parallel_config(parallel_combine="mean")))

@@ -1,5 +1,5 @@
 """transformers' hybrid and Mamba-variant checkpoints: falcon_mamba, jamba, bamba, nemotron_h, recurrent_gemma,
-zamba2, granitemoehybrid.
+zamba2, granitemoehybrid, falcon_h1.
 
 For each type a small random model is made with transformers' own config class (odd sizes, several layers, a
 mixture of experts where the type has one, n_groups > 1 where it applies), its norms and skip weights
@@ -113,10 +113,6 @@ def hf_zamba2():
     return _scale_matrices(transformers.Zamba2ForCausalLM(_zamba2_config()), 6.0)
 
 
-MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h,
-          "recurrent_gemma": hf_recurrent_gemma, "zamba2": hf_zamba2}
-
-
 def hf_granitemoehybrid():  # every multiplier away from 1, experts beside the shared MLP
     cfg = _config_class("GraniteMoeHybridConfig")(
         vocab_size=VOCAB, hidden_size=24, intermediate_size=12, shared_intermediate_size=20, num_hidden_layers=4,
@@ -128,8 +124,25 @@ def hf_granitemoehybrid():  # every multiplier away from 1, experts beside the s
     return transformers.GraniteMoeHybridForCausalLM(cfg)
 
 
+def hf_falcon_h1(**overrides):
+    """Mamba-2 and attention in parallel in every layer; every multiplier away from 1 (the five in_proj
+    sections each their own), a Mamba width (mamba_d_ssm 36) unrelated to hidden_size, n_groups = 2, the gated
+    norm on (Falcon-H1's checkpoints run without it: test_falcon_h1_options), matrices scaled up so that
+    greedy decoding does not repeat one token."""
+    kwargs = dict(vocab_size=VOCAB, hidden_size=22, intermediate_size=26, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=6, mamba_d_ssm=36, mamba_n_heads=6, mamba_d_head=6, mamba_n_groups=2,
+                  mamba_d_state=5, mamba_d_conv=3, mamba_chunk_size=8, mamba_rms_norm=True,
+                  mamba_norm_before_gate=False, embedding_multiplier=1.3, lm_head_multiplier=0.7,
+                  mlp_multipliers=[0.8, 1.2], ssm_multipliers=[1.1, 0.9, 1.3, 0.6, 1.4], ssm_in_multiplier=0.75,
+                  ssm_out_multiplier=1.25, attention_in_multiplier=0.9, attention_out_multiplier=1.15,
+                  key_multiplier=0.5, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return _scale_matrices(transformers.FalconH1ForCausalLM(_config_class("FalconH1Config")(**kwargs)), 4.0)
+
+
 MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h,
-          "granitemoehybrid": hf_granitemoehybrid}
+          "recurrent_gemma": hf_recurrent_gemma, "zamba2": hf_zamba2, "granitemoehybrid": hf_granitemoehybrid,
+          "falcon_h1": hf_falcon_h1}
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))
@@ -283,3 +296,40 @@ def test_formats_without_multipliers_refuse_a_scaled_model():
                                  mixer_kwargs={"mamba2": dict(headdim=8, d_state=4, chunk_size=4)}))
     with pytest.raises(ValueError, match="logit_multiplier"):
         transformers_format.to_hf(plain)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(mamba_rms_norm=False),  # the released checkpoints: no gated norm, y * silu(z)
+    dict(mamba_norm_before_gate=True, attention_bias=True, mamba_proj_bias=True, projectors_bias=True,
+         tie_word_embeddings=True, mamba_d_ssm=None, mamba_expand=2, mamba_n_heads=11, mamba_d_head=4,
+         mamba_n_groups=1),
+], ids=["released", "biases-tied"])
+def test_falcon_h1_options_read_and_convert_back(tmp_path, overrides):
+    torch.manual_seed(0)
+    hf = _perturb(hf_falcon_h1(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_pretrained(tmp_path / "hf")
+    ids = _ids(seed=6)
+    with torch.no_grad():
+        _assert_close(ours(ids).logits[..., :VOCAB], hf(ids).logits, f"falcon_h1 {overrides}")
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        _assert_close(again(ids).logits, hf(ids).logits, f"falcon_h1 {overrides}, written back")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(projectors_bias=True), "mamba_proj_bias, projectors_bias"),
+])
+def test_falcon_h1_options_ssmkit_lacks_are_refused_by_name(tmp_path, overrides, message):
+    kwargs = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_state=4, mamba_d_conv=3)
+    _config_class("FalconH1Config")(**kwargs, **overrides).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(tmp_path)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..layers.attention import Attention
 from ..layers.registry import MIXERS, build_mixer
-from .config import NO_MIXER
+from .config import NO_MIXER, PARALLEL_SEP, parallel_parts
 
 SHARED_STATE_PREFIX = "shared."
 
@@ -209,6 +209,101 @@ class SharedUse(nn.Module):
         return self.out_proj(mlp.down_proj(mlp.act(gate) * up)), new_state
 
 
+class ParallelMixers(nn.Module):
+    """Several registry mixers run side by side on one input, their outputs combined: summed ("sum",
+    Falcon-H1) or averaged ("mean", Hymba), each optionally through its own RMSNorm first (``branch_norm``,
+    Hymba). Falcon-H1's constant per-branch scales are scales on the branches' output projections: an importer
+    folds them into those weights. A drop-in for one mixer in a :class:`Block`: the same forward / step /
+    step_inplace / init_state, its state the union of the branches' (each mixer's keys carry its own name, so
+    they cannot collide). Parameters: ``branches.<mixer name>.*``, and ``norms.<mixer name>.weight`` with branch norms.
+    """
+
+    def __init__(self, name: str, d_model: int, kwargs_for, combine: str = "sum", branch_norm: bool = False,
+                 norm_eps: float = 1e-5):
+        super().__init__()
+        self.name, self.d_model, self.combine = name, d_model, combine
+        self.branches = nn.ModuleDict((part, build_mixer(part, d_model, **kwargs_for(part)))
+                                      for part in parallel_parts(name))
+        self.norms = None
+        if branch_norm:
+            self.norms = nn.ModuleDict((part, RMSNorm(d_model, norm_eps)) for part in self.branches)
+        self.constant_state = all(m.constant_state for m in self.branches.values())
+        if any(m.cross_layer for m in self.branches.values()):
+            raise ValueError(f"mixer {name!r}: a mixer that reads other layers' values (cross_layer, e.g. RWKV-7's "
+                             "value residual) cannot be a parallel branch")
+
+    #: the layers' cross-layer dict is not passed into parallel branches (refused above)
+    cross_layer = False
+
+    def _combine(self, outputs) -> torch.Tensor:
+        if self.norms is not None:
+            outputs = [self.norms[part](y.to(self.norms[part].weight.dtype)).to(y.dtype)
+                       for part, y in zip(self.branches, outputs)]
+        total = outputs[0]
+        for y in outputs[1:]:
+            total = total + y
+        return total / len(outputs) if self.combine == "mean" else total
+
+    def _split(self, state: Optional[dict]):
+        """Each branch's part of a layer state (None stays None)."""
+        if state is None:
+            return {part: None for part in self.branches}
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict of tensors from init_state(); got {type(state).__name__}")
+        return {part: {k: v for k, v in state.items() if k.startswith(part + ".")} for part in self.branches}
+
+    def state_spec(self, batch_size: int) -> dict:
+        return {f"{part}.{k}": v for part, m in self.branches.items() for k, v in m.state_spec(batch_size).items()}
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
+        state = {}
+        for m in self.branches.values():
+            state.update(m.init_state(batch_size, device=device, dtype=dtype))
+        return state
+
+    def forward(self, x: torch.Tensor, state: Optional[dict] = None, return_state: bool = False, **kwargs):
+        parts = self._split(state)
+        outputs, new_state = [], {}
+        for part, mixer in self.branches.items():
+            if return_state:
+                y, s = mixer(x, parts[part], return_state=True, **kwargs)
+                new_state.update(s)
+            else:
+                y = mixer(x, parts[part], **kwargs)
+            outputs.append(y)
+        y = self._combine(outputs)
+        return (y, new_state) if return_state else y
+
+    def step(self, x_t: torch.Tensor, state: dict):
+        parts = self._split(state)
+        outputs, new_state = [], {}
+        for part, mixer in self.branches.items():
+            y, s = mixer.step(x_t, parts[part])
+            outputs.append(y)
+            new_state.update(s)
+        return self._combine(outputs), new_state
+
+    def step_inplace(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
+        parts = self._split(state)  # the same tensors: each branch writes its own in place
+        return self._combine([mixer.step_inplace(x_t, parts[part]) for part, mixer in self.branches.items()])
+
+    def extra_repr(self) -> str:
+        return f"combine={self.combine!r}, branch_norm={self.norms is not None}"
+
+
+def _build_layer_mixer(config, name: str, d: int, layer_idx: int):
+    """The mixer of one layer: a registry mixer (with the arguments its kind derives from its position among
+    the model's mixers of that kind, ``Mixer.model_kwargs``, under the config's own), or :class:`ParallelMixers`
+    for a name "a+b"."""
+    if PARALLEL_SEP in name:
+        return ParallelMixers(name, d, config.kwargs_for, config.parallel_combine, config.parallel_branch_norm,
+                              config.norm_eps)
+    names = config.layer_mixers()
+    kwargs = {**MIXERS[name].model_kwargs(names[:layer_idx].count(name), names.count(name)),
+              **config.kwargs_for(name)}
+    return build_mixer(name, d, **kwargs)
+
+
 class Block(nn.Module):
     """Pre-norm residual block around one mixer (and an optional MLP, and optionally a use of the shared
     block feeding the mixer's input)."""
@@ -227,13 +322,10 @@ class Block(nn.Module):
         self.norm = self.mixer = self.mixer_bwd = None
         if mixer_name != NO_MIXER:
             self.norm = make_norm(config.norm, d, config.norm_eps, config.norm_weight_offset)
-            names = config.layer_mixers()
-            kwargs = {**MIXERS[mixer_name].model_kwargs(names[:layer_idx].count(mixer_name), names.count(mixer_name)),
-                      **config.kwargs_for(mixer_name)}
-            self.mixer = build_mixer(mixer_name, d, **kwargs)
+            self.mixer = _build_layer_mixer(config, mixer_name, d, layer_idx)
             # bidirectional (classifiers only): a second mixer reads the sequence backwards
             if config.bidirectional:
-                self.mixer_bwd = build_mixer(mixer_name, d, **kwargs)
+                self.mixer_bwd = _build_layer_mixer(config, mixer_name, d, layer_idx)
         self.mlp = None
         kind = config.layer_mlps()[layer_idx]
         if kind != "none":

@@ -40,6 +40,15 @@ gate and up projections, and on q, k, v with ``attention_adapters``) and its own
 result is added to the input of that layer's mixer (before its norm). Keys: :data:`SHARED_BLOCK_REQUIRED` and
 the defaults in :data:`SHARED_BLOCK_KEYS`.
 
+Parallel mixers (Falcon-H1, Zuo et al. 2025, arXiv 2507.22448; Hymba, Dong et al. 2024, arXiv 2411.13676): a mixer
+name joining registry names with ``+`` (``"mamba2+attention"``, in a mixer list) makes a layer that runs those
+mixers side by side on the one normed input and combines their outputs into the layer's one residual update:
+``parallel_combine`` "sum" (Falcon-H1) or "mean" (Hymba); with ``parallel_branch_norm`` each branch's output goes
+through its own RMSNorm first (Hymba), whose weight is the branch's learned output scale. A constant scale on a
+branch (Falcon-H1's multipliers) is a scale on its output projection, so it lives in that projection's weights.
+The layer's state holds every branch's state (the keys are already prefixed by each mixer's name), so carried
+state and one-token steps cover both. ``mixer_kwargs`` is then nested per mixer name.
+
 Gemma-family options (RecurrentGemma uses all three): ``embedding_multiplier`` scales the embedding output
 (Gemma: sqrt(d_model)); ``logit_softcap`` = c bounds the LM logits smoothly, logits = c tanh(logits / c);
 ``norm_weight_offset`` = 1 makes the RMS norms scale by (1 + weight), their weights stored as the difference
@@ -77,6 +86,14 @@ SHARED_BLOCK_KEYS = {"layers": None, "num_blocks": 1, "n_heads": None, "n_kv_hea
 #: mixer keyword arguments that choose how a layer runs, not what it computes: never kept in a config
 #: (choose them with ``ssmkit.ops.use_backend`` or the layer's attribute at run time)
 EXECUTION_KWARGS = ("backend", "recompute")
+#: joins the mixers of a parallel layer in a mixer name ("mamba2+attention"); how their outputs combine
+PARALLEL_SEP, PARALLEL_COMBINES = "+", ("sum", "mean")
+
+
+def parallel_parts(name: str) -> List[str]:
+    """The registry names a layer's mixer name runs: ["mamba2", "attention"] for "mamba2+attention", [name]
+    for a single mixer."""
+    return str(name).split(PARALLEL_SEP)
 
 
 @dataclass
@@ -106,6 +123,9 @@ class ModelConfig:
     embedding_multiplier: float = 1.0  # the embedding output times this (Gemma: sqrt(d_model))
     logit_softcap: Optional[float] = None  # LM logits = cap * tanh(logits / cap) (Gemma 2, RecurrentGemma); None: off
     shared_block: Optional[Dict[str, Any]] = None  # attention + MLP reused at several layers (Zamba2); see above
+    # parallel mixers: layers named "a+b" run mixers a and b on one normed input (Falcon-H1, Hymba); see above
+    parallel_combine: str = "sum"  # "sum" of the branch outputs, or their "mean" (Hymba)
+    parallel_branch_norm: bool = False  # each branch output through its own RMSNorm before combining (Hymba)
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 1
@@ -127,8 +147,9 @@ class ModelConfig:
     def layer_mixers(self) -> List[str]:
         """The registry name of the mixer of each layer."""
         m = self.mixer
-        if isinstance(m, str) and m in MIXERS:
-            return [m] * self.n_layers
+        if isinstance(m, str) and (m in MIXERS or PARALLEL_SEP in m):
+            names = [m] * self.n_layers  # one mixer, or one parallel layer ("mamba2+attention"), in every layer
+            m = names
         if isinstance(m, str):
             letters = dict(pattern_letters(), **{NO_MIXER_LETTER: NO_MIXER})  # each mixer class declares its own
             unknown = sorted({c for c in m if c not in letters})
@@ -143,10 +164,17 @@ class ModelConfig:
         if len(names) != self.n_layers:
             raise ValueError(f"mixer lists {len(names)} layers but n_layers={self.n_layers}")
         for name in names:
-            if name not in MIXERS and name != NO_MIXER:
-                close = difflib.get_close_matches(str(name), list(MIXERS), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown mixer {name!r} in mixer list: known mixers are {sorted(MIXERS)}{hint}")
+            if name == NO_MIXER:
+                continue
+            parts = parallel_parts(name)
+            for part in parts:
+                if part not in MIXERS:
+                    close = difflib.get_close_matches(part, list(MIXERS), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(f"unknown mixer {part!r} in mixer list entry {name!r}: known mixers are "
+                                     f"{sorted(MIXERS)}, or several joined by {PARALLEL_SEP!r} run in parallel{hint}")
+            if len(set(parts)) != len(parts):
+                raise ValueError(f"a parallel layer runs distinct mixers; got {name!r}")
         return names
 
     def layer_mlps(self) -> List[str]:
@@ -164,7 +192,8 @@ class ModelConfig:
         kw = self.mixer_kwargs or {}
         if any(k in MIXERS for k in kw):
             return dict(kw.get(mixer_name, {}))
-        return dict(kw) if len(set(self.layer_mixers()) - {NO_MIXER}) == 1 else {}
+        kinds = {part for name in set(self.layer_mixers()) - {NO_MIXER} for part in parallel_parts(name)}
+        return dict(kw) if len(kinds) == 1 else {}
 
     @property
     def padded_vocab_size(self) -> Optional[int]:
@@ -202,6 +231,7 @@ class ModelConfig:
                 raise TypeError(f"{name} must be a bool; got {type(getattr(self, name)).__name__}")
         self._validate_scales()
         self._validate_shared_block()
+        self._validate_parallel()
         if self.moe_shared_hidden is not None and (not isinstance(self.moe_shared_hidden, int)
                                                    or self.moe_shared_hidden < 1):
             raise ValueError(f"moe_shared_hidden must be a positive int or None; got {self.moe_shared_hidden!r}")
@@ -231,6 +261,20 @@ class ModelConfig:
             if self.head != "lm":
                 raise ValueError(f"logit_softcap caps language-model logits; it needs head='lm', got "
                                  f"head={self.head!r}")
+
+    def _validate_parallel(self) -> None:
+        if self.parallel_combine not in PARALLEL_COMBINES:
+            raise ValueError(f"parallel_combine must be one of {list(PARALLEL_COMBINES)}; "
+                             f"got {self.parallel_combine!r}")
+        if not isinstance(self.parallel_branch_norm, bool):
+            raise TypeError(f"parallel_branch_norm must be a bool; got {type(self.parallel_branch_norm).__name__}")
+        parallel = any(PARALLEL_SEP in name for name in self.layer_mixers())
+        if (self.parallel_combine != "sum" or self.parallel_branch_norm) and not parallel:
+            raise ValueError(f"parallel_combine={self.parallel_combine!r} and parallel_branch_norm="
+                             f"{self.parallel_branch_norm} describe parallel layers; this model has none (a mixer "
+                             f"list entry such as 'mamba2+attention' makes one)")
+        if parallel and self.bidirectional:
+            raise ValueError("bidirectional=True does not cover parallel layers ('a+b' mixers)")
 
     def shared_block_spec(self) -> Optional[Dict[str, Any]]:
         """``shared_block`` with every default filled in, or None."""

@@ -33,6 +33,8 @@ class CheckpointFormat:
         weights_to_ssmkit: the file's tensors -> ssmkit's names and layouts (default: unchanged).
         export: ``model -> (config.json dict, tensors)`` for ``ssmkit convert --to``, or None.
         recognises: for formats whose config.json has no ``model_type``: a test on the raw dict.
+        weights_read_config: ``weights_to_ssmkit`` takes ``(tensors, config.json dict)``: for formats whose
+            config.json holds constants that ssmkit folds into the weights (Falcon-H1's multipliers).
     """
 
     name: str
@@ -40,6 +42,11 @@ class CheckpointFormat:
     weights_to_ssmkit: Callable[[Tensors], Tensors] = _same_names
     export: Optional[Callable[[torch.nn.Module], Tuple[dict, Tensors]]] = None
     recognises: Optional[Callable[[dict], bool]] = None
+    weights_read_config: bool = False
+
+    def read_weights(self, weights: Tensors, raw: dict) -> Tensors:
+        """The file's tensors under ssmkit's names and layouts (``raw``: the checkpoint's config.json dict)."""
+        return self.weights_to_ssmkit(weights, raw) if self.weights_read_config else self.weights_to_ssmkit(weights)
 
 
 #: model_type -> format. Formats without a model_type are keyed by their name and found by ``recognises``.

@@ -53,7 +53,7 @@ class PretrainedMixin:
         if quantization_path.exists():  # a quantised checkpoint: the same int8 modules first, then the weights
             spec = json.loads(quantization_path.read_text())
             quantize(model, spec["method"], spec["modules"])
-        weights = fmt.weights_to_ssmkit(io.read_weights(directory))
+        weights = fmt.read_weights(io.read_weights(directory), raw)
         io.load_weights_strict(model, weights, source=f"{fmt.name} checkpoint {directory}")
         if dtype is not None or device is not None:
             model = model.to(device=device, dtype=dtype)

@@ -65,6 +65,9 @@ class ModelSpec:
     residual_multiplier: float = 1.0
     logit_multiplier: float = 1.0
     shared_block: Optional[Dict[str, Any]] = None
+    # parallel mixers
+    parallel_combine: str = "sum"
+    parallel_branch_norm: bool = False
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 1

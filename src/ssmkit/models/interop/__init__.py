@@ -2,7 +2,7 @@
 
 One module per external format (``transformers_format.py``: transformers' Mamba and Mamba2; ``falcon_mamba.py``,
 ``jamba.py``, ``bamba.py``, ``nemotron_h.py``, ``recurrent_gemma.py``, ``zamba2.py``,
-``granitemoehybrid.py``: transformers' hybrids of
+``granitemoehybrid.py``, ``falcon_h1.py``: transformers' hybrids of
 those names; ``state_spaces.py``: the original mamba_ssm format), each registering a :class:`CheckpointFormat`
 in the one table :data:`FORMATS` (model_type -> format, :mod:`.registry`). This package imports every module in
 it, so a new format is one new file; CONTRIBUTING.md ("Add a checkpoint format") gives the steps.

@@ -1,5 +1,5 @@
 """What the transformers hybrid formats (Jamba, Bamba, Nemotron-H, Falcon-Mamba, RecurrentGemma, Zamba2,
-Granite-4.0-H) share:
+Granite-4.0-H, Falcon-H1) share:
 reading their JSON values, renaming their per-layer tensors to ssmkit's and back, and the checks an export makes
 before it claims a model.
 
