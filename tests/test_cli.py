@@ -95,6 +95,18 @@ def test_every_compare_preset_builds_and_steps_like_it_reads():
     assert _preset_spec("griffin").mixer == "HHA"
 
 
+def test_compare_takes_a_run_config_file_as_a_model(tmp_path):
+    from pathlib import Path
+
+    from ssmkit.compare import _preset_spec
+
+    jamba = Path(__file__).resolve().parents[1] / "configs" / "jamba.yaml"
+    spec = _preset_spec(str(jamba))
+    assert spec.mlp != "none" and "A" in "".join(spec.mixer) and "M" in "".join(spec.mixer)
+    with pytest.raises(ValueError, match="does not exist"):
+        _preset_spec(str(tmp_path / "missing.yaml"))
+
+
 def test_bench_prints_every_requested_mixer(capsys):
     assert main(["bench", "--mixers", "s4d", "mamba", "--d-model", "16", "--length", "64"]) == 0
     out = capsys.readouterr().out

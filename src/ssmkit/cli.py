@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "limits_mqar_many_keys, limits_copy_short, limits_copy_long, limits_needle_short, "
                    "limits_needle_long); default: induction_heads")
     p.add_argument("--models", nargs="+", default=None,
-                   help="model presets (transformer s4d mamba mamba2 hybrid) or any registered mixer name")
+                   help="model presets (transformer s4d mamba mamba2 hybrid griffin), any registered mixer name, "
+                        "or a run config file such as configs/jamba.yaml (its model section)")
     p.add_argument("--length", type=int, default=None, help="training sequence length")
     p.add_argument("--budget", type=float, default=None, help="training seconds per model")
     p.add_argument("--eval-lengths", type=int, nargs="+", default=None)

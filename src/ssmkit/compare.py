@@ -45,6 +45,8 @@ PRESETS: Dict[str, Dict] = {
                                                            "attention": {"n_heads": 4, "n_kv_heads": 1, "window": 16}},
                     mlp="gated", mlp_hidden=192),
 }
+#: what ``ssmkit compare`` runs when no --models are given (griffin, three layers with MLPs, is on request)
+DEFAULT_MODELS = ("transformer", "s4d", "mamba", "mamba2", "hybrid")
 DEFAULT_TASKS = {
     "induction_heads": dict(kwargs={}, length=32, eval_lengths=[64, 256, 1024], lr=3e-3),
     "selective_copying": dict(kwargs={"num_tokens": 8}, length=128, eval_lengths=[256], lr=3e-3),
@@ -76,7 +78,13 @@ LIMIT_TASKS = {
 
 
 def _preset_spec(name: str) -> ModelSpec:
-    """A named preset, or any registered mixer (two layers of it at its default sizes, no MLP)."""
+    """A named preset, any registered mixer (two layers of it at its default sizes, no MLP), or a run config
+    file (``configs/jamba.yaml``: the ``model`` section, at the file's own sizes)."""
+    if name.endswith((".yaml", ".yml", ".json")):
+        if not Path(name).is_file():
+            raise ValueError(f"model config file {name!r} does not exist (a --models entry ending in "
+                             f"{Path(name).suffix} names a run config such as configs/jamba.yaml)")
+        return load_config(RunConfig, name).model
     if name in PRESETS:
         return ModelSpec(**{"d_model": D_MODEL, "n_layers": 2, **PRESETS[name]})
     if name in MIXERS:
@@ -136,7 +144,7 @@ def run_compare(task: Optional[str] = None, models: Optional[Sequence[str]] = No
         task_name = defaults["task"]
     else:
         defaults = DEFAULT_TASKS.get(task_name, dict(kwargs={}, length=None, eval_lengths=[], lr=3e-3))
-    names = list(models or PRESETS)
+    names = list(models or DEFAULT_MODELS)
     budget = 40.0 if budget is None else float(budget)
     threads = threads or 1
     with process_settings(threads=threads, flush_denormal=True):  # restored on return, as train() does
@@ -161,8 +169,9 @@ def _run_compare(task_name, defaults, names, length, budget, out, threads, seed,
     print(f"ssmkit compare: task {task_name}, train length {train_length}, eval lengths {lengths}, "
           f"{budget:.0f} s of training per model, {threads} thread(s), torch {torch.__version__}")
     rows = []
-    for name in names:
-        spec = _preset_spec(name)
+    for entry in names:
+        spec = _preset_spec(entry)
+        name = Path(entry).stem if entry.endswith((".yaml", ".yml", ".json")) else entry  # configs/jamba.yaml: jamba
         run = RunConfig(task=TaskSpec(name=task_name, kwargs=dict(defaults["kwargs"], length=train_length)
                                       if "length" in _task_kwargs(task_obj) else dict(defaults["kwargs"])),
                         model=spec,
