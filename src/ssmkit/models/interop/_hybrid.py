@@ -80,6 +80,20 @@ def split_layer_name(name: str, outer: Dict[str, str]):
     return None, (index, rest)
 
 
+def outgoing_name(name: str, outer: Dict[str, str], inner) -> str:
+    """An ssmkit tensor name -> theirs, for formats whose layer tensors differ from ours by a prefix only:
+    ``inner`` pairs (their prefix, our prefix) under ``model.layers.<index>.``; other names as
+    :func:`split_layer_name` gives them."""
+    outside, parts = split_layer_name(name, outer)
+    if parts is None:
+        return outside
+    index, rest = parts
+    for theirs, ours in inner:
+        if rest.startswith(ours):
+            return f"model.layers.{index}.{theirs}{rest[len(ours):]}"
+    return name
+
+
 def unpack_experts(weights: Tensors, prefix: str) -> Tensors:
     """transformers 5 keeps the experts of a mixture as two stacked tensors in memory
     (``experts.gate_up_proj`` (E, 2I, D), ``experts.down_proj`` (E, D, I)); checkpoints on disk usually hold

@@ -41,7 +41,7 @@ import torch
 
 from ..config import ModelConfig
 from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, json_float, rename_layers, require,
-                      rope_of, split_layer_name, state_dict_without_tied_head)
+                      outgoing_name, rope_of, state_dict_without_tied_head)
 from .registry import CheckpointFormat, register_format
 
 FMT = "falcon_h1"
@@ -208,19 +208,9 @@ def to_falcon_h1(model) -> Tuple[dict, Tensors]:
                mlp_multipliers=[1.0, 1.0], ssm_multipliers=[1.0] * 5, key_multiplier=1.0,
                attention_in_multiplier=1.0, attention_out_multiplier=1.0, ssm_in_multiplier=1.0,
                ssm_out_multiplier=1.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    tensors = {_to_falcon_h1_name(name): value for name, value in state_dict_without_tied_head(model).items()}
+    tensors = {outgoing_name(name, _OUTER, _INNER): value
+               for name, value in state_dict_without_tied_head(model).items()}
     return raw, tensors
-
-
-def _to_falcon_h1_name(name: str) -> str:
-    outside, parts = split_layer_name(name, _OUTER)
-    if parts is None:
-        return outside
-    index, rest = parts
-    for theirs, ours in _INNER:
-        if rest.startswith(ours):
-            return f"model.layers.{index}.{theirs}{rest[len(ours):]}"
-    return name
 
 
 register_format(CheckpointFormat(name=FMT, config_from_raw=config_from_falcon_h1,

@@ -39,7 +39,7 @@ import torch
 
 from ..config import ModelConfig
 from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, rename_layers, require, rope_of,
-                      split_layer_name, state_dict_without_tied_head)
+                      outgoing_name, state_dict_without_tied_head)
 from .registry import CheckpointFormat, register_format
 
 _OUTER = {"model.embed_tokens.weight": "backbone.embeddings.weight",
@@ -166,19 +166,9 @@ def to_recurrent_gemma(model) -> Tuple[dict, Tensors]:
                block_types=[_BLOCK_TYPES[k] for k in _period(mixers)], tie_word_embeddings=cfg.tie_embeddings,
                rope_parameters=dict(rope_type="default", rope_theta=theta, partial_rotary_factor=factor),
                pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    tensors = {_to_recurrent_gemma_name(name): value for name, value in state_dict_without_tied_head(model).items()}
+    tensors = {outgoing_name(name, _OUTER, _INNER): value
+               for name, value in state_dict_without_tied_head(model).items()}
     return raw, tensors
-
-
-def _to_recurrent_gemma_name(name: str) -> str:
-    outside, parts = split_layer_name(name, _OUTER)
-    if parts is None:
-        return outside
-    index, rest = parts
-    for theirs, ours in _INNER:
-        if rest.startswith(ours):
-            return f"model.layers.{index}.{theirs}{rest[len(ours):]}"
-    return name
 
 
 register_format(CheckpointFormat(name="recurrent_gemma", config_from_raw=config_from_recurrent_gemma,
