@@ -310,3 +310,42 @@ def test_auto_loss_chunk_size_applies_to_large_vocabularies():
     for bad in (0, "big", True):
         with pytest.raises(ValueError, match="loss_chunk_size must be a positive int, 'auto' or null"):
             dataclasses.replace(cfg, loss_chunk_size=bad)
+
+
+def test_a_replacement_interrupted_between_its_two_renames_puts_the_old_directory_back(tmp_path, monkeypatch):
+    """write_directory_atomically moves the old directory aside, then the new one in: a kill between the two
+    left no directory under the name (the old one hidden). The next writer or reader restores it, and an
+    interruption inside this process restores it at once."""
+    import os
+
+    import ssmkit
+    from ssmkit.models import io as model_io
+
+    model = ssmkit.from_config(dict(d_model=8, n_layers=1, vocab_size=16, mixer="s4d"))
+    target = tmp_path / "final"
+    model.save_pretrained(target)
+    before = (target / "model.safetensors").read_bytes()
+
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new directory's rename into place
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(model_io.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    monkeypatch.setattr(model_io.os, "replace", real_replace)
+    assert (target / "model.safetensors").read_bytes() == before  # restored in this process
+    assert not list(tmp_path.glob(".final.*"))
+
+    # the state a SIGKILL between the renames leaves on disk: the old directory aside, none under the name
+    os.replace(target, tmp_path / ".final.old-killed")
+    assert not target.exists()
+    loaded = ssmkit.from_pretrained(target)  # a reader restores it
+    assert (target / "model.safetensors").read_bytes() == before and loaded is not None
+    os.replace(target, tmp_path / ".final.old-killed")
+    assert ckpt.latest_checkpoint(tmp_path) is None  # final/ holds no trainer state here; it is back all the same
+    assert target.is_dir()

@@ -86,11 +86,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def recover_interrupted_replace(directory: PathLike) -> bool:
+    """Undo a replacement by :func:`write_directory_atomically` that a kill interrupted between its two renames
+    (the old directory moved aside, the new one not yet in place): if ``directory`` is missing and a moved-aside
+    copy ``.<name>.old-*`` exists beside it, that complete copy is renamed back. Returns whether it did."""
+    directory = Path(directory)
+    if directory.exists() or not directory.parent.is_dir():
+        return False
+    aside = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not aside:
+        return False
+    os.replace(aside[-1], directory)  # the newest one moved aside: the last complete directory
+    _fsync_dir(directory.parent)
+    return True
+
+
 def write_directory_atomically(directory: PathLike, write_files: Callable[[Path], None]) -> Path:
     """Run ``write_files(tmp)`` in a temporary sibling of ``directory``, flush every file to disk, then swap
-    it into place: readers see the old directory or the new one, never a half-written one."""
+    it into place: readers see the old directory or the new one, never a half-written one. Between the two
+    renames of the swap the old one is moved aside; an interruption there (in this process, or a kill seen by
+    the next writer or reader: :func:`recover_interrupted_replace`) puts it back."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_replace(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         write_files(tmp)
@@ -110,6 +128,7 @@ def write_directory_atomically(directory: PathLike, write_files: Callable[[Path]
         _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_interrupted_replace(final)
         raise
     return final
 

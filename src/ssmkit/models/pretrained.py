@@ -38,6 +38,7 @@ class PretrainedMixin:
         """Load a checkpoint of any registered format (ssmkit, transformers Mamba/Mamba2, state-spaces, ...)
         from a local directory, strictly (every tensor must match), in eval mode."""
         directory = Path(directory)
+        io.recover_interrupted_replace(directory)  # a save killed between its two renames left it aside
         raw = io.read_config_json(directory)
         fmt = format_of(raw, source=str(directory / io.CONFIG_FILE))
         try:

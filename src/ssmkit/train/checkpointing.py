@@ -38,7 +38,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from .._version import __version__
-from ..models.io import WEIGHTS_FILE, config_to_dict, load_safetensors, load_weights_strict, write_checkpoint_dir
+from ..models.io import (WEIGHTS_FILE, config_to_dict, load_safetensors, load_weights_strict,
+                         recover_interrupted_replace, write_checkpoint_dir)
 from .config import RunConfig, config_differences
 
 PathLike = Union[str, os.PathLike]
@@ -124,6 +125,7 @@ def latest_checkpoint(out_dir: PathLike) -> Optional[Path]:
     """The checkpoint with the most steps in ``out_dir`` (``final`` wins a tie), or None."""
     candidates = [(step, 0, path) for step, path in list_checkpoints(out_dir)]
     final = Path(out_dir) / FINAL
+    recover_interrupted_replace(final)  # a kill between the two renames of replacing final/
     if (final / TRAINER_STATE).exists():
         candidates.append((read_run_info(final)["step"], 1, final))
     return max(candidates)[2] if candidates else None
