@@ -398,3 +398,33 @@ def test_formats_without_parallel_layers_refuse_them():
     assert transformers_export(summed)[0] == "falcon_h1"
     with pytest.raises(ValueError, match="parallel_combine"):
         falcon_h1.to_falcon_h1(SSMModel(_parallel_config(parallel_combine="mean")))
+
+
+def test_sigmoid_router_by_hand():
+    """DeepSeek-V3 / Nemotron-H routing of one token, worked out by hand. logits [0, 2, 1, -1] -> sigmoid scores
+    s = [0.5, 0.8808, 0.7311, 0.2689]; with the bias [0, -1, 0, 0.5] the choice scores are [0.5, -0.1192, 0.7311,
+    0.7689]; groups {0, 1} and {2, 3} score 0.3808 and 1.5, so only experts 2 and 3 can be chosen (without the
+    bias group {0, 1} would win); their weights are their *unbiased* scores, renormalised, times the scale 2."""
+    moe = MoE(4, 8, num_experts=4, top_k=2, activation="relu2", router="sigmoid", groups=2, topk_groups=1, scale=2.0,
+              expert="plain")
+    moe.score_bias.copy_(torch.tensor([0.0, -1.0, 0.0, 0.5]))
+    weights, chosen, _ = moe._route(torch.tensor([[0.0, 2.0, 1.0, -1.0]]))
+    order = chosen[0].argsort()
+    assert chosen[0][order].tolist() == [2, 3]
+    s2, s3 = torch.sigmoid(torch.tensor(1.0)), torch.sigmoid(torch.tensor(-1.0))
+    torch.testing.assert_close(weights[0][order], 2 * torch.stack([s2, s3]) / (s2 + s3))
+    moe.score_bias.zero_()
+    assert sorted(moe._route(torch.tensor([[0.0, 2.0, 1.0, -1.0]]))[1][0].tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(moe_router="topk"), "moe_router must be"),
+    (dict(moe_expert="swiglu"), "moe_expert must be"),
+    (dict(moe_router="sigmoid", moe_groups=3), "split num_experts=8"),
+    (dict(moe_router="sigmoid", moe_groups=2, moe_topk_groups=3), "moe_topk_groups"),
+    (dict(moe_groups=2), "needs moe_router='sigmoid'"),
+    (dict(moe_scale=0.0), "moe_scale must be"),
+])
+def test_router_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(d_model=8, n_layers=2, vocab_size=16, mixer="mamba", mlp="moe", num_experts=8, **kwargs)

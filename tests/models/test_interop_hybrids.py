@@ -69,6 +69,26 @@ def hf_nemotron_h():
     return transformers.NemotronHForCausalLM(cfg)
 
 
+def hf_nemotron_h_moe():
+    """Nemotron-H's expert layers (DeepSeek-V3-style router; widths of whole 16-byte rows, as transformers runs
+    experts through torch._grouped_mm): 6 experts in 3 groups of which 2 are searched,
+    top 2, a routed scale, a shared expert; router weights and the choice-only score bias set at random (their
+    init is zero, which would tie every score), so a bias leaking into the weights shows."""
+    cfg = _config_class("NemotronHConfig")(
+        vocab_size=VOCAB, hidden_size=20, intermediate_size=12, layers_block_type=["mamba", "moe", "attention", "moe"],
+        num_attention_heads=3, num_key_value_heads=1, head_dim=6, mamba_num_heads=4, mamba_head_dim=10,
+        n_groups=2, ssm_state_size=5, conv_kernel=3, chunk_size=8, time_step_min=0.01, tie_word_embeddings=False,
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=12, moe_shared_expert_intermediate_size=14,
+        n_group=3, topk_group=2, routed_scaling_factor=1.7, norm_topk_prob=True)
+    model = transformers.NemotronHForCausalLM(cfg)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module).__name__ == "NemotronHTopkRouter":
+                module.weight.normal_(0, 0.5)
+                module.e_score_correction_bias.normal_(0, 0.3)
+    return model
+
+
 def hf_recurrent_gemma():
     """Griffin's pattern (recurrent, attention, recurrent) over 5 layers, an RG-LRU wider than the model (27 of 24,
     3 blocks of 9), multi-query local attention with a window (5) shorter than the test sequences, tied
@@ -141,7 +161,7 @@ def hf_falcon_h1(**overrides):
 
 
 MAKERS = {"falcon_mamba": hf_falcon_mamba, "jamba": hf_jamba, "bamba": hf_bamba, "nemotron_h": hf_nemotron_h,
-          "recurrent_gemma": hf_recurrent_gemma, "zamba2": hf_zamba2, "granitemoehybrid": hf_granitemoehybrid,
+          "nemotron_h_moe": hf_nemotron_h_moe, "recurrent_gemma": hf_recurrent_gemma, "zamba2": hf_zamba2, "granitemoehybrid": hf_granitemoehybrid,
           "falcon_h1": hf_falcon_h1}
 
 
@@ -152,7 +172,7 @@ def saved(request, tmp_path_factory):
     hf = _perturb(MAKERS[request.param]()).eval()
     directory = tmp_path_factory.mktemp(request.param) / "hf"
     hf.save_pretrained(directory)
-    return request.param, hf, directory
+    return hf.config.model_type, hf, directory  # nemotron_h_moe is a second nemotron_h
 
 
 def _ids(length=19, batch=2, seed=1):
@@ -209,13 +229,14 @@ def test_convert_to_hf_loads_back_in_transformers(saved, tmp_path, capsys):
         _assert_close(again(ids).logits, hf(ids).logits, f"{model_type} written by ssmkit convert")
 
 
-def test_nemotron_h_mixture_of_experts_layers_are_refused_by_name(tmp_path):
+def test_nemotron_h_latent_experts_are_refused_by_name(tmp_path):
     cfg = _config_class("NemotronHConfig")(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, layers_block_type=["mamba", "moe"],
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=8, layers_block_type=["mamba", "moe"],
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, n_groups=1,
-        ssm_state_size=4, n_routed_experts=2, moe_intermediate_size=8, moe_shared_expert_intermediate_size=8)
+        ssm_state_size=4, n_routed_experts=2, moe_intermediate_size=8, moe_shared_expert_intermediate_size=8,
+        moe_latent_size=4)
     cfg.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"layers of type \['moe'\] are not supported"):
+    with pytest.raises(ValueError, match="moe_latent_size=4"):
         from_pretrained(tmp_path)
 
 

@@ -120,21 +120,46 @@ class MoE(nn.Module):
     """
 
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, activation: str = "silu",
-                 renormalize: bool = True, bias: bool = False, shared_hidden: Optional[int] = None):
+                 renormalize: bool = True, bias: bool = False, shared_hidden: Optional[int] = None,
+                 router: str = "softmax", groups: int = 1, topk_groups: int = 1, scale: float = 1.0,
+                 expert: str = "gated"):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.router_kind, self.groups, self.topk_groups, self.scale = router, groups, topk_groups, float(scale)
         self.router = nn.Linear(d_model, num_experts, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(d_model, hidden, activation, bias) for _ in range(num_experts))
+        mlp = GatedMLP if expert == "gated" else PlainMLP
+        self.experts = nn.ModuleList(mlp(d_model, hidden, activation, bias) for _ in range(num_experts))
         # a shared expert every token goes through beside its routed ones (DeepSeekMoE, Granite-4.0-H)
-        self.shared_expert = GatedMLP(d_model, shared_hidden, activation, bias) if shared_hidden else None
+        self.shared_expert = mlp(d_model, shared_hidden, activation, bias) if shared_hidden else None
+        if router == "sigmoid":  # added to the scores only to choose experts (DeepSeek-V3's load balancing)
+            self.register_buffer("score_bias", torch.zeros(num_experts))
+
+    def _route(self, logits: torch.Tensor):
+        """Router logits (T, E) float32 -> (weights (T, k), chosen (T, k), probabilities (T, E) for aux)."""
+        if self.router_kind == "softmax":
+            probs = torch.softmax(logits, dim=-1)
+            weights, chosen = probs.topk(self.top_k, dim=-1)
+            if self.renormalize:
+                weights = weights / weights.sum(-1, keepdim=True)
+            return weights * self.scale, chosen, probs
+        scores = logits.sigmoid()
+        choice = scores + self.score_bias.float()
+        if self.groups > 1:  # keep the topk_groups groups whose two best experts score highest
+            T = choice.shape[0]
+            grouped = choice.view(T, self.groups, -1)
+            best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_groups, dim=-1).indices  # (T, g)
+            keep = torch.zeros(T, self.groups, dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, -1)
+        chosen = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, chosen)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scale, chosen, scores / scores.sum(-1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (T, D)
-        probs = torch.softmax(self.router(tokens).float(), dim=-1)  # (T, E)
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # (T, k)
-        if self.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
+        weights, chosen, probs = self._route(self.router(tokens).float())  # (T, k), (T, k), (T, E)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(tokens)
         for e, expert in enumerate(self.experts):
@@ -337,7 +362,8 @@ class Block(nn.Module):
                 self.mlp = PlainMLP(d, config.mlp_hidden or 4 * d, act, bias)
             else:
                 self.mlp = MoE(d, config.mlp_hidden or 2 * d, config.num_experts, config.top_k, act,
-                               config.moe_renormalize, bias, config.moe_shared_hidden)
+                               config.moe_renormalize, bias, config.moe_shared_hidden, config.moe_router,
+                               config.moe_groups, config.moe_topk_groups, config.moe_scale, config.moe_expert)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         """The mixer's zero state (and the shared block's empty KV cache); an MLP-only layer has none ({})."""

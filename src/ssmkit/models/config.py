@@ -30,7 +30,11 @@ relu2); ``moe`` (top-k mixture of gated experts). ``mlp_activation`` is the act 
 ``moe_renormalize`` says whether the top-k router weights are renormalised to sum to 1 (Mixtral) or kept as
 the softmax gave them (Jamba); ``mlp_bias`` gives every MLP projection a bias (RecurrentGemma);
 ``moe_shared_hidden`` adds a shared gated MLP of that width that every token
-goes through beside its routed experts (DeepSeekMoE, Granite-4.0-H).
+goes through beside its routed experts (DeepSeekMoE, Granite-4.0-H). ``moe_router="sigmoid"`` is
+DeepSeek-V3's and Nemotron-H's router: sigmoid scores; experts chosen by score plus a per-expert bias (a buffer
+that steers the load, never part of the weights) among the ``moe_topk_groups`` best of ``moe_groups`` groups
+(a group's score: the sum of its two best); weights = the chosen scores (renormalised if ``moe_renormalize``)
+times ``moe_scale``. ``moe_expert="plain"`` makes the experts and the shared expert ungated MLPs (Nemotron-H).
 
 Shared block (Zamba, Glorioso et al. 2024, arXiv 2405.16712; Zamba2, arXiv 2411.15242): ``shared_block`` is a
 dict describing one attention + MLP block whose weights are reused at several depths, ``layers`` (the uses,
@@ -115,6 +119,11 @@ class ModelConfig:
     moe_renormalize: bool = True  # top-k router weights renormalised to sum to 1 (Mixtral); False: Jamba
     mlp_bias: bool = False  # biases in every MLP projection (RecurrentGemma)
     moe_shared_hidden: Optional[int] = None  # a shared gated MLP of this width beside the experts of "moe" layers
+    moe_router: str = "softmax"  # "softmax" (Mixtral, Jamba, Granite) | "sigmoid" (DeepSeek-V3, Nemotron-H)
+    moe_groups: int = 1  # sigmoid router: experts in this many groups ...
+    moe_topk_groups: int = 1  # ... of which the best this many are chosen from
+    moe_scale: float = 1.0  # the routed experts' weights times this (DeepSeek's routed_scaling_factor)
+    moe_expert: str = "gated"  # "gated" (SwiGLU) | "plain" (up, act, down): the experts' and the shared expert's kind
     residual_multiplier: float = 1.0  # each mixer and MLP output times this before it joins the residual (Granite)
     logit_multiplier: float = 1.0  # the logits times this (Granite: 1 / logits_scaling)
     norm: str = "rmsnorm"
@@ -235,6 +244,7 @@ class ModelConfig:
         if self.moe_shared_hidden is not None and (not isinstance(self.moe_shared_hidden, int)
                                                    or self.moe_shared_hidden < 1):
             raise ValueError(f"moe_shared_hidden must be a positive int or None; got {self.moe_shared_hidden!r}")
+        self._validate_router()
         for name in ("residual_multiplier", "logit_multiplier"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -275,6 +285,27 @@ class ModelConfig:
                              f"list entry such as 'mamba2+attention' makes one)")
         if parallel and self.bidirectional:
             raise ValueError("bidirectional=True does not cover parallel layers ('a+b' mixers)")
+
+    def _validate_router(self) -> None:
+        if self.moe_router not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router must be 'softmax' or 'sigmoid'; got {self.moe_router!r}")
+        if self.moe_expert not in ("gated", "plain"):
+            raise ValueError(f"moe_expert must be 'gated' or 'plain'; got {self.moe_expert!r}")
+        for name in ("moe_groups", "moe_topk_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if self.moe_topk_groups > self.moe_groups:
+            raise ValueError(f"moe_topk_groups ({self.moe_topk_groups}) must be at most moe_groups ({self.moe_groups})")
+        if self.moe_groups > 1:
+            if self.moe_router != "sigmoid":
+                raise ValueError(f"moe_groups > 1 needs moe_router='sigmoid'; got moe_router={self.moe_router!r}")
+            if self.num_experts % self.moe_groups or self.num_experts // self.moe_groups < 2:
+                raise ValueError(f"moe_groups={self.moe_groups} must split num_experts={self.num_experts} into "
+                                 "groups of 2 or more experts (a group scores by its two best)")
+        if isinstance(self.moe_scale, bool) or not isinstance(self.moe_scale, (int, float)) \
+                or not math.isfinite(self.moe_scale) or self.moe_scale <= 0:
+            raise ValueError(f"moe_scale must be a positive finite number; got {self.moe_scale!r}")
 
     def shared_block_spec(self) -> Optional[Dict[str, Any]]:
         """``shared_block`` with every default filled in, or None."""

@@ -56,6 +56,11 @@ class ModelSpec:
     mlp_activation: str = "silu"
     moe_renormalize: bool = True
     moe_shared_hidden: Optional[int] = None
+    moe_router: str = "softmax"
+    moe_groups: int = 1
+    moe_topk_groups: int = 1
+    moe_scale: float = 1.0
+    moe_expert: str = "gated"
     mlp_bias: bool = False
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5

@@ -111,12 +111,13 @@ def unpack_experts(weights: Tensors, prefix: str) -> Tensors:
 
 
 def check_language_model(model, fmt: str, gemma: bool = False, shared_block: bool = False,
-                         scaled: bool = False) -> None:
+                         scaled: bool = False, deepseek_router: bool = False) -> None:
     """The part every export shares: an RMSNorm language model read left to right. Unless ``gemma`` (a format
     that describes them itself), also none of the Gemma-family options (embedding multiplier, logit soft-cap,
     (1 + weight) norms, MLP biases, tanh GeLU), which the Mamba-family formats cannot say; unless
     ``shared_block``, no shared block (Zamba2's); unless ``scaled`` (Granite's), no multipliers, attention
-    scale or shared expert. The embedding multiplier is allowed by either ``gemma`` or ``scaled``."""
+    scale or shared expert; unless ``deepseek_router`` (Nemotron-H's), no sigmoid router, expert groups, routed
+    scale or ungated experts. The embedding multiplier is allowed by either ``gemma`` or ``scaled``."""
     cfg = model.config
     if cfg.head != "lm" or cfg.vocab_size is None or cfg.bidirectional or cfg.norm != "rmsnorm":
         raise ValueError(f"{fmt}: only causal RMSNorm language models convert; this model has head={cfg.head!r}, "
@@ -126,8 +127,13 @@ def check_language_model(model, fmt: str, gemma: bool = False, shared_block: boo
         check_no_gemma_options(cfg, fmt, allow=embedding)
     if not shared_block and cfg.shared_block is not None:
         raise ValueError(f"{fmt}: the format has no shared block; this model has shared_block={cfg.shared_block}")
-    if not scaled:
-        check_unscaled(model, fmt, allow=embedding)
+    if not scaled:  # Nemotron-H's expert layers have a shared expert too
+        check_unscaled(model, fmt, allow=embedding + (("moe_shared_hidden",) if deepseek_router else ()))
+    if not deepseek_router and "moe" in cfg.layer_mlps():
+        odd = {k: getattr(cfg, k) for k, default in (("moe_router", "softmax"), ("moe_groups", 1), ("moe_scale", 1.0),
+                                                    ("moe_expert", "gated")) if getattr(cfg, k) != default}
+        if odd:
+            raise ValueError(f"{fmt}: its mixture of experts is softmax-routed gated experts; this model sets {odd}")
 
 
 def check_no_gemma_options(cfg, fmt: str, allow=()) -> None:
@@ -151,7 +157,7 @@ def check_unscaled(model, fmt: str, allow=()) -> None:
     odd.update({f"layer {i} attention scale": layer.mixer.softmax_scale
                 for i, layer in enumerate(model.backbone.layers)
                 if getattr(layer.mixer, "softmax_scale", None) is not None})
-    if cfg.moe_shared_hidden is not None and "moe" in cfg.layer_mlps():
+    if cfg.moe_shared_hidden is not None and "moe" in cfg.layer_mlps() and "moe_shared_hidden" not in allow:
         odd["moe_shared_hidden"] = cfg.moe_shared_hidden
     if odd:
         raise ValueError(f"{fmt}: has no multipliers, attention scale or shared expert; this model has {odd}")
