@@ -38,6 +38,18 @@ from ssmkit.models.decoding import FusedDecoder  # noqa: E402
 PEERS = ("hf", "module", "fused-fp32", "fused-int8")
 
 
+def add_decode_args(parser: argparse.ArgumentParser) -> None:
+    """The options every decoding benchmark shares: the model shape (130M by default) and the run."""
+    parser.add_argument("--mixer", choices=["mamba", "mamba2"], default="mamba")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--vocab", type=int, default=50280)
+
+
 def build_ssmkit(mixer: str, d_model: int, layers: int, vocab: int) -> SSMModel:
     kwargs = {"mamba2": {"headdim": 64, "d_state": 128}} if mixer == "mamba2" else {}
     torch.manual_seed(0)
@@ -126,16 +138,9 @@ def hf_decoder(hf, ids):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mixer", choices=["mamba", "mamba2"], default="mamba")
+    add_decode_args(parser)
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--d-model", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--vocab", type=int, default=50280)
     parser.add_argument("--out", default="outputs/bench_decode.json")
     args = parser.parse_args(argv)
     setup(args.threads)

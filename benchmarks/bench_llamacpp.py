@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import build_ssmkit, decode, weight_bytes_per_token  # noqa: E402
+from bench_decode import add_decode_args, build_ssmkit, decode, weight_bytes_per_token  # noqa: E402
 from common import machine_info, setup, write_json  # noqa: E402
 
 import ssmkit  # noqa: E402
@@ -101,14 +101,7 @@ def main(argv=None) -> None:
     parser.add_argument("--llama-cpp", required=True, help="a llama.cpp source tree built into <it>/build")
     parser.add_argument("--bindings", default=None, help="llama-cpp-python source dir (holding llama_cpp/)")
     parser.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES))
-    parser.add_argument("--mixer", choices=["mamba", "mamba2"], default="mamba")
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--d-model", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--vocab", type=int, default=50280)
+    add_decode_args(parser)
     parser.add_argument("--out", default="outputs/bench_llamacpp.json")
     args = parser.parse_args(argv)
     llama_cpp = Path(args.llama_cpp).resolve()
