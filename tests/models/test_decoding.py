@@ -7,8 +7,10 @@ The C++ kernels build at first use; without a compiler these tests are skipped w
 reason (``SSMKIT_REQUIRE_CPP=1`` turns that into a failure, as for the C++ scan).
 """
 
+import copy
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -96,7 +98,9 @@ def test_fused_step_leaves_the_input_state_alone(kernels):
             assert torch.equal(old[key], layer[key])
 
 
-@pytest.mark.parametrize("shape", [(1, 7, 3), (5, 37, 29), (4, 64, 8), (9, 130, 77)])
+# batch sizes reach every tile of the kernel (16, 8 and 1-7 rows); outputs not a multiple of the 16-row panel
+@pytest.mark.parametrize("shape", [(1, 7, 3), (5, 37, 29), (4, 64, 8), (9, 130, 77), (16, 33, 20), (27, 16, 5),
+                                   (3, 1, 1), (24, 50, 17)])
 @pytest.mark.parametrize("int8", [False, True])
 def test_linear_kernel(kernels, shape, int8):
     batch, out_features, in_features = shape
@@ -107,9 +111,29 @@ def test_linear_kernel(kernels, shape, int8):
     if int8:
         weight, scale = quantize_int8(weight)
     out = torch.empty(batch, out_features)
-    kernels.linear_out(x, weight, scale, bias, out)
+    kernels.linear_out(x, kernels.pack_weight(weight), scale, bias, out)
     want = linear_ref(x, weight, scale if int8 else None, bias)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    # a row's result does not depend on the batch it is computed in (tiles of 16, 8, 1-7 sum in one order)
+    alone = torch.empty(1, out_features)
+    for row in (0, batch - 1):
+        kernels.linear_out(x[row:row + 1].clone(), kernels.pack_weight(weight), scale, bias, alone)
+        assert torch.equal(alone[0], out[row])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_pack_weight_layout(kernels, dtype):
+    weight = torch.randint(-100, 100, (37, 5)).to(dtype)
+    panels = kernels.pack_weight(weight)
+    assert panels.shape == (3, 5, 16) and panels.dtype == dtype and panels.is_contiguous()
+    for m in range(48):  # panel p holds rows 16p .. 16p + 15 column by column; rows past 37 are zero
+        want = weight[m] if m < 37 else torch.zeros(5, dtype=dtype)
+        assert torch.equal(panels[m // 16, :, m % 16], want)
+    out = torch.empty(2, 37)
+    with pytest.raises(RuntimeError, match="panels of pack_weight"):
+        kernels.linear_out(torch.randn(2, 5), weight, torch.empty(0), torch.empty(0), out)  # unpacked weight
+    with pytest.raises(RuntimeError, match="panels of pack_weight"):
+        kernels.linear_out(torch.randn(2, 5), panels, torch.empty(0), torch.empty(0), torch.empty(2, 49))
 
 
 def test_quantize_int8_spec():
@@ -139,6 +163,26 @@ def test_generate_fused_equals_module(kernels, variant):
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
     model.generate(prompts, 4, decode_backend="auto")
     assert model.last_decode_backend == "fused" and "auto" in model.last_decode_backend_reason
+
+
+def test_fused_decoder_is_kept_until_a_weight_changes(kernels):
+    """generate keeps one FusedDecoder (its packed weights) per model; a changed weight rebuilds it, and a copy
+    or pickle of the model leaves it out."""
+    model = make_model("mamba-odd")
+    prompts = torch.randint(0, 61, (2, 5))
+    model.generate(prompts, 3, decode_backend="fused")
+    decoder = decoding.fused_decoder(model)
+    model.generate(prompts, 3, decode_backend="fused")
+    assert decoding.fused_decoder(model) is decoder and not decoder.stale()
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.out_proj.weight.mul_(3.0)  # in place: same tensor, new version
+    assert decoder.stale()
+    got = model.generate(prompts, 6, decode_backend="fused").sequences
+    assert decoding.fused_decoder(model) is not decoder
+    assert torch.equal(got, model.generate(prompts, 6, decode_backend="module").sequences)
+    copied = copy.deepcopy(model)
+    assert "_fused_decoder" not in copied.__dict__ and "_fused_decoder" in model.__dict__
+    assert torch.equal(pickle.loads(pickle.dumps(model)).generate(prompts, 6, decode_backend="fused").sequences, got)
 
 
 def test_decode_backend_choice_is_explicit(monkeypatch):

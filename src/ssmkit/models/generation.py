@@ -124,6 +124,16 @@ def _freeze_rows(old: list, new: list, done: torch.Tensor) -> list:
 class GenerationMixin:
     """Adds ``generate`` and ``generate_stream`` to :class:`~ssmkit.models.model.SSMModel`."""
 
+    #: decoders ``generate`` keeps on the model between calls (models/decoding.py); a copy or pickle of the
+    #: model leaves them out (they hold compiled kernels, packed weights and CUDA graphs, rebuilt when needed)
+    _decoder_caches = ("_fused_decoder", "_cuda_graph_decoder")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for key in self._decoder_caches:
+            state.pop(key, None)
+        return state
+
     @torch.no_grad()
     def prefill(self, prompts: List[torch.Tensor], state: Optional[list] = None,
                 chunk_size: Optional[int] = None):
@@ -167,7 +177,7 @@ class GenerationMixin:
                         decode_backend: Optional[str] = None,
                         _result: Optional[dict] = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, (B,), as soon as it is chosen (see ``generate``)."""
-        from .decoding import FusedDecoder, graph_decoder, resolve_decode_backend
+        from .decoding import fused_decoder, graph_decoder, resolve_decode_backend
 
         if self.config.head != "lm":
             raise ValueError(f"generate needs a language-model head; this model's head is {self.config.head!r}")
@@ -185,7 +195,7 @@ class GenerationMixin:
                                        f"({type(error).__name__}: {error})") from error
                 backend, why = "module", f"{why}, but the step could not be captured ({type(error).__name__}: {error})"
         if backend != "cuda_graph":
-            step = FusedDecoder(self).step if backend == "fused" else self.step
+            step = fused_decoder(self).step if backend == "fused" else self.step
         self.last_decode_backend, self.last_decode_backend_reason = backend, why
         # the CUDA-graph decoder updates its state in place: finished rows are saved when they finish instead
         in_place = backend == "cuda_graph"

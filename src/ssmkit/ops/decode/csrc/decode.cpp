@@ -2,11 +2,16 @@
 // weights), and the matrix-vector kernel they are built on.
 //
 // Decoding one token reads every weight once and does two flops per weight, so its time is the time to
-// stream the weights from memory. The kernel below is written for that: each task owns a block of 4 output
-// rows and streams them once, with 8-wide vectors (GCC/Clang vector extensions: AVX2/AVX-512 with
-// -march=native, NEON on arm64) and one accumulator per (row, batch row) pair, so a batch of up to 4 rows
-// reuses each weight vector from a register (a larger batch reuses it from L1). int8 weights are converted to
-// float in registers and the per-output-channel scale is applied once per dot product.
+// stream the weights from memory. The kernel is written for that. Its weights are stored in panels
+// (`pack_weight`): 16 output rows at a time, column by column, so panel p holds W[16p .. 16p + 16, k] for
+// k = 0 .. K-1 as one contiguous run of K vectors of 16 (the last panel zero-padded). A task streams whole
+// panels front to back: one sequential read per thread, which the hardware prefetchers follow at full speed,
+// where 16 rows read side by side are 16 short streams (for int8 rows of 768 bytes, too short for the
+// prefetchers: 2-3x slower, measured). Each weight vector is multiplied by a broadcast x[b, k] into one
+// accumulator per batch row, so the 16 rows' sums need no horizontal reduction and a tile of 4 batch rows
+// reuses each weight vector from a register (batch 16 runs near the machine's multiply-add rate, not its
+// memory rate). Vectors are GCC/Clang vector extensions (AVX-512 or 2 x AVX2 with -march=native, NEON on arm64);
+// int8 weights are converted to float in registers and the per-output-channel scale is applied once per sum.
 //
 // Nothing is allocated per token: every intermediate lives in buffers the caller passes in. The recurrent
 // state is read from the "in" tensors and written to distinct "out" tensors, so a caller can keep the state
@@ -118,130 +123,163 @@ inline v8f vexp(v8f x) {
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 
-// The matrix-vector kernel's vector: 16 floats where AVX-512 exists (half the instructions per weight, which
-// matters for int8, whose conversion to float costs more than the multiply-add), else 8.
-#if defined(__AVX512F__)
-typedef float vw __attribute__((vector_size(64)));
-constexpr int kWidth = 16;
-inline vw loadw(const float* p) {
-  vw v;
+// ---------------------------------------------------------------------------------------------------------
+// The matrix-vector kernel on panels of 16 rows
+// ---------------------------------------------------------------------------------------------------------
+constexpr int64_t kPanel = 16;
+typedef float v16f __attribute__((vector_size(64)));
+typedef int8_t v16b __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16f load16(const float* p) {
+  v16f v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline vw loadw(const int8_t* p) {
+inline v16f load16(const int8_t* p) {
+#if defined(__AVX512F__)
+  // sign-extend 16 bytes to 16 int32 and convert: two instructions (the generic conversion is scalarised)
   __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  vw v;
+  v16f v;
   std::memcpy(&v, &f, sizeof(v));
   return v;
-}
-inline float hsumw(vw v) {
-  v8f lo, hi;
-  std::memcpy(&lo, &v, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  return hsum(lo + hi);
-}
 #else
-typedef v8f vw;
-constexpr int kWidth = 8;
-inline vw loadw(const float* p) { return load8(p); }
-inline vw loadw(const int8_t* p) { return load8(p); }
-inline float hsumw(vw v) { return hsum(v); }
+  v8f lo = load8(p), hi = load8(p + 8);
+  v16f v;
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
 #endif
+}
 
-// ---------------------------------------------------------------------------------------------------------
-// y[b, m] = scale[m] * sum_k W[m, k] x[b, k] + bias[m]   for m in [m0, m0 + 4), b in [b0, b0 + BT)
-// ---------------------------------------------------------------------------------------------------------
-template <int BT, typename WT>
-inline void rows4(const WT* W, int64_t K, int64_t M, int64_t m0, const float* x, int64_t ldx, int64_t b0,
-                  const float* scale, const float* bias, float* y, int64_t ldy) {
-  const WT* w[4];
-  for (int r = 0; r < 4; ++r) w[r] = W + std::min(m0 + r, M - 1) * K;  // past the end: recompute the last row
-  const float* xb[BT];
-  for (int b = 0; b < BT; ++b) xb[b] = x + (b0 + b) * ldx;
-  vw acc[BT][4];
-  for (int b = 0; b < BT; ++b)
-    for (int r = 0; r < 4; ++r) acc[b][r] = vw{} ;
+// y[b, 16p + r] = scale[.] * sum_k P[k, r] x[b, k] + bias[.] for the panel P (K, 16), batch rows b < NB.
+// S independent accumulators per batch row over interleaved k (the sum of one row of a small batch would
+// otherwise wait on the multiply-add latency at every k), added in a fixed order at the end.
+template <int NB, int S, typename WT>
+inline void panel_tile(const WT* P, int64_t K, const float* x, int64_t ldx, float acc_out[NB][kPanel]) {
+  v16f acc[S][NB];
+  for (int s = 0; s < S; ++s)
+    for (int b = 0; b < NB; ++b) acc[s][b] = v16f{};
   int64_t k = 0;
-  for (; k + kWidth <= K; k += kWidth) {
-    vw wv[4];
-    for (int r = 0; r < 4; ++r) wv[r] = loadw(w[r] + k);
-    for (int b = 0; b < BT; ++b) {
-      vw xv = loadw(xb[b] + k);
-      for (int r = 0; r < 4; ++r) acc[b][r] += wv[r] * xv;
+  for (; k + S <= K; k += S)
+    for (int s = 0; s < S; ++s) {
+      const v16f w = load16(P + (k + s) * kPanel);
+      for (int b = 0; b < NB; ++b) acc[s][b] += w * x[b * ldx + k + s];
     }
+  for (; k < K; ++k) {
+    const v16f w = load16(P + k * kPanel);
+    for (int b = 0; b < NB; ++b) acc[0][b] += w * x[b * ldx + k];
   }
-  for (int b = 0; b < BT; ++b) {
-    for (int r = 0; r < 4 && m0 + r < M; ++r) {
-      float s = hsumw(acc[b][r]);
-      for (int64_t kk = k; kk < K; ++kk) s += float(w[r][kk]) * xb[b][kk];
-      const int64_t m = m0 + r;
-      if (scale) s *= scale[m];
-      if (bias) s += bias[m];
-      y[(b0 + b) * ldy + m] = s;
-    }
+  for (int b = 0; b < NB; ++b) {
+    v16f sum = acc[0][b];
+    for (int s = 1; s < S; ++s) sum += acc[s][b];
+    std::memcpy(acc_out[b], &sum, sizeof(sum));
   }
 }
 
-template <typename WT>
-void rows4_all_batches(const WT* W, int64_t K, int64_t M, int64_t m0, const float* x, int64_t ldx, int64_t batch,
-                       const float* scale, const float* bias, float* y, int64_t ldy) {
-  int64_t b0 = 0;
-  for (; b0 + 4 <= batch; b0 += 4) rows4<4>(W, K, M, m0, x, ldx, b0, scale, bias, y, ldy);
-  switch (batch - b0) {
-    case 3: rows4<3>(W, K, M, m0, x, ldx, b0, scale, bias, y, ldy); break;
-    case 2: rows4<2>(W, K, M, m0, x, ldx, b0, scale, bias, y, ldy); break;
-    case 1: rows4<1>(W, K, M, m0, x, ldx, b0, scale, bias, y, ldy); break;
-    default: break;
-  }
-}
-
-// A linear map as the kernels see it: weight (M, K) float32 or int8 (then scale (M,)), optional bias (M,).
+// A linear map as the kernels see it: panels (ceil(M / 16), K, 16) float32 or int8 (then scale (M,)),
+// optional bias (M,).
 struct Linear {
-  const void* weight = nullptr;
+  const void* panels = nullptr;
   bool int8 = false;
   const float* scale = nullptr;
   const float* bias = nullptr;
   int64_t M = 0, K = 0;
 };
 
+template <int NB, int S, typename WT>
+inline void panel_rows(const Linear& L, const WT* P, int64_t p, const float* x, int64_t ldx, float* y,
+                       int64_t ldy) {
+  float acc[NB][kPanel];
+  panel_tile<NB, S>(P, L.K, x, ldx, acc);
+  const int64_t m0 = p * kPanel, rows = std::min(kPanel, L.M - m0);
+  for (int b = 0; b < NB; ++b)
+    for (int64_t r = 0; r < rows; ++r) {
+      float v = acc[b][r];
+      if (L.scale) v *= L.scale[m0 + r];
+      if (L.bias) v += L.bias[m0 + r];
+      y[b * ldy + m0 + r] = v;
+    }
+}
+
+// One panel for every batch row, in tiles of 4 rows (4 x 4 accumulators in registers; each weight vector
+// loaded once per tile, from L1/L2 after the first tile). Every tile uses the same 4 accumulator splits, so
+// a row's result does not depend on the batch it is computed in. Measured at 2 threads on the 130M shape:
+// batch 1 streams ~30 GB/s float32 and ~40 GB/s int8; batch 16 runs at ~130-190 GFLOP/s (tiles of 8 or 16
+// rows with fewer splits were no faster at batch 16 and slower at batch 1).
+template <typename WT>
+void panel_all_batches(const Linear& L, int64_t p, const float* x, int64_t ldx, int64_t batch, float* y,
+                       int64_t ldy) {
+  constexpr int S = 4;
+  const WT* P = static_cast<const WT*>(L.panels) + p * L.K * kPanel;
+  int64_t b = 0;
+  for (; b + 4 <= batch; b += 4) panel_rows<4, S>(L, P, p, x + b * ldx, ldx, y + b * ldy, ldy);
+  const float* xb = x + b * ldx;
+  float* yb = y + b * ldy;
+  switch (batch - b) {
+    case 1: panel_rows<1, S>(L, P, p, xb, ldx, yb, ldy); break;
+    case 2: panel_rows<2, S>(L, P, p, xb, ldx, yb, ldy); break;
+    case 3: panel_rows<3, S>(L, P, p, xb, ldx, yb, ldy); break;
+    default: break;
+  }
+}
+
 const float* optional_data(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
-Linear make_linear(const torch::Tensor& weight, const torch::Tensor& scale, const torch::Tensor& bias,
+// weight (M, K) float32 or int8 -> panels (ceil(M / 16), K, 16) of the same dtype, zero-padded rows.
+torch::Tensor pack_weight(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "pack_weight: weight must be an (M, K) matrix, got ", weight.dim(), " dims");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kChar,
+              "pack_weight: weight must be float32 or int8, got ", weight.scalar_type());
+  const int64_t M = weight.size(0), K = weight.size(1), panels = (M + kPanel - 1) / kPanel;
+  auto padded = torch::zeros({panels * kPanel, K}, weight.options());
+  padded.narrow(0, 0, M).copy_(weight);
+  return padded.view({panels, kPanel, K}).transpose(1, 2).contiguous();
+}
+
+// panels as made by pack_weight for a map with M outputs; scale (M,) float32 for int8 panels, else empty.
+Linear make_linear(const torch::Tensor& panels, const torch::Tensor& scale, const torch::Tensor& bias, int64_t M,
                    const char* name) {
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), name, ": weight must be a contiguous (M, K) matrix");
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanel && panels.is_contiguous() &&
+                  panels.size(0) == (M + kPanel - 1) / kPanel,
+              name, ": weight must be the contiguous panels of pack_weight, (", (M + kPanel - 1) / kPanel,
+              ", K, 16) for ", M, " outputs; got ", panels.sizes());
   Linear L;
-  L.M = weight.size(0);
-  L.K = weight.size(1);
-  if (weight.scalar_type() == at::kChar) {
-    TORCH_CHECK(scale.numel() == L.M && scale.scalar_type() == at::kFloat, name,
-                ": int8 weights need a float32 scale of shape (M,)");
+  L.M = M;
+  L.K = panels.size(1);
+  if (panels.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale.numel() == M && scale.scalar_type() == at::kFloat && scale.is_contiguous(), name,
+                ": int8 weights need a float32 scale of shape (", M, ",)");
     L.int8 = true;
-    L.weight = weight.data_ptr<int8_t>();
+    L.panels = panels.data_ptr<int8_t>();
     L.scale = scale.data_ptr<float>();
   } else {
-    TORCH_CHECK(weight.scalar_type() == at::kFloat, name, ": weight must be float32 or int8");
+    TORCH_CHECK(panels.scalar_type() == at::kFloat, name, ": weight must be float32 or int8");
     TORCH_CHECK(scale.numel() == 0, name, ": a float32 weight takes no scale");
-    L.weight = weight.data_ptr<float>();
+    L.panels = panels.data_ptr<float>();
   }
-  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == L.M && bias.scalar_type() == at::kFloat), name,
-              ": bias must be empty or float32 (M,)");
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == M && bias.scalar_type() == at::kFloat && bias.is_contiguous()),
+              name, ": bias must be empty or float32 (", M, ",)");
   L.bias = optional_data(bias);
   return L;
 }
 
-// y (batch, ldy) <- x (batch, ldx) @ W^T: rows spread over threads in blocks of 4 (16 blocks per task at
-// least, so that small maps such as x_proj stay on one thread where a thread switch would cost more).
+Linear make_linear(const std::vector<torch::Tensor>& args, int64_t M, const char* name) {
+  TORCH_CHECK(args.size() == 3, name, ": expected [panels, scale, bias]");
+  return make_linear(args[0], args[1], args[2], M, name);
+}
+
+// y (batch, ldy) <- x (batch, ldx) @ W^T: panels spread over threads, at least 4 per task (64 rows), so that
+// small maps such as x_proj stay on one thread where a thread switch would cost more than the work.
 void apply_linear(const Linear& L, const float* x, int64_t ldx, int64_t batch, float* y, int64_t ldy) {
-  const int64_t blocks = (L.M + 3) / 4;
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+  const int64_t panels = (L.M + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
     FlushDenormalsGuard flush;
-    for (int64_t blk = begin; blk < end; ++blk) {
+    for (int64_t p = begin; p < end; ++p) {
       if (L.int8)
-        rows4_all_batches(static_cast<const int8_t*>(L.weight), L.K, L.M, blk * 4, x, ldx, batch, L.scale, L.bias,
-                          y, ldy);
+        panel_all_batches<int8_t>(L, p, x, ldx, batch, y, ldy);
       else
-        rows4_all_batches(static_cast<const float*>(L.weight), L.K, L.M, blk * 4, x, ldx, batch, L.scale, L.bias,
-                          y, ldy);
+        panel_all_batches<float>(L, p, x, ldx, batch, y, ldy);
     }
   });
 }
@@ -253,13 +291,13 @@ void check_f32(const torch::Tensor& t, const char* name) {
 // ---------------------------------------------------------------------------------------------------------
 // Python entry points
 // ---------------------------------------------------------------------------------------------------------
-void linear_out(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+void linear_out(const torch::Tensor& x, const torch::Tensor& panels, const torch::Tensor& scale,
                 const torch::Tensor& bias, torch::Tensor& out) {
   check_f32(x, "x");
   check_f32(out, "out");
-  Linear L = make_linear(weight, scale, bias, "linear");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == L.K, "x must be (batch, K)");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == L.M, "out must be (batch, M)");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0), "out must be (batch, M) for x of shape ", x.sizes());
+  Linear L = make_linear(panels, scale, bias, out.size(1), "linear");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == L.K, "x must be (batch, ", L.K, "), got ", x.sizes());
   apply_linear(L, x.data_ptr<float>(), L.K, x.size(0), out.data_ptr<float>(), L.M);
 }
 
@@ -310,14 +348,15 @@ void mamba_step(torch::Tensor& h, const torch::Tensor& block_norm, double block_
   for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{
            &x, &conv_weight, &A, &D, &conv_in, &ssm_in, &conv_out, &ssm_out, &xz, &u, &x_dbl, &delta, &y, &out})
     check_f32(*t, "mamba_step tensors");
-  const Linear Lin = make_linear(in_proj[0], in_proj[1], in_proj[2], "in_proj");
-  const Linear Lx = make_linear(x_proj[0], x_proj[1], x_proj[2], "x_proj");
-  const Linear Ldt = make_linear(dt_proj[0], dt_proj[1], dt_proj[2], "dt_proj");
-  const Linear Lout = make_linear(out_proj[0], out_proj[1], out_proj[2], "out_proj");
-  const int64_t batch = x.size(0), d_inner = A.size(0), N = A.size(1), width = conv_weight.size(1);
-  const int64_t R = Ldt.K;
-  TORCH_CHECK(Lin.M == 2 * d_inner && Lx.M == R + 2 * N && Ldt.M == d_inner && Lout.K == d_inner,
-              "mamba_step: inconsistent shapes");
+  TORCH_CHECK(h.dim() == 2, "mamba_step: h must be (batch, d_model)");
+  TORCH_CHECK(dt_proj.size() == 3 && dt_proj[0].dim() == 3, "dt_proj: expected [panels, scale, bias]");
+  const int64_t batch = x.size(0), d_model = h.size(1), d_inner = A.size(0), N = A.size(1);
+  const int64_t width = conv_weight.size(1), R = dt_proj[0].size(1);
+  const Linear Lin = make_linear(in_proj, 2 * d_inner, "in_proj");
+  const Linear Lx = make_linear(x_proj, R + 2 * N, "x_proj");
+  const Linear Ldt = make_linear(dt_proj, d_inner, "dt_proj");
+  const Linear Lout = make_linear(out_proj, d_model, "out_proj");
+  TORCH_CHECK(Lin.K == d_model && Lx.K == d_inner && Lout.K == d_inner, "mamba_step: inconsistent shapes");
   FlushDenormalsGuard flush;
   check_f32(h, "h");
   rmsnorm_rows(h.data_ptr<float>(), block_norm.data_ptr<float>(), float(block_eps), batch, Lin.K, x.data_ptr<float>());
@@ -387,12 +426,13 @@ void mamba2_step(torch::Tensor& h, const torch::Tensor& block_norm, double block
   for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{
            &x, &conv_weight, &dt_bias, &A, &D, &conv_in, &ssm_in, &conv_out, &ssm_out, &zxbcdt, &xbc, &y, &out})
     check_f32(*t, "mamba2_step tensors");
-  const Linear Lin = make_linear(in_proj[0], in_proj[1], in_proj[2], "in_proj");
-  const Linear Lout = make_linear(out_proj[0], out_proj[1], out_proj[2], "out_proj");
-  const int64_t batch = x.size(0), H = A.size(0), P = headdim, G = ngroups, N = ssm_in.size(3);
+  TORCH_CHECK(h.dim() == 2 && ssm_in.dim() == 4, "mamba2_step: h must be (batch, d_model), ssm_in (B, H, P, N)");
+  const int64_t batch = x.size(0), d_model = h.size(1), H = A.size(0), P = headdim, G = ngroups, N = ssm_in.size(3);
   const int64_t d_inner = H * P, conv_dim = d_inner + 2 * G * N, width = conv_weight.size(1);
   const int64_t d_in_proj = 2 * d_inner + 2 * G * N + H;
-  TORCH_CHECK(Lin.M == d_in_proj && Lout.K == d_inner && conv_weight.size(0) == conv_dim,
+  const Linear Lin = make_linear(in_proj, d_in_proj, "in_proj");
+  const Linear Lout = make_linear(out_proj, d_model, "out_proj");
+  TORCH_CHECK(Lin.K == d_model && Lout.K == d_inner && conv_weight.size(0) == conv_dim,
               "mamba2_step: inconsistent shapes");
   FlushDenormalsGuard flush;
   check_f32(h, "h");
@@ -474,7 +514,9 @@ void mamba2_step(torch::Tensor& h, const torch::Tensor& block_norm, double block
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_out", &linear_out, "out <- x @ W^T (* scale) (+ bias); W float32 or int8 (per-row scale)");
+  m.def("pack_weight", &pack_weight, "weight (M, K) float32 or int8 -> panels (ceil(M/16), K, 16), the kernels' layout");
+  m.def("linear_out", &linear_out,
+        "out (B, M) <- x @ W^T (* scale) (+ bias); W as pack_weight's panels, float32 or int8 (per-row scale)");
   m.def("mamba_step", &mamba_step, "one fused Mamba decoding step (state read from *_in, written to *_out)");
   m.def("mamba2_step", &mamba2_step, "one fused Mamba-2 decoding step (state read from *_in, written to *_out)");
 }
