@@ -77,6 +77,29 @@ def test_fused_step_equals_module_step(kernels, variant, batch):
     assert_steps_match(make_model(variant), batch)
 
 
+@pytest.mark.parametrize("name", ["softplus", "silu"])
+def test_vectorised_activations(kernels, name):
+    """The kernels' softplus (dt) and silu (conv output, gate) against torch's in float64, over [-30, 30] and
+    lengths that leave a scalar tail: relative error <= 1e-6 (softplus of very negative x ~ exp(x) keeps it)."""
+    x = torch.cat([torch.linspace(-30.0, 30.0, 6001), torch.tensor([-88.0, -1e-8, 0.0, 1e-8, 19.99, 20.01, 90.0])])
+    got = kernels.activation(name, x).double()
+    want = torch.nn.functional.softplus(x.double()) if name == "softplus" else torch.nn.functional.silu(x.double())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+    with pytest.raises(RuntimeError, match="name must be"):
+        kernels.activation("gelu", x)
+
+
+def test_fused_step_at_extreme_dt(kernels):
+    """softplus and silu are vectorised in the kernels: dt from far below zero (softplus ~ exp, where a naive
+    log(1 + t) loses its relative precision) to above torch's threshold of 20 (softplus(x) = x)."""
+    model = make_model("mamba-odd")
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            bias = layer.mixer.dt_proj.bias
+            bias.copy_(torch.linspace(-14.0, 26.0, bias.numel()))
+    assert_steps_match(model, batch=2)
+
+
 @pytest.mark.parametrize("variant", ["mamba-odd", "mamba2-groups", "mamba2-no-norm"])
 def test_fused_step_equals_module_step_int8(kernels, variant):
     model = quantize(make_model(variant), "int8")

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <xmmintrin.h>
@@ -122,6 +123,50 @@ inline v8f vexp(v8f x) {
 
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+
+// log1p(t) on 8 lanes for t in [0, 1]: 1 + t = 2^e (1 + f) with f in [sqrt(1/2) - 1, sqrt(2) - 1] and
+// log1p(f) = f - f^2/2 + f^3 P(f), P Cephes' logf polynomial (relative error ~1e-7). For t <= sqrt(2) - 1,
+// f = t exactly, so small t keeps its relative precision (softplus of a very negative dt depends on it).
+inline v8f vlog1p_unit(v8f t) {
+  const v8i big = t > splat(0.41421356f);
+  const v8f halved = (t + splat(1.f)) * splat(0.5f) - splat(1.f);  // e = 1: 1 + t = 2 (1 + f)
+  const v8f f = big ? halved : t;
+  const v8f z = f * f;
+  v8f p = splat(7.0376836292e-2f);
+  p = p * f + splat(-1.1514610310e-1f);
+  p = p * f + splat(1.1676998740e-1f);
+  p = p * f + splat(-1.2420140846e-1f);
+  p = p * f + splat(1.4249322787e-1f);
+  p = p * f + splat(-1.6668057665e-1f);
+  p = p * f + splat(2.0000714765e-1f);
+  p = p * f + splat(-2.4999993993e-1f);
+  p = p * f + splat(3.3333331174e-1f);
+  const v8f l = f + (p * f * z - splat(0.5f) * z);
+  return big ? l + splat(0.69314718056f) : l;
+}
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)), and x itself above 20 (torch's threshold), in place.
+inline void softplus_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f v = load8(x + i);
+    const v8f a = v < splat(0.f) ? -v : v;
+    const v8f pos = v > splat(0.f) ? v : splat(0.f);
+    const v8f sp = pos + vlog1p_unit(vexp(-a));
+    store8(x + i, v > splat(20.f) ? v : sp);
+  }
+  for (; i < n; ++i) x[i] = softplus(x[i]);
+}
+
+// silu(x) = x / (1 + exp(-x)), in place.
+inline void silu_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f v = load8(x + i);
+    store8(x + i, v / (splat(1.f) + vexp(-v)));
+  }
+  for (; i < n; ++i) x[i] = silu(x[i]);
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // The matrix-vector kernel on panels of 16 rows
@@ -327,11 +372,21 @@ inline void conv_step(const float* x, const float* state_in, float* state_out, c
     for (int64_t j = 0; j < keep; ++j) acc += wc[j] * s[j];
     acc += wc[keep] * x[c];
     if (bias) acc += bias[c];
-    u[c] = silu(acc);
+    u[c] = acc;
     float* so = state_out + c * keep;
     for (int64_t j = 0; j + 1 < keep; ++j) so[j] = s[j + 1];
     if (keep > 0) so[keep - 1] = x[c];
   }
+  silu_inplace(u, channels);
+}
+
+// Row-wise work of a batch on the intra-op threads, a row per task (a single row stays on this thread).
+template <typename F>
+void for_each_row(int64_t batch, const F& f) {
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    FlushDenormalsGuard flush;
+    for (int64_t b = begin; b < end; ++b) f(b);
+  });
 }
 
 // One residual block around a Mamba mixer: h <- h + mixer(rmsnorm(h)); x receives rmsnorm(h).
@@ -362,12 +417,18 @@ void mamba_step(torch::Tensor& h, const torch::Tensor& block_norm, double block_
   rmsnorm_rows(h.data_ptr<float>(), block_norm.data_ptr<float>(), float(block_eps), batch, Lin.K, x.data_ptr<float>());
   apply_linear(Lin, x.data_ptr<float>(), Lin.K, batch, xz.data_ptr<float>(), 2 * d_inner);
   const float* cb = optional_data(conv_bias);
-  for (int64_t b = 0; b < batch; ++b)
+  for_each_row(batch, [&](int64_t b) {
     conv_step(xz.data_ptr<float>() + b * 2 * d_inner, conv_in.data_ptr<float>() + b * d_inner * (width - 1),
               conv_out.data_ptr<float>() + b * d_inner * (width - 1), conv_weight.data_ptr<float>(), cb, d_inner,
               width, u.data_ptr<float>() + b * d_inner);
+  });
   apply_linear(Lx, u.data_ptr<float>(), d_inner, batch, x_dbl.data_ptr<float>(), R + 2 * N);
   apply_linear(Ldt, x_dbl.data_ptr<float>(), R + 2 * N, batch, delta.data_ptr<float>(), d_inner);  // bias inside
+  // delta <- dt = softplus(delta) and z <- silu(z), in place in the scratch buffers, before the state update
+  for_each_row(batch, [&](int64_t b) {
+    softplus_inplace(delta.data_ptr<float>() + b * d_inner, d_inner);
+    silu_inplace(xz.data_ptr<float>() + b * 2 * d_inner + d_inner, d_inner);
+  });
   const float* Ap = A.data_ptr<float>();
   const float* Dp = D.numel() ? D.data_ptr<float>() : nullptr;
   const float* hin = ssm_in.data_ptr<float>();
@@ -381,7 +442,7 @@ void mamba_step(torch::Tensor& h, const torch::Tensor& block_norm, double block_
     FlushDenormalsGuard flush_inner;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / d_inner, c = i % d_inner;
-      const float dt = softplus(dp[i]);
+      const float dt = dp[i];  // softplus applied above
       const float uc = up[i];
       const float* Bv = xd + b * (R + 2 * N) + R;
       const float* Cv = Bv + N;
@@ -403,7 +464,7 @@ void mamba_step(torch::Tensor& h, const torch::Tensor& block_norm, double block_
         acc += h * Cv[n];
       }
       if (Dp) acc += Dp[c] * uc;
-      yp[i] = acc * silu(xzp[b * 2 * d_inner + d_inner + c]);
+      yp[i] = acc * xzp[b * 2 * d_inner + d_inner + c];  // silu(z) applied above
     }
   });
   apply_linear(Lout, yp, d_inner, batch, out.data_ptr<float>(), Lout.M);
@@ -439,11 +500,13 @@ void mamba2_step(torch::Tensor& h, const torch::Tensor& block_norm, double block
   rmsnorm_rows(h.data_ptr<float>(), block_norm.data_ptr<float>(), float(block_eps), batch, Lin.K, x.data_ptr<float>());
   apply_linear(Lin, x.data_ptr<float>(), Lin.K, batch, zxbcdt.data_ptr<float>(), d_in_proj);
   const float* cb = optional_data(conv_bias);
-  for (int64_t b = 0; b < batch; ++b)
+  for_each_row(batch, [&](int64_t b) {
     conv_step(zxbcdt.data_ptr<float>() + b * d_in_proj + d_inner,
               conv_in.data_ptr<float>() + b * conv_dim * (width - 1),
               conv_out.data_ptr<float>() + b * conv_dim * (width - 1), conv_weight.data_ptr<float>(), cb, conv_dim,
               width, xbc.data_ptr<float>() + b * conv_dim);
+    silu_inplace(zxbcdt.data_ptr<float>() + b * d_in_proj, d_inner);  // z <- silu(z) in the scratch buffer
+  });
   const float* Ap = A.data_ptr<float>();
   const float* dtb = dt_bias.data_ptr<float>();
   const float* Dp = D.numel() ? D.data_ptr<float>() : nullptr;
@@ -482,7 +545,7 @@ void mamba2_step(torch::Tensor& h, const torch::Tensor& block_norm, double block
           acc += s * Cv[n];
         }
         if (Dp) acc += (D_per_channel ? Dp[h * P + p] : Dp[h]) * xv[p];
-        if (norm_mode == 0) acc *= silu(zp[b * d_in_proj + h * P + p]);
+        if (norm_mode == 0) acc *= zp[b * d_in_proj + h * P + p];  // silu(z), applied above
         yp[b * d_inner + h * P + p] = acc;
       }
     }
@@ -494,14 +557,14 @@ void mamba2_step(torch::Tensor& h, const torch::Tensor& block_norm, double block
       float* yb = yp + b * d_inner;
       const float* zb = zp + b * d_in_proj;
       if (norm_mode == 1)
-        for (int64_t c = 0; c < d_inner; ++c) yb[c] *= silu(zb[c]);
+        for (int64_t c = 0; c < d_inner; ++c) yb[c] *= zb[c];
       for (int64_t g0 = 0; g0 < d_inner; g0 += group) {
         double sq = 0.0;
         for (int64_t c = g0; c < g0 + group; ++c) sq += double(yb[c]) * yb[c];
         const float rms = 1.f / std::sqrt(float(sq / group) + float(norm_eps));
         for (int64_t c = g0; c < g0 + group; ++c) {
           float v = yb[c] * rms * w[c];
-          if (norm_mode == 2) v *= silu(zb[c]);
+          if (norm_mode == 2) v *= zb[c];
           yb[c] = v;
         }
       }
@@ -511,9 +574,24 @@ void mamba2_step(torch::Tensor& h, const torch::Tensor& block_norm, double block
   add_into(h.data_ptr<float>(), out.data_ptr<float>(), batch * Lout.M);
 }
 
+// The kernels' vectorised softplus and silu on a tensor (a copy), for tests of their accuracy.
+torch::Tensor activation(const std::string& name, const torch::Tensor& x) {
+  check_f32(x, "x");
+  torch::Tensor y = x.clone();
+  FlushDenormalsGuard flush;
+  if (name == "softplus")
+    softplus_inplace(y.data_ptr<float>(), y.numel());
+  else if (name == "silu")
+    silu_inplace(y.data_ptr<float>(), y.numel());
+  else
+    TORCH_CHECK(false, "activation: name must be 'softplus' or 'silu', got '", name, "'");
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("activation", &activation, "the kernels' vectorised softplus or silu of x (a copy), for tests");
   m.def("pack_weight", &pack_weight, "weight (M, K) float32 or int8 -> panels (ceil(M/16), K, 16), the kernels' layout");
   m.def("linear_out", &linear_out,
         "out (B, M) <- x @ W^T (* scale) (+ bias); W as pack_weight's panels, float32 or int8 (per-row scale)");
