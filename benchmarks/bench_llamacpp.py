@@ -69,7 +69,8 @@ def make_ggufs(model, llama_cpp: Path, workdir: Path, types) -> dict:
 
 
 def llama_decoder(llama_cpp_module, path: Path, prompt: list, threads: int, n_ctx: int):
-    """(decode(first, n) -> (tokens, seconds), first greedy token) for one GGUF file."""
+    """(decode(first, n) -> (tokens, seconds), first greedy token, read_prompt() -> seconds, llm) for one GGUF
+    file."""
     import numpy as np
 
     llm = llama_cpp_module.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
@@ -92,7 +93,12 @@ def llama_decoder(llama_cpp_module, path: Path, prompt: list, threads: int, n_ct
             tokens.append(token)
         return torch.tensor(tokens), (time.perf_counter() - start) / new_tokens  # seconds per token, as decode()
 
-    return run, first, llm
+    def timed_prompt() -> float:
+        start = time.perf_counter()
+        read_prompt()
+        return time.perf_counter() - start
+
+    return run, first, timed_prompt, llm
 
 
 def main(argv=None) -> None:
@@ -126,18 +132,23 @@ def main(argv=None) -> None:
         files = make_ggufs(model, llama_cpp, Path(tmp), args.types)
         sizes = {kind: path.stat().st_size for kind, path in files.items()}
         for kind in args.types:
-            run, first, llm = llama_decoder(llama_cpp_module, files[kind], ids[0].tolist(), args.threads,
-                                            args.prompt + args.new_tokens + 8)
+            run, first, timed_prompt, llm = llama_decoder(llama_cpp_module, files[kind], ids[0].tolist(),
+                                                          args.threads, args.prompt + args.new_tokens + 8)
             run(first, 2)  # warm-up
             best, tokens = float("inf"), None
             for _ in range(args.repeats):
                 tokens, seconds = run(first, args.new_tokens)
                 best = min(best, seconds)
-            results[f"llama.cpp {kind}"] = (tokens, best, first, sizes[kind])
+            prompt_seconds = min(timed_prompt() for _ in range(args.repeats))
+            results[f"llama.cpp {kind}"] = (tokens, best, first, sizes[kind], prompt_seconds)
             del llm
 
     for name, m in (("fused-fp32", model), ("fused-int8", quantized)):
-        logits, state = m.prefill(list(ids), chunk_size=2048)
+        prompt_seconds = float("inf")
+        for _ in range(args.repeats):  # the prompt pass: the layers' parallel forms (int8: dequantised weights)
+            start = time.perf_counter()
+            logits, state = m.prefill(list(ids), chunk_size=2048)
+            prompt_seconds = min(prompt_seconds, time.perf_counter() - start)
         first = logits.argmax(-1)
         step = FusedDecoder(m).step
         decode(step, first, state, 2)
@@ -145,13 +156,14 @@ def main(argv=None) -> None:
         for _ in range(args.repeats):
             tokens, seconds = decode(step, first, state, args.new_tokens)
             best = min(best, seconds)
-        results[f"ssmkit {name}"] = (tokens.reshape(-1), best, int(first), weight_bytes_per_token(m))
+        results[f"ssmkit {name}"] = (tokens.reshape(-1), best, int(first), weight_bytes_per_token(m), prompt_seconds)
 
     reference = results["ssmkit fused-fp32"][0]
     rows = []
-    for name, (tokens, seconds, first, nbytes) in results.items():
+    for name, (tokens, seconds, first, nbytes, prompt_seconds) in results.items():
         ms = seconds * 1e3
         row = dict(peer=name, ms_per_token=ms, tokens_per_s=1e3 / ms, bytes=nbytes,
+                   prompt_tokens_per_s=args.prompt / prompt_seconds,
                    greedy_agreement_with_ssmkit_fp32=float((tokens == reference).float().mean()),
                    first_token=first)
         rows.append(row)
@@ -164,7 +176,8 @@ def main(argv=None) -> None:
             if f"llama.cpp {kind}" in by:
                 ratio = f", {by[f'llama.cpp {kind}']['ms_per_token'] / r['ms_per_token']:.2f}x llama.cpp {kind}"
         size = "GGUF file" if r["peer"].startswith("llama.cpp") else "weights read per token"
-        print(f"  {r['peer']:18} {r['ms_per_token']:7.2f} ms/token {r['tokens_per_s']:7.1f} tok/s  {size} "
+        print(f"  {r['peer']:18} {r['ms_per_token']:7.2f} ms/token {r['tokens_per_s']:7.1f} tok/s  "
+              f"prompt {r['prompt_tokens_per_s']:7.1f} tok/s  {size} "
               f"{r['bytes'] / 1e6:6.1f} MB; greedy = ssmkit fp32: {r['greedy_agreement_with_ssmkit_fp32']:.0%}"
               f"{ratio}", flush=True)
     write_json(args.out, dict(machine=machine_info(args.threads), args=vars(args), rows=rows,
