@@ -48,6 +48,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import torch
+
 from common import RUNS_DIR, markdown_table, parse_args, preset, run_summary, setup, train_for_budget, write_results
 from ssmkit.compare import D_MODEL  # noqa: E402  (common puts src/ on the path when needed)
 from ssmkit.train import ModelSpec  # noqa: E402
@@ -87,7 +89,8 @@ def model_spec(name: str, d_state: int = None) -> ModelSpec:
 
 def one_point(label: str, task_name: str, task_kwargs: dict, spec: ModelSpec, args) -> dict:
     trained = train_for_budget(NAME, label, task_name, task_kwargs, spec, args.budget, batch_size=32, lr=3e-3,
-                               threads=args.threads, seed=args.seed, eval_batches=8, eval_split="test")
+                               threads=args.threads, seed=args.seed, eval_batches=8, eval_split="test",
+                               device=args.device)
     metrics = trained["result"].final_metrics
     summary = run_summary(trained)
     summary.pop("config")
@@ -107,7 +110,7 @@ def needle_sweep(args) -> dict:
             label = f"needle_L{length}_{name}"
             trained = train_for_budget(NEEDLE_NAME, label, "needle_haystack", kwargs, model_spec(name),
                                        args.needle_budget, batch_size=32, lr=3e-3, threads=args.threads,
-                                       seed=args.seed, eval_batches=2, eval_split="test")
+                                       seed=args.seed, eval_batches=2, eval_split="test", device=args.device)
             model = trained["result"].model
             by_depth = {}
             for depth in args.needle_depths:
@@ -183,6 +186,14 @@ def _plot_needle(results: dict, lengths, out) -> None:
     plt.close(fig)
 
 
+def machine(args) -> dict:
+    """``setup``'s description of the machine, with the GPU's name when the points run on one."""
+    described = setup(args.threads)
+    if args.device == "cuda":
+        described["gpu"] = torch.cuda.get_device_name(0)
+    return described
+
+
 def main() -> None:
     def extra(p):
         # each list may be given empty (e.g. "--kv" alone) to skip that sweep: a sweep split over processes
@@ -203,8 +214,12 @@ def main() -> None:
                        help="needle depths scored (0: start of the filler, 1: just before the query)")
         p.add_argument("--needle-budget", type=float, default=45.0, help="seconds of training per needle point")
         p.add_argument("--needle-eval-batches", type=int, default=4, help="test batches of 32 per depth")
+        p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                       help="where every point trains and is scored (the step-time probe too)")
 
     args = parse_args(__doc__, 10.0, MODELS, extra)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False; use --device cpu")
     if args.plot_from:
         import json
 
@@ -213,12 +228,12 @@ def main() -> None:
     if args.needle:
         if args.models == list(MODELS):
             args.models = list(NEEDLE_MODELS)
-        needle_main(args, setup(args.threads))
+        needle_main(args, machine(args))
         return
     if args.quick:
         args.models, args.kv, args.state_sizes, args.copy_lengths = ["mamba", "transformer"], [4], [4], [16]
         args.budget = min(args.budget, 2.0)
-    machine = setup(args.threads)
+    described = machine(args)  # sets the threads before any training
     started = time.perf_counter()
     mqar, state, copy = {}, {}, {}
     for kv in args.kv:
@@ -236,7 +251,7 @@ def main() -> None:
             copy.setdefault(name, {})[str(length)] = one_point(f"copy_L{length}_{name}", "string_copy", kwargs,
                                                                model_spec(name), args)
 
-    results = {"experiment": NAME, "machine": machine, "quiet_machine": False,
+    results = {"experiment": NAME, "machine": described, "quiet_machine": False,
                "budget_per_point_s": args.budget, "batch_size": 32, "lr": 3e-3, "quick": args.quick,
                "mqar_settings": {"vocab_size": MQAR_VOCAB, "length": MQAR_LENGTH, "state_kv": kv},
                "copy_settings": {"vocab_size": COPY_VOCAB},
