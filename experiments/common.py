@@ -98,22 +98,27 @@ def preset(name: str, **overrides) -> ModelSpec:
     return replace(_preset_spec(name), **overrides)
 
 
-def seconds_per_step(task, spec: ModelSpec, batch_size: int, repeats: int = 4, seed: int = 0) -> float:
-    """Median wall time of one optimiser step (forward, loss, backward, AdamW) of a fresh model.
+def seconds_per_step(task, spec: ModelSpec, batch_size: int, repeats: int = 4, seed: int = 0,
+                     device: str = "cpu") -> float:
+    """Median wall time of one optimiser step (forward, loss, backward, AdamW) of a fresh model on ``device``.
 
-    The first step is not counted (it builds caches, e.g. the compiled scan)."""
+    The first step is not counted (it builds caches, e.g. the compiled scan); on a GPU each step is timed
+    to the end of its kernels (synchronised)."""
     from ssmkit.models import from_config
 
     torch.manual_seed(seed)
-    model = from_config(model_config_for(task, spec))
+    model = from_config(model_config_for(task, spec)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times = []
     for i in range(repeats + 1):
-        batch = task.batch("train", 10_000_000 + i, batch_size)
+        batch = task.batch("train", 10_000_000 + i, batch_size).to(device)
+        sync()
         start = time.perf_counter()
         task.loss(forward_batch(model, batch).logits, batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -123,12 +128,12 @@ def train_for_budget(experiment: str, label: str, task_name: str, task_kwargs: D
                      weight_decay: float = 0.1, warmup_fraction: float = 0.1, min_steps: int = 20,
                      max_steps: Optional[int] = None, eval_batches: int = 4, eval_batch_size: Optional[int] = None,
                      eval_split: str = "val", eval_lengths: Sequence[int] = (), task=None,
-                     steps: Optional[int] = None, **train_overrides) -> Dict[str, Any]:
+                     steps: Optional[int] = None, device: str = "cpu", **train_overrides) -> Dict[str, Any]:
     """Train ``spec`` on the task for about ``budget`` seconds and return a summary with the result.
 
     The step count is ``budget / seconds_per_step`` measured just before (at least ``min_steps``, at most
     ``max_steps``), or ``steps`` when given (then ``budget`` is only reported); warm-up is
-    ``warmup_fraction`` of it, then cosine decay. The run writes its logs and
+    ``warmup_fraction`` of it, then cosine decay; both the probe and the run are on ``device``. The run writes its logs and
     final checkpoint to ``outputs/experiments/<experiment>/<label>`` (replaced if present).
 
     Returns a dict: ``result`` (the :class:`~ssmkit.train.TrainResult`, with ``.model``), ``steps``,
@@ -140,7 +145,7 @@ def train_for_budget(experiment: str, label: str, task_name: str, task_kwargs: D
     if task is None:
         task = make_task(task_name, **task_kwargs)
     if steps is None:
-        step_s = seconds_per_step(task, spec, batch_size, seed=seed)
+        step_s = seconds_per_step(task, spec, batch_size, seed=seed, device=device)
         steps = max(min_steps, int(budget / step_s))
         if max_steps is not None:
             steps = min(steps, max_steps)
@@ -154,7 +159,7 @@ def train_for_budget(experiment: str, label: str, task_name: str, task_kwargs: D
                                       warmup_steps=max(1, int(steps * warmup_fraction)), eval_every=0,
                                       eval_batches=eval_batches, eval_batch_size=eval_batch_size,
                                       eval_split=eval_split, eval_lengths=list(eval_lengths), checkpoint_every=0,
-                                      out_dir=str(out_dir), seed=seed, threads=threads, device="cpu",
+                                      out_dir=str(out_dir), seed=seed, threads=threads, device=device,
                                       progress=False, tensorboard=False, log_every=max(1, steps // 20),
                                       **train_overrides))
     print(f"[{label}] {step_s * 1e3:.0f} ms/step -> {steps} steps of batch {batch_size} "

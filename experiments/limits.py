@@ -6,9 +6,12 @@
     OMP_NUM_THREADS=2 python experiments/limits.py --needle --threads 2          # needle sweep: 12 points x 45 s
     OMP_NUM_THREADS=1 python experiments/limits.py --needle --quick              # its smoke run
     ssmkit compare --task limits_needle                            # one needle point as the main job
+    python experiments/limits.py --device cuda --batch-size 64 --steps 4000 --kv 4 16 --state-kv 16 --copy-lengths
+                                                                   # MQAR on a GPU (one process per point: README)
 
-Two sweeps (and a third with ``--needle``), every model the ``ssmkit compare`` preset (2 layers, d_model 64) trained for ``--budget``
-seconds per point (batch 32, lr 3e-3, warm-up + cosine) and scored on held-out examples:
+Two sweeps (and a third with ``--needle``), every model the ``ssmkit compare`` preset (2 layers, d_model 64)
+trained for ``--budget`` seconds (or ``--steps``) per point (batch ``--batch-size``, default 32; lr 3e-3, warm-up
+then cosine) and scored on held-out examples:
 
 * **Multi-query associative recall** (Zoology, Arora et al. 2023, arXiv 2312.04927): L = 128, vocabulary 512,
   ``--kv`` key-value pairs (4, 16, 32) all queried later; accuracy over the answers. Models: Mamba, Mamba-2,
@@ -29,7 +32,7 @@ number of steps each budget bought.
 * **Needle in a haystack on the bytes LM** (``--needle``, run on its own): the ``needle_haystack`` task, a
   line ``STX key=value ETX`` (4 letters, 4 digits) hidden at a random depth of standard-library source
   bytes, then ``ENQ key=`` and the value to reproduce (:mod:`ssmkit.tasks.needle`). Mamba, attention
-  (transformer) and the Mamba/attention hybrid are each trained ``--needle-budget`` seconds (batch 32) at
+  (transformer) and the Mamba/attention hybrid are each trained ``--needle-budget`` seconds (batch ``--batch-size``) at
   every context length in ``--needle-lengths`` (128, 256, 512, 1024 bytes) and scored on test filler with the
   needle at depths 0, 0.25, 0.5, 0.75 and 1 (0: the first bytes, farthest from the query): accuracy over the
   value digits and exact match of the whole value (chance 1e-4). Each length is trained on its own, so no
@@ -47,6 +50,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+
+import torch
 
 from common import RUNS_DIR, markdown_table, parse_args, preset, run_summary, setup, train_for_budget, write_results
 from ssmkit.compare import D_MODEL  # noqa: E402  (common puts src/ on the path when needed)
@@ -86,8 +91,9 @@ def model_spec(name: str, d_state: int = None) -> ModelSpec:
 
 
 def one_point(label: str, task_name: str, task_kwargs: dict, spec: ModelSpec, args) -> dict:
-    trained = train_for_budget(NAME, label, task_name, task_kwargs, spec, args.budget, batch_size=32, lr=3e-3,
-                               threads=args.threads, seed=args.seed, eval_batches=8, eval_split="test")
+    trained = train_for_budget(NAME, label, task_name, task_kwargs, spec, args.budget, batch_size=args.batch_size,
+                               lr=3e-3, threads=args.threads, seed=args.seed, eval_batches=8, eval_split="test",
+                               device=args.device, steps=args.steps)
     metrics = trained["result"].final_metrics
     summary = run_summary(trained)
     summary.pop("config")
@@ -106,8 +112,9 @@ def needle_sweep(args) -> dict:
         for name in args.models:
             label = f"needle_L{length}_{name}"
             trained = train_for_budget(NEEDLE_NAME, label, "needle_haystack", kwargs, model_spec(name),
-                                       args.needle_budget, batch_size=32, lr=3e-3, threads=args.threads,
-                                       seed=args.seed, eval_batches=2, eval_split="test")
+                                       args.needle_budget, batch_size=args.batch_size, lr=3e-3, threads=args.threads,
+                                       seed=args.seed, eval_batches=2, eval_split="test", device=args.device,
+                                       steps=args.steps)
             model = trained["result"].model
             by_depth = {}
             for depth in args.needle_depths:
@@ -146,7 +153,8 @@ def needle_main(args, machine: dict) -> None:
     for title, table in tables.items():
         print(f"\n{title}\n{table}")
     write_results(NEEDLE_NAME, {"experiment": NEEDLE_NAME, "machine": machine, "quiet_machine": False,
-                                "budget_per_point_s": args.needle_budget, "batch_size": 32, "lr": 3e-3,
+                                "budget_per_point_s": None if args.steps else args.needle_budget,
+                                "steps_per_point": args.steps, "batch_size": args.batch_size, "lr": 3e-3,
                                 "quick": args.quick,
                                 "task": {"name": "needle_haystack", "key_len": NEEDLE_KEY_LEN,
                                          "value_len": NEEDLE_VALUE_LEN, "filler": "standard-library sources"},
@@ -183,6 +191,14 @@ def _plot_needle(results: dict, lengths, out) -> None:
     plt.close(fig)
 
 
+def machine(args) -> dict:
+    """``setup``'s description of the machine, with the GPU's name when the points run on one."""
+    described = setup(args.threads)
+    if args.device == "cuda":
+        described["gpu"] = torch.cuda.get_device_name(0)
+    return described
+
+
 def main() -> None:
     def extra(p):
         # each list may be given empty (e.g. "--kv" alone) to skip that sweep: a sweep split over processes
@@ -203,8 +219,22 @@ def main() -> None:
                        help="needle depths scored (0: start of the filler, 1: just before the query)")
         p.add_argument("--needle-budget", type=float, default=45.0, help="seconds of training per needle point")
         p.add_argument("--needle-eval-batches", type=int, default=4, help="test batches of 32 per depth")
+        p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                       help="where every point trains and is scored (the step-time probe too)")
+        p.add_argument("--batch-size", type=int, default=32,
+                       help="training batch (on a GPU a small model's step costs about the same at 256)")
+        p.add_argument("--steps", type=int, default=None,
+                       help="train every point this many steps instead of --budget (--needle-budget) seconds: "
+                            "equal data for every model, and for processes sharing one GPU, where a step time "
+                            "probed at the start misjudges the load")
 
     args = parse_args(__doc__, 10.0, MODELS, extra)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps must be >= 1; got {args.steps}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False; use --device cpu")
     if args.plot_from:
         import json
 
@@ -213,12 +243,12 @@ def main() -> None:
     if args.needle:
         if args.models == list(MODELS):
             args.models = list(NEEDLE_MODELS)
-        needle_main(args, setup(args.threads))
+        needle_main(args, machine(args))
         return
     if args.quick:
         args.models, args.kv, args.state_sizes, args.copy_lengths = ["mamba", "transformer"], [4], [4], [16]
         args.budget = min(args.budget, 2.0)
-    machine = setup(args.threads)
+    described = machine(args)  # sets the threads before any training
     started = time.perf_counter()
     mqar, state, copy = {}, {}, {}
     for kv in args.kv:
@@ -236,8 +266,9 @@ def main() -> None:
             copy.setdefault(name, {})[str(length)] = one_point(f"copy_L{length}_{name}", "string_copy", kwargs,
                                                                model_spec(name), args)
 
-    results = {"experiment": NAME, "machine": machine, "quiet_machine": False,
-               "budget_per_point_s": args.budget, "batch_size": 32, "lr": 3e-3, "quick": args.quick,
+    results = {"experiment": NAME, "machine": described, "quiet_machine": False,
+               "budget_per_point_s": None if args.steps else args.budget, "steps_per_point": args.steps,
+               "batch_size": args.batch_size, "lr": 3e-3, "quick": args.quick,
                "mqar_settings": {"vocab_size": MQAR_VOCAB, "length": MQAR_LENGTH, "state_kv": kv},
                "copy_settings": {"vocab_size": COPY_VOCAB},
                "mqar": mqar, "mqar_state_size": state, "string_copy": copy}
@@ -256,6 +287,13 @@ def main() -> None:
                    runs_dir=str(RUNS_DIR / NAME))
     write_results(NAME, results, args.out)
     plot_limits(results, args.out)
+
+
+def per_point(results: dict) -> str:
+    """How much training each point of a results JSON had: fixed steps (``--steps``) or a time budget."""
+    if results.get("steps_per_point"):
+        return f"{results['steps_per_point']} steps of batch {results.get('batch_size', '?')} per point"
+    return f"{results.get('budget_per_point_s', '?')} s per point"
 
 
 def plot_limits(results: dict, out=None) -> None:
@@ -290,7 +328,7 @@ def plot_limits(results: dict, out=None) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test accuracy")
-    fig.suptitle(f"Where a fixed state falls short ({results.get('budget_per_point_s', '?')} s per point)", fontsize=9)
+    fig.suptitle(f"Where a fixed state falls short ({per_point(results)})", fontsize=9)
     fig.tight_layout()
     save_figure(fig, NAME, out)
     plt.close(fig)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,32 @@ def test_needle_quick_run_writes_its_results(tmp_path):
     except ImportError:
         return
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def _limits_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import limits
+
+    return limits
+
+
+def test_every_point_trains_on_the_requested_device_for_the_requested_steps(monkeypatch):
+    limits = _limits_module(monkeypatch)
+    seen = {}
+
+    def fake_train(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")  # only the arguments matter
+
+    monkeypatch.setattr(limits, "train_for_budget", fake_train)
+    args = SimpleNamespace(budget=5.0, batch_size=64, threads=1, seed=0, device="cuda", steps=4000)
+    with pytest.raises(RuntimeError, match="stop here"):
+        limits.one_point("mqar_kv4_mamba", "mqar", {}, limits.model_spec("mamba"), args)
+    assert (seen["device"], seen["steps"], seen["batch_size"]) == ("cuda", 4000, 64)
+
+
+def test_per_point_names_fixed_steps_or_the_time_budget(monkeypatch):
+    limits = _limits_module(monkeypatch)
+    assert limits.per_point({"steps_per_point": 4000, "batch_size": 64, "budget_per_point_s": None}) \
+        == "4000 steps of batch 64 per point"
+    assert limits.per_point({"steps_per_point": None, "budget_per_point_s": 90.0}) == "90.0 s per point"
