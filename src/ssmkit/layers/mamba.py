@@ -249,12 +249,14 @@ class Mamba(Mixer):
         ssm_state = state[self.state_key("ssm")] if state is not None else None
 
         # Channel-first (B, channels, L) throughout, as mamba_ssm does: the scan reads (B, d_inner, L) rows
-        # contiguously, and W @ x^T products produce that layout (project() follows whatever layout xz has).
-        # Channel-last activations (F.linear on (B, L, .) memory, the C++ scan reading strided rows) were
-        # measured slower on the 2-core CPU at d_model 768, L 1024, 2 threads: forward 88 ms vs 69 ms, as each
-        # strided row read touches L different pages; a scan reading blocks of channels at once would be needed.
-        # On CUDA the product is made with time fastest (see _in_proj_time_fastest).
-        xz = self._in_proj_time_fastest(x) if x.is_cuda else torch.matmul(self.in_proj.weight, x.transpose(1, 2))
+        # contiguously, and the in_proj product is made with time fastest (_in_proj_time_fastest: one
+        # W @ x^T product, no copy; project() follows whatever layout xz has). Channel-last activations (F.linear
+        # on (B, L, .) memory, the C++ scan reading strided rows) were measured slower on the 2-core CPU at
+        # d_model 768, L 1024, 2 threads: forward 88 ms vs 69 ms, as each strided row read touches L different
+        # pages. torch.matmul(W, x^T) computed x W^T and then copied it to channel-first (8.6 ms of a 60 ms
+        # forward); the single product is 60.4 -> 53.4 ms forward, 165 -> 155 ms forward + backward (batch 1;
+        # 263 -> 229 and 731 -> 648 ms at batch 4), measured 2026-12-04, 2 threads.
+        xz = self._in_proj_time_fastest(x)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         y, conv_final, ssm_final = self._run_core(
@@ -300,7 +302,8 @@ class Mamba(Mixer):
     def _in_proj_time_fastest(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, d_model) -> in_proj(x) as (B, 2 d_inner, L) with time the fastest axis (stride 1).
 
-        One (2 d_inner, d_model) x (d_model, B L) product, viewed per batch row (mamba_ssm's layout). On a
+        One (2 d_inner, d_model) x (d_model, B L) product, viewed per batch row (mamba_ssm's layout). On the
+        CPU it saves the copy that ``torch.matmul(W, x^T)`` makes of its channel-last result. On a
         GPU this matters: ``torch.matmul(W, x^T)`` returns the product channel-last (time strided by
         2 d_inner), so the scan's loads along time, of u and z here and of everything projected from u
         after, are uncoalesced; with time fastest the later x_proj / dt_proj products keep it so (batched
