@@ -1,7 +1,9 @@
 """Generation on the CPU: ssmkit Mamba vs transformers' Mamba vs Transformers with a KV cache.
 
 Models of the 130M shape, random weights (shared where the architecture is the same):
-  ssmkit-mamba        ssmkit SSMModel, 24 Mamba layers, d_model 768, vocab 50280
+  ssmkit-mamba        ssmkit SSMModel, 24 Mamba layers, d_model 768, vocab 50280 (module step: generate()'s
+                      default on a CPU)
+  ssmkit-mamba-fused  the same model and weights, decoded by the fused C++ step (generate(decode_backend="auto"))
   hf-mamba            transformers MambaForCausalLM (torch path), same weights
   ssmkit-transformer  ssmkit SSMModel, 12 attention layers + gated MLPs, d_model 768 (about the same size)
   hf-gpt2             transformers GPT2LMHeadModel, 12 layers, d_model 768 (124M), KV cache
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory, machine_info, setup, write_json  # noqa: E402
 
 from ssmkit.models import ModelConfig, SSMModel  # noqa: E402
+from ssmkit.models.decoding import fused_decoder  # noqa: E402
 
 VOCAB = 50280
 
@@ -51,16 +54,21 @@ def build(name: str, mamba: SSMModel | None):
 
 
 @torch.no_grad()
-def run_ssmkit(model: SSMModel, ids: torch.Tensor, new_tokens: int, chunk: int):
+def run_ssmkit(model: SSMModel, ids: torch.Tensor, new_tokens: int, chunk: int, fused: bool = False):
     start = time.perf_counter()
     logits, state = model.prefill(list(ids), chunk_size=chunk)
     prefill = time.perf_counter() - start
     token = logits.argmax(-1)
+    step = fused_decoder(model).step if fused else model.step  # the decoder generate(decode_backend="auto") uses
     start = time.perf_counter()
     for _ in range(new_tokens):
-        logits, state = model.step(token, state)
+        logits, state = step(token, state)
         token = logits.argmax(-1)
     return prefill, (time.perf_counter() - start) / new_tokens
+
+
+def run_ssmkit_fused(model: SSMModel, ids: torch.Tensor, new_tokens: int, chunk: int):
+    return run_ssmkit(model, ids, new_tokens, chunk, fused=True)
 
 
 @torch.no_grad()
@@ -87,7 +95,8 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, chunk: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["ssmkit-mamba", "hf-mamba", "ssmkit-transformer", "hf-gpt2"])
+    parser.add_argument("--models", nargs="+", default=["ssmkit-mamba", "ssmkit-mamba-fused", "hf-mamba",
+                                                        "ssmkit-transformer", "hf-gpt2"])
     parser.add_argument("--prompts", nargs="+", type=int, default=[512, 4096, 16384])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -101,12 +110,14 @@ def main(argv=None):
     setup(args.threads)
     limits = {k: int(v) for k, v in (item.split("=") for item in args.max_prompt)}
     print(f"threads {args.threads}, batch {args.batch}, {args.new_tokens} new tokens, torch {torch.__version__}")
-    mamba = build("ssmkit-mamba", None) if ("ssmkit-mamba" in args.models or "hf-mamba" in args.models) else None
+    shares_mamba = {"ssmkit-mamba", "ssmkit-mamba-fused", "hf-mamba"}
+    mamba = build("ssmkit-mamba", None) if shares_mamba & set(args.models) else None
     rows = []
     for name in args.models:
-        model = mamba if name == "ssmkit-mamba" else build(name, mamba)
+        model = mamba if name in ("ssmkit-mamba", "ssmkit-mamba-fused") else build(name, mamba)
         params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        runner = run_ssmkit if name.startswith("ssmkit") else run_hf
+        runner = (run_ssmkit_fused if name == "ssmkit-mamba-fused" else
+                  run_ssmkit if name.startswith("ssmkit") else run_hf)
         runner(model, torch.randint(0, VOCAB, (args.batch, 32)), 4, args.chunk)  # warm-up (first-call costs)
         for length in args.prompts:
             if length > limits.get(name, 1 << 30):
@@ -120,7 +131,7 @@ def main(argv=None):
             rows.append(row)
             print(f"  {name:19} prompt {length:6}: prefill {row['prefill_tok_s']:8.0f} tok/s, decode "
                   f"{row['decode_ms']:7.1f} ms/token, peak +{row['peak_mb']:6.0f} MB", flush=True)
-        if name != "ssmkit-mamba":
+        if model is not mamba:
             del model
     write_json(args.out, dict(machine=machine_info(args.threads), args=vars(args), rows=rows))
     _plot(rows, args.plot)
