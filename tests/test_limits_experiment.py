@@ -42,6 +42,10 @@ def test_needle_quick_run_writes_its_results(tmp_path):
 
 
 def _limits_module(monkeypatch):
+    # experiments/ and benchmarks/ each have a module named "common": drop whichever another test imported
+    # (monkeypatch puts it back afterwards), so that limits.py gets the experiments' one
+    for name in ("common", "limits"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.syspath_prepend(str(REPO / "experiments"))
     import limits
 
