@@ -11,7 +11,10 @@ very same tensors, through ssmkit's converters):
   nemotron_h  d_model 2048, 8 layers "M-M*M-M-": Mamba-2 (64 heads of 64, 8 groups, N 128), one attention
               layer, relu^2 MLP-only layers
 
-For each prompt length and each side, one greedy generation of 1 + N tokens through the side's own
+Sides: transformers; ssmkit's ``generate`` with its default step on a CPU (each layer's PyTorch step); and
+``ssmkit-packed``, the same step with every linear map on the C++ matrix-vector kernel
+(``decode_backend="packed"``, what ``"auto"`` picks for these models). For each prompt length and each side,
+one greedy generation of 1 + N tokens through the side's own
 ``generate`` with a streamer that stamps each token: prefill tokens/s from the time to the first token (the
 prompt pass keeps the state or cache and computes the last position's logits only), decode ms/token from the
 gaps between the following tokens, and the peak resident memory growth of that generation.
@@ -92,6 +95,9 @@ def runners(ours, hf) -> dict:
     """side -> generate(ids, n, streamer): n greedy tokens, each handed to the streamer as it is made."""
     return {
         "ssmkit": lambda ids, n, streamer: ours.generate(ids, max_new_tokens=n, streamer=streamer),
+        # the same model, every linear map of the step on the C++ matrix-vector kernel (decode_backend="auto")
+        "ssmkit-packed": lambda ids, n, streamer: ours.generate(ids, max_new_tokens=n, streamer=streamer,
+                                                                decode_backend="packed"),
         "transformers": lambda ids, n, streamer: hf.generate(ids, max_new_tokens=n, min_new_tokens=n,
                                                              do_sample=False, streamer=streamer),
     }
@@ -155,12 +161,13 @@ def main(argv=None):
                 row = dict(type=model_type, side=side, params=params, prompt=length, prefill_tok_s=length / prefill,
                            decode_ms=decode * 1e3, peak_mb=peak)
                 rows.append(row)
-                print(f"  {model_type:11} {side:12} prompt {length:6}: prefill {row['prefill_tok_s']:8.0f} tok/s, "
+                print(f"  {model_type:11} {side:13} prompt {length:6}: prefill {row['prefill_tok_s']:8.0f} tok/s, "
                       f"decode {row['decode_ms']:7.1f} ms/token, peak +{peak:6.0f} MB", flush=True)
-            if not torch.equal(tokens["ssmkit"], tokens["transformers"]):
-                mismatches.append(f"{model_type} prompt {length}")
-                print(f"  {model_type:11} prompt {length}: greedy tokens differ: {tokens['ssmkit'].tolist()} vs "
-                      f"{tokens['transformers'].tolist()}", flush=True)
+            for side in ("ssmkit", "ssmkit-packed"):
+                if not torch.equal(tokens[side], tokens["transformers"]):
+                    mismatches.append(f"{model_type} {side} prompt {length}")
+                    print(f"  {model_type:11} prompt {length}: greedy tokens differ: {side} {tokens[side].tolist()} "
+                          f"vs {tokens['transformers'].tolist()}", flush=True)
         del hf, ours, sides  # free this type's models before the next is built
     write_json(args.out, dict(machine=machine_info(args.threads), args=vars(args), rows=rows, mismatches=mismatches))
     print(f"written {args.out}" + (f"; greedy tokens differ for {mismatches}" if mismatches else

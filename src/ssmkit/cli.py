@@ -283,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="quantise the weights before generating (per-channel int8; see ssmkit.quantize)")
-    p.add_argument("--decode-backend", choices=["auto", "fused", "module"], default="auto",
-                   help="how each new token runs: fused C++ layer steps, the PyTorch module step, or auto "
-                        "(fused where supported; the choice is printed on stderr)")
+    p.add_argument("--decode-backend", choices=["auto", "fused", "packed", "module"], default="auto",
+                   help="how each new token runs: fused C++ layer steps (Mamba, Mamba-2), packed (the module "
+                        "step with every linear map on the C++ kernel: any model), the PyTorch module step, or "
+                        "auto (fused, else packed, where supported; the choice is printed on stderr)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="the main job: train several architectures on one task and compare them")

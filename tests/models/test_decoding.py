@@ -208,14 +208,71 @@ def test_fused_decoder_is_kept_until_a_weight_changes(kernels):
     assert torch.equal(pickle.loads(pickle.dumps(model)).generate(prompts, 6, decode_backend="fused").sequences, got)
 
 
+def make_hybrid():
+    """Mamba, attention (KV cache), Mamba-2; gated MLPs and an MoE layer; biases on the attention projections."""
+    model = ssmkit.from_config(dict(d_model=32, n_layers=4, vocab_size=61, mixer=["mamba", "attention", "mamba2",
+                                                                                   "attention"],
+                                    mixer_kwargs={"attention": dict(n_heads=4, bias=True),
+                                                  "mamba2": dict(headdim=8, d_state=8)},
+                                    mlp=["gated", "moe", "none", "gated"], num_experts=4, top_k=2)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("D", "dt_bias", "bias", "norm.weight")) or "A_log" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_packed_step_equals_module_step(kernels, int8):
+    """Any model's step with every linear map on the panel kernel == its module step (hybrid with attention,
+    MLPs and MoE; int8 weights too), and the model is left as it was (no forward replaced after the step)."""
+    model = make_hybrid()
+    if int8:
+        quantize(model, "int8")
+    batch = 3
+    ids = torch.randint(0, 61, (batch, 7))
+    state = model(ids, return_state=True).state
+    packed = decoding.PackedDecoder(model)
+    packed_state = state
+    for _ in range(3):
+        token = torch.randint(0, 61, (batch,))
+        want_logits, want_state = model.step(token, state)
+        got_logits, got_state = packed.step(token, packed_state)
+        torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+        for want_layer, got_layer in zip(want_state, got_state):
+            for key in want_layer:
+                torch.testing.assert_close(got_layer[key], want_layer[key], atol=1e-5, rtol=1e-5)
+        state, packed_state = want_state, got_state
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    # the kernel did run: a changed packed weight changes the step's logits (the module step does not see it)
+    packed._linears[-1][1][0].neg_()  # the LM head's panels
+    assert not torch.allclose(packed.step(token, state)[0], model.step(token, state)[0], atol=1e-3)
+
+
+def test_generate_auto_packs_a_hybrid(kernels):
+    model = make_hybrid()
+    prompts = torch.randint(0, 61, (2, 6))
+    want = model.generate(prompts, 12, decode_backend="module").sequences
+    got = model.generate(prompts, 12, decode_backend="auto").sequences
+    assert model.last_decode_backend == "packed" and "not fused" in model.last_decode_backend_reason
+    assert torch.equal(got, want)
+    assert decoding.packed_decoder(model) is decoding.packed_decoder(model)
+    assert "_packed_decoder" not in copy.deepcopy(model).__dict__
+
+
 def test_decode_backend_choice_is_explicit(monkeypatch):
     model = ssmkit.from_config(dict(d_model=16, n_layers=2, vocab_size=11, mixer="attention"))
     with pytest.raises(ValueError, match="decode_backend must be one of"):
         model.generate(torch.tensor([[1, 2]]), 2, decode_backend="fast")
     with pytest.raises(ValueError, match="decode_backend='fused'.*Attention"):
         model.generate(torch.tensor([[1, 2]]), 2, decode_backend="fused")
-    model.generate(torch.tensor([[1, 2]]), 2, decode_backend="auto")
-    assert model.last_decode_backend == "module" and "Attention" in model.last_decode_backend_reason
+    model.generate(torch.tensor([[1, 2]]), 2, decode_backend="auto")  # not fused (attention): packed linear maps
+    assert model.last_decode_backend == "packed" and "Attention" in model.last_decode_backend_reason
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="decode_backend='packed'.*float32"):
+        half.generate(torch.tensor([[1, 2]]), 2, decode_backend="packed")
+    half.generate(torch.tensor([[1, 2]]), 2, decode_backend="auto")
+    assert half.last_decode_backend == "module" and "float32" in half.last_decode_backend_reason
     # a machine without a compiler: "auto" says so, "fused" raises with the build error
     mamba = make_model("mamba-odd")
     monkeypatch.setattr(cpp, "is_available", lambda: False)

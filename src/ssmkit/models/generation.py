@@ -126,7 +126,7 @@ class GenerationMixin:
 
     #: decoders ``generate`` keeps on the model between calls (models/decoding.py); a copy or pickle of the
     #: model leaves them out (they hold compiled kernels, packed weights and CUDA graphs, rebuilt when needed)
-    _decoder_caches = ("_fused_decoder", "_cuda_graph_decoder")
+    _decoder_caches = ("_fused_decoder", "_packed_decoder", "_cuda_graph_decoder")
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -177,7 +177,7 @@ class GenerationMixin:
                         decode_backend: Optional[str] = None,
                         _result: Optional[dict] = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, (B,), as soon as it is chosen (see ``generate``)."""
-        from .decoding import fused_decoder, graph_decoder, resolve_decode_backend
+        from .decoding import fused_decoder, graph_decoder, packed_decoder, resolve_decode_backend
 
         if self.config.head != "lm":
             raise ValueError(f"generate needs a language-model head; this model's head is {self.config.head!r}")
@@ -195,7 +195,8 @@ class GenerationMixin:
                                        f"({type(error).__name__}: {error})") from error
                 backend, why = "module", f"{why}, but the step could not be captured ({type(error).__name__}: {error})"
         if backend != "cuda_graph":
-            step = fused_decoder(self).step if backend == "fused" else self.step
+            step = {"fused": lambda: fused_decoder(self).step, "packed": lambda: packed_decoder(self).step}.get(
+                backend, lambda: self.step)()
         self.last_decode_backend, self.last_decode_backend_reason = backend, why
         # the CUDA-graph decoder updates its state in place: finished rows are saved when they finish instead
         in_place = backend == "cuda_graph"
@@ -285,7 +286,8 @@ class GenerationMixin:
             return_state: return the state after the last generated token, to continue later.
             decode_backend: how each new token runs through the model (execution only: the tokens do not
                 depend on it): None (the default: "cuda_graph" for a supported model on a GPU, else
-                "module"), "module" (``model.step``), "fused" (one C++ call per layer on the CPU),
+                "module"), "module" (``model.step``), "fused" (one C++ call per layer on the CPU: Mamba,
+                Mamba-2), "packed" (``model.step`` with every linear map on the same C++ kernel: any CPU model),
                 "cuda_graph" (the whole step replayed from one CUDA graph) or "auto" (the fast path of the
                 device where supported); see :mod:`ssmkit.models.decoding`. Afterwards
                 ``model.last_decode_backend`` and ``model.last_decode_backend_reason`` say which ran and why.
