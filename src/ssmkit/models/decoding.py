@@ -99,7 +99,16 @@ def _weight_versions(model) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
-class FusedDecoder:
+class _PackedWeights:
+    """A decoder that holds packed copies of ``self.model``'s weights, taken when ``self._versions`` was set."""
+
+    def stale(self) -> bool:
+        """Whether a parameter or buffer of the model was replaced or changed in place since the decoder was
+        built (its packed weights would then be out of date)."""
+        return _weight_versions(self.model) != self._versions
+
+
+class FusedDecoder(_PackedWeights):
     """``step(ids, state) -> (logits (B, V_padded), new_state)`` like ``SSMModel.step``, with fused kernels.
 
     A snapshot of the model's weights: every linear map's weight is copied once into the kernels' panel
@@ -145,11 +154,6 @@ class FusedDecoder:
             self.layers.append(entry)
         self.head = _linear_args(ext, model.lm_head)
         self._batch = None
-
-    def stale(self) -> bool:
-        """Whether a parameter or buffer of the model was replaced or changed in place since the decoder was
-        built (its packed weights would then be out of date)."""
-        return _weight_versions(self.model) != self._versions
 
     def _allocate(self, batch: int) -> None:
         model = self.model
@@ -239,7 +243,7 @@ def packed_support(model) -> Optional[str]:
     return None
 
 
-class PackedDecoder:
+class PackedDecoder(_PackedWeights):
     """``step(ids, state) -> (logits, new_state)``: the model's own ``step`` (any mixers, MLPs, MoE, attention
     with its KV cache), with every linear map (``nn.Linear``, :class:`~ssmkit.models.quantization.Int8Linear`)
     computed by the fused decoder's matrix-vector kernel on weights packed into its panels.
@@ -268,14 +272,9 @@ class PackedDecoder:
         self._linears = [(module, _linear_args(self.ext, module), module.out_features)
                          for module in model.modules() if type(module) in (nn.Linear, Int8Linear)]
 
-    def stale(self) -> bool:
-        """Whether a parameter or buffer of the model was replaced or changed in place since the decoder was
-        built (its packed weights would then be out of date)."""
-        return _weight_versions(self.model) != self._versions
-
     def _linear(self, module, args, out_features, x):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if x.dtype != torch.float32 or not 0 < rows <= self.max_rows or torch.is_grad_enabled() and x.requires_grad:
+        if x.dtype != torch.float32 or not 0 < rows <= self.max_rows:  # (step runs without autograd)
             return type(module).forward(module, x)
         out = torch.empty(rows, out_features)
         self.ext.linear_out(x.reshape(rows, x.shape[-1]).contiguous(), *args, out)
@@ -402,33 +401,30 @@ class CUDAGraphDecoder:
         return logits, own_state
 
 
+def _cached_decoder(model, key: str, make):
+    """The decoder kept in ``model.__dict__[key]`` (left out of copies and pickles: GenerationMixin), built
+    again with ``make(model)`` when there is none or it is ``stale()``."""
+    decoder = model.__dict__.get(key)
+    if decoder is None or decoder.stale():
+        model.__dict__.pop(key, None)  # free the old decoder (packed weights, graphs) before building the new one
+        decoder = make(model)
+        model.__dict__[key] = decoder
+    return decoder
+
+
 def fused_decoder(model) -> FusedDecoder:
     """The model's cached :class:`FusedDecoder` (a new one when a weight changed since it was built)."""
-    decoder = model.__dict__.get("_fused_decoder")
-    if decoder is None or decoder.stale():
-        model.__dict__.pop("_fused_decoder", None)  # free the old packed weights before packing new ones
-        decoder = FusedDecoder(model)
-        model.__dict__["_fused_decoder"] = decoder
-    return decoder
+    return _cached_decoder(model, "_fused_decoder", FusedDecoder)
 
 
 def packed_decoder(model) -> PackedDecoder:
     """The model's cached :class:`PackedDecoder` (a new one when a weight changed since it was built)."""
-    decoder = model.__dict__.get("_packed_decoder")
-    if decoder is None or decoder.stale():
-        model.__dict__.pop("_packed_decoder", None)  # free the old packed weights before packing new ones
-        decoder = PackedDecoder(model)
-        model.__dict__["_packed_decoder"] = decoder
-    return decoder
+    return _cached_decoder(model, "_packed_decoder", PackedDecoder)
 
 
 def graph_decoder(model) -> CUDAGraphDecoder:
     """The model's cached :class:`CUDAGraphDecoder` (a new one when the parameters were replaced)."""
-    decoder = model.__dict__.get("_cuda_graph_decoder")
-    if decoder is None or decoder.stale():
-        decoder = CUDAGraphDecoder(model)
-        model.__dict__["_cuda_graph_decoder"] = decoder
-    return decoder
+    return _cached_decoder(model, "_cuda_graph_decoder", CUDAGraphDecoder)
 
 
 def resolve_decode_backend(model, decode_backend: Optional[str]) -> Tuple[str, str]:
