@@ -286,6 +286,8 @@ class PackedDecoder(_PackedWeights):
         installed = []
         try:
             for module, args, out_features in self._linears:
+                if "forward" in module.__dict__:  # already replaced by someone else: left as it is
+                    continue
                 module.forward = partial(self._linear, module, args, out_features)
                 installed.append(module)
             return self.model.step(input_ids, state)
