@@ -52,21 +52,30 @@ from ..layers.mamba2 import Mamba2
 DECODE_BACKENDS = ("module", "fused", "packed", "cuda_graph", "auto")
 
 
-def fused_support(model) -> Optional[str]:
-    """None if :class:`FusedDecoder` handles ``model``, else the reason it does not."""
+def _cpu_language_model_reason(model, decoder: str) -> Optional[str]:
+    """What the CPU decoders ("fused", "packed") share: a token model with an LM head, recurrent, on the CPU."""
     cfg = model.config
     if cfg.head != "lm" or cfg.vocab_size is None:
-        return f"the fused decoder needs a token model with an LM head; head={cfg.head!r}"
+        return f"the {decoder} decoder needs a token model with an LM head; head={cfg.head!r}"
     if cfg.bidirectional:
         return "a bidirectional model has no recurrent step"
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return f"the {decoder} decoder runs on the CPU; the model is on {device}"
+    return None
+
+
+def fused_support(model) -> Optional[str]:
+    """None if :class:`FusedDecoder` handles ``model``, else the reason it does not."""
+    reason = _cpu_language_model_reason(model, "fused")
+    if reason is not None:
+        return reason
+    cfg = model.config
     if cfg.shared_block is not None:
         return "the model has a shared attention block (shared_block); the fused decoder covers mixer blocks only"
     for name in ("residual_multiplier", "logit_multiplier"):
         if getattr(cfg, name) != 1.0:
             return f"the fused decoder has no {name}; this model's is {getattr(cfg, name)}"
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        return f"the fused decoder runs on the CPU; the model is on {device}"
     for i, layer in enumerate(model.backbone.layers):
         if layer.mixer is None:
             return f"layer {i} is an MLP-only layer; the fused decoder covers mixer blocks only"
@@ -227,14 +236,9 @@ def packed_support(model) -> Optional[str]:
     """None if :class:`PackedDecoder` handles ``model``, else the reason it does not."""
     from .quantization import Int8Linear
 
-    cfg = model.config
-    if cfg.head != "lm" or cfg.vocab_size is None:
-        return f"the packed decoder needs a token model with an LM head; head={cfg.head!r}"
-    if cfg.bidirectional:
-        return "a bidirectional model has no recurrent step"
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        return f"the packed decoder runs on the CPU; the model is on {device}"
+    reason = _cpu_language_model_reason(model, "packed")
+    if reason is not None:
+        return reason
     for name, module in model.named_modules():
         if type(module) is nn.Linear and module.weight.dtype != torch.float32:
             return f"the packed decoder needs float32 (or int8) linear maps; {name} is {module.weight.dtype}"
