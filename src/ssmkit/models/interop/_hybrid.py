@@ -49,6 +49,16 @@ def rope_of(raw: dict, model_type: str, default_factor: float = 1.0) -> Tuple[fl
     return float(theta), float(factor)
 
 
+def mamba2_kwargs(raw: dict, expand, headdim: int, eps: float) -> dict:
+    """Mamba2 mixer arguments from the ``mamba_*`` keys of a transformers hybrid config (Bamba, GraniteMoeHybrid,
+    Falcon-H1 name them alike), with transformers' defaults."""
+    limit = raw.get("time_step_limit") or (0.0, float("inf"))
+    return dict(d_state=raw.get("mamba_d_state", 256), d_conv=raw.get("mamba_d_conv", 4), expand=expand,
+                headdim=headdim, ngroups=raw.get("mamba_n_groups", 1), chunk_size=raw.get("mamba_chunk_size", 256),
+                conv_bias=raw.get("mamba_conv_bias", True), bias=bool(raw.get("mamba_proj_bias", False)),
+                dt_limit=tuple(json_float(v) for v in limit), norm_eps=eps)
+
+
 def dt_rank_of(value, hidden_size: int) -> int:
     return math.ceil(hidden_size / 16) if value == "auto" else int(value)
 

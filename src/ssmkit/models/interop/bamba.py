@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from ..config import ModelConfig
-from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, json_float, rename_layers, require,
+from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, mamba2_kwargs, rename_layers, require,
                       rope_of, split_layer_name, state_dict_without_tied_head)
 from .registry import CheckpointFormat, register_format
 
@@ -40,11 +40,7 @@ def config_from_bamba(raw: dict) -> ModelConfig:
     if raw.get("mlp_bias", False):
         raise ValueError("bamba config: mlp_bias=True is not supported (ssmkit's MLPs have no biases)")
     eps = raw.get("rms_norm_eps", 1e-5)
-    limit = raw.get("time_step_limit") or (0.0, float("inf"))
-    mamba2 = dict(d_state=raw.get("mamba_d_state", 256), d_conv=raw.get("mamba_d_conv", 4), expand=expand,
-                  headdim=head, ngroups=raw.get("mamba_n_groups", 1), chunk_size=raw.get("mamba_chunk_size", 256),
-                  conv_bias=raw.get("mamba_conv_bias", True), bias=raw.get("mamba_proj_bias", False),
-                  dt_limit=tuple(json_float(v) for v in limit), norm_eps=eps)
+    mamba2 = mamba2_kwargs(raw, expand, head, eps)
     heads = get("num_attention_heads")
     head_dim = raw.get("head_dim") or hidden // heads
     theta, factor = _rope(raw)

@@ -40,7 +40,7 @@ from typing import Tuple
 import torch
 
 from ..config import ModelConfig
-from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, json_float, rename_layers, require,
+from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, mamba2_kwargs, rename_layers, require,
                       outgoing_name, rope_of, state_dict_without_tied_head)
 from .registry import CheckpointFormat, register_format
 
@@ -82,12 +82,7 @@ def config_from_falcon_h1(raw: dict) -> ModelConfig:
         raise ValueError(f"{FMT} config: not supported: {refused} (ssmkit reads mlp_bias=false, hidden_act='silu', "
                          f"mamba_proj_bias equal to projectors_bias, every layer 'hybrid')")
     eps = raw.get("rms_norm_eps", 1e-5)
-    limit = raw.get("time_step_limit") or (0.0, float("inf"))
-    mamba2 = dict(d_state=raw.get("mamba_d_state", 256), d_conv=raw.get("mamba_d_conv", 4), expand=expand,
-                  headdim=head, ngroups=raw.get("mamba_n_groups", 1), chunk_size=raw.get("mamba_chunk_size", 256),
-                  conv_bias=raw.get("mamba_conv_bias", True), bias=bool(raw.get("mamba_proj_bias", False)),
-                  dt_limit=tuple(json_float(v) for v in limit), norm_eps=eps,
-                  rmsnorm=bool(raw.get("mamba_rms_norm", False)),
+    mamba2 = dict(mamba2_kwargs(raw, expand, head, eps), rmsnorm=bool(raw.get("mamba_rms_norm", False)),
                   norm_before_gate=bool(raw.get("mamba_norm_before_gate", True)))
     heads = get("num_attention_heads")
     head_dim = raw.get("head_dim") or hidden // heads

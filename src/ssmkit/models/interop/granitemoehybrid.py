@@ -23,7 +23,7 @@ from typing import Tuple
 import torch
 
 from ..config import ModelConfig
-from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, json_float, require,
+from ._hybrid import (Tensors, all_equal, check_language_model, has_bias, mamba2_kwargs, require,
                       split_layer_name, state_dict_without_tied_head)
 from .registry import CheckpointFormat, register_format
 
@@ -52,11 +52,7 @@ def config_from_granitemoehybrid(raw: dict) -> ModelConfig:
         raise ValueError(f"{_FMT} config: mamba_n_heads * mamba_d_head = {n_heads} * {head} must equal "
                          f"mamba_expand * hidden_size = {expand} * {hidden}")
     eps = raw.get("rms_norm_eps", 1e-6)
-    limit = raw.get("time_step_limit") or (0.0, float("inf"))
-    mamba2 = dict(d_state=raw.get("mamba_d_state", 256), d_conv=raw.get("mamba_d_conv", 4), expand=expand,
-                  headdim=head, ngroups=raw.get("mamba_n_groups", 1), chunk_size=raw.get("mamba_chunk_size", 256),
-                  conv_bias=raw.get("mamba_conv_bias", True), bias=raw.get("mamba_proj_bias", False),
-                  dt_limit=tuple(json_float(v) for v in limit), norm_eps=eps)
+    mamba2 = mamba2_kwargs(raw, expand, head, eps)
     heads = get("num_attention_heads")
     if hidden % heads:
         raise ValueError(f"{_FMT} config: num_attention_heads={heads} must divide hidden_size={hidden}")
