@@ -47,7 +47,8 @@ if PROFILE not in ("ci", "nightly"):
 
 _COMMON = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 #: examples per op in each profile (the interpreted Triton ops get fewer in CI: each takes seconds)
-EXAMPLES = {"ci": {"fast": 12, "triton": 2, "mixer": 4}, "nightly": {"fast": 1000, "triton": 1000, "mixer": 1000}}
+EXAMPLES = {"ci": {"fast": 12, "triton": 2, "mixer": 4, "cuda": 25},
+            "nightly": {"fast": 1000, "triton": 1000, "mixer": 1000, "cuda": 1000}}
 FUZZ = settings(max_examples=EXAMPLES[PROFILE]["fast"], derandomize=PROFILE == "ci", **_COMMON)
 FUZZ_TRITON = settings(max_examples=EXAMPLES[PROFILE]["triton"], derandomize=PROFILE == "ci", **_COMMON)
 FUZZ_MIXER = settings(max_examples=EXAMPLES[PROFILE]["mixer"], derandomize=PROFILE == "ci", **_COMMON)
@@ -55,9 +56,8 @@ FUZZ_MIXER = settings(max_examples=EXAMPLES[PROFILE]["mixer"], derandomize=PROFI
 needs_cpp = pytest.mark.skipif(not scan_cpp.is_available() and os.environ.get("SSMKIT_REQUIRE_CPP") != "1",
                                reason="the C++ scan could not be built here")
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-# These draw CPU tensors and run Triton under the interpreter; on a CUDA machine the compiled kernels are held
-# to the references by tests/ops/test_triton_kernels.py and tests/ops/test_layouts.py instead (the fuzz
-# drawing on CUDA tensors is not written yet).
+# These draw CPU tensors and run Triton under the interpreter; on a CUDA machine the "cuda" rows at the end of
+# this file draw GPU tensors for the compiled kernels instead.
 interpreter_only = pytest.mark.skipif(torch.cuda.is_available(),
                                       reason="fuzzes the Triton kernels under the CPU interpreter only")
 seeds = st.integers(0, 2**31 - 1)
@@ -106,7 +106,11 @@ def _scan_inputs(case, dtype):
         (torch.rand(b, d, L, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_(),
         A=(-torch.rand(d, n, generator=g, dtype=torch.float64) * 3 - 0.1).to(dtype).requires_grad_(),
         B=randn(*bc), C=randn(*bc), D=randn(d) if case["D"] else None, z=randn(b, d, L) if case["z"] else None,
-        delta_bias=randn(d, scale=0.3) if case["delta_bias"] else None,
+        # without softplus the step is delta + delta_bias as given: kept positive (a negative step grows the
+        # state by exp(|A| |delta|) per token, past float32's range within a few hundred tokens)
+        delta_bias=(randn(d, scale=0.3) if case["softplus"] else
+                    (torch.rand(d, generator=g, dtype=torch.float64) * 0.3).to(dtype).requires_grad_())
+        if case["delta_bias"] else None,
         initial_state=randn(b, d, n) if case["initial_state"] else None)
 
 
@@ -168,7 +172,8 @@ def _ssd_inputs(case, dtype):
     D = {None: None, "heads": randn(h), "headdim": randn(h, p)}[case["D"]]
     return dict(x=randn(b, L, h, p), dt=dt, A=(-torch.rand(h, generator=g, dtype=torch.float64) * 3 - 0.1).to(dtype),
                 B=randn(b, L, gr, n), C=randn(b, L, gr, n), D=D, z=randn(b, L, h, p) if case["z"] else None,
-                dt_bias=randn(h, scale=0.5) if case["dt_bias"] else None,
+                dt_bias=(randn(h, scale=0.5) if case["softplus"] else  # positive steps without softplus
+                         torch.rand(h, generator=g, dtype=torch.float64).to(dtype) * 0.5) if case["dt_bias"] else None,
                 initial_states=randn(b, h, p, n) if case["initial"] else None)
 
 
@@ -373,6 +378,214 @@ def test_mixer_step_matches_forward(name, backend, batch, length, prefix, seed):
     assert_close_scaled(torch.stack(steps, 1), y, tol)
     for key in final:
         assert_close_scaled(state[key], final[key], tol)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Triton kernels compiled on a GPU (run where torch.cuda.is_available(); skipped elsewhere)
+# ------------------------------------------------------------------------------------------------------
+# The rows above hold the Triton kernels to the references under the CPU interpreter, on tiny sizes and
+# without gradients. These draw CUDA float32 tensors at sizes that cross the compiled kernels' tiles, in the
+# layouts the layers pass (transposed and sliced views), and compare outputs, final states and the gradient
+# of every input with the float64 reference computed on the CPU from the same rounded values. The error
+# bound is relative to each tensor's largest reference value, at least 0.1 (the inputs are of order one;
+# float32 accumulation over a few hundred steps stays near 1e-6 of them; a wrong tile boundary or a missing
+# term is of the order of the values).
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()),
+                                reason="needs a CUDA GPU and triton: the compiled kernels")
+FUZZ_CUDA = settings(max_examples=EXAMPLES[PROFILE]["cuda"], derandomize=PROFILE == "ci", **_COMMON)
+CUDA_TOL = 2e-3
+GPU = "cuda"  # where the "cuda" rows run the kernels (a module constant, so their logic can be tried elsewhere)
+
+
+def _assert_close_to_max(got, want, tol, what):
+    """max |got - want| <= tol * max(max |want|, 0.1) per tensor (got on any device, want float64 on the CPU)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a is None and b is None:
+            continue
+        assert a is not None and b is not None, f"{what}[{i}]: one side has no value"
+        a = a.detach().double().cpu()
+        assert a.shape == b.shape, f"{what}[{i}]: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert torch.isfinite(a).all(), f"{what}[{i}]: non-finite values"
+        scale = b.abs().max().item() if b.numel() else 0.0
+        err = (a - b).abs().max().item() if b.numel() else 0.0
+        # a tensor whose reference is (near) zero, e.g. the gradient of A over one step, is held to tol * 0.1
+        assert err <= tol * max(scale, 0.1), f"{what}[{i}]: max error {err:.3g} > {tol:.0e} x max({scale:.3g}, 0.1)"
+
+
+def _rounded(inputs):
+    """float32-rounded copies in float64 (the reference's inputs) of a dict of tensors (None kept)."""
+    return {k: (v.detach().float().double() if v is not None else None) for k, v in inputs.items()}
+
+
+def _in_layout(t, layout):
+    """A CUDA float32 leaf holding ``t``'s values and the view of it that the op receives: ``contiguous``,
+    ``transposed`` (made in (.., L, C) order and viewed as (.., C, L): the layers' channel-first views) or
+    ``sliced`` (the first channels of a wider buffer, as the layers slice a fused projection)."""
+    if t is None:
+        return None, None
+    t = t.float()
+    if layout == "transposed" and t.dim() >= 3:
+        leaf = t.transpose(-1, -2).contiguous().to(GPU).requires_grad_()
+        return leaf, leaf.transpose(-1, -2)
+    if layout == "sliced" and t.dim() >= 2:
+        wide = torch.cat([t, torch.zeros(*t.shape[:-1], 3)], -1).to(GPU).requires_grad_()
+        return wide, wide[..., :t.shape[-1]]
+    leaf = t.contiguous().to(GPU).requires_grad_()
+    return leaf, leaf
+
+
+def _cuda_run(fn, inputs, layouts, seed):
+    """Run ``fn(**views)`` on CUDA; returns its outputs and the gradients of a random functional of them
+    w.r.t. each input, in the input's own shape (a transposed or sliced leaf's gradient viewed back)."""
+    leaves, views = {}, {}
+    for k, v in inputs.items():
+        leaves[k], views[k] = _in_layout(v, layouts.get(k, "contiguous"))
+    outputs = fn(**views)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
+               for o in outputs)
+    present = [k for k, v in leaves.items() if v is not None]
+    got = dict(zip(present, torch.autograd.grad(loss, [leaves[k] for k in present], allow_unused=True)))
+    grads = []
+    for k, v in inputs.items():
+        grad = got.get(k)
+        if grad is not None:
+            layout = layouts.get(k, "contiguous")
+            if layout == "transposed" and v.dim() >= 3:
+                grad = grad.transpose(-1, -2)
+            elif layout == "sliced" and v.dim() >= 2:
+                grad = grad[..., :v.shape[-1]]
+        grads.append(grad)
+    return list(outputs) + grads
+
+
+def _cpu_run(fn, inputs, seed, outputs_like=None):
+    leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    outputs = fn(**leaves)
+    return list(outputs) + _grads(list(outputs), list(leaves.values()), seed)
+
+
+layouts = st.sampled_from(["contiguous", "transposed", "sliced"])
+
+
+@needs_cuda
+@FUZZ_CUDA
+@given(case=scan_cases(max_dim=70, max_length=300), u_layout=layouts, bc_layout=layouts, d_state=st.integers(1, 20))
+def test_selective_scan_triton_cuda_matches_reference(case, u_layout, bc_layout, d_state):
+    case = dict(case, d_state=d_state)
+    inputs = _rounded(_scan_inputs(case, torch.float64))
+    kw = dict(delta_softplus=case["softplus"], return_last_state=True)
+    layouts = {"u": u_layout, "delta": u_layout, "z": u_layout, "B": bc_layout, "C": bc_layout}
+    got = _cuda_run(lambda **v: selective_scan(**v, **kw, backend="triton"), inputs, layouts, case["seed"] + 1)
+    want = _cpu_run(lambda **v: selective_scan(**v, **kw, backend="reference"), inputs, case["seed"] + 1)
+    _assert_close_to_max(got, want, CUDA_TOL, f"selective_scan[triton, cuda] {case} u:{u_layout} bc:{bc_layout}")
+
+
+@needs_cuda
+@FUZZ_CUDA
+@given(case=ssd_cases(max_length=300), x_layout=st.sampled_from(["contiguous", "sliced"]),
+       headdim=st.integers(1, 40), N=st.integers(1, 40), chunk_size=st.sampled_from([16, 32, 64, 128, 256]))
+def test_ssd_triton_cuda_matches_reference(case, x_layout, headdim, N, chunk_size):
+    # the compiled kernels take power-of-two chunks of at least 16 (the layers' chunk_size)
+    case = dict(case, headdim=headdim, N=N, chunk_size=chunk_size)
+    inputs = _rounded(_ssd_inputs(case, torch.float64))
+    seq_idx = _seq_idx(case)
+
+    def run(backend, device):
+        def fn(x, dt, A, B, C, D, z, dt_bias, initial_states):
+            return ssd(x, dt, A, B, C, case["chunk_size"], D=D, z=z, dt_bias=dt_bias, dt_softplus=case["softplus"],
+                       initial_states=initial_states, seq_idx=None if seq_idx is None else seq_idx.to(device),
+                       return_final_states=True, backend=backend)
+        return fn
+
+    layouts = {"x": x_layout, "B": x_layout, "C": x_layout, "z": x_layout}
+    got = _cuda_run(run("triton", GPU), inputs, layouts, case["seed"] + 1)
+    want = _cpu_run(run("reference", "cpu"), inputs, case["seed"] + 1)
+    _assert_close_to_max(got, want, CUDA_TOL, f"ssd[triton, cuda] {case} x:{x_layout}")
+
+
+@needs_cuda
+@FUZZ_CUDA
+@given(case=conv_cases(max_length=300), dim=st.integers(1, 300))
+def test_causal_conv1d_triton_cuda_matches_reference(case, dim):
+    case = dict(case, dim=dim)
+    g = torch.Generator().manual_seed(case["seed"])
+    b, L, w = case["batch"], case["length"], case["width"]
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).float().double()  # noqa: E731
+    inputs = dict(x=randn(b, dim, L), weight=randn(dim, w), bias=randn(dim) if case["bias"] else None,
+                  initial_state=randn(b, dim, w - 1) if case["initial"] and w > 1 else None)
+    seq_idx = _seq_idx(case)
+
+    def run(op, device, **kw):
+        def fn(x, weight, bias, initial_state):
+            return op(x, weight, bias, initial_state=initial_state, activation=case["activation"],
+                      seq_idx=None if seq_idx is None else seq_idx.to(device), return_final_state=True, **kw)
+        return fn
+
+    layouts = {"x": "transposed" if case["transposed"] else "contiguous"}
+    got = _cuda_run(run(causal_conv1d, GPU, backend="triton"), inputs, layouts, case["seed"] + 1)
+    want = _cpu_run(run(causal_conv1d_ref, "cpu"), inputs, case["seed"] + 1)
+    _assert_close_to_max(got, want, CUDA_TOL, f"conv1d[triton, cuda] {case}")
+
+
+CUDA_MIXERS = [name for name in sorted(MIXERS) if "triton" in MIXERS[name].contract_backends]
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", CUDA_MIXERS)
+@FUZZ_CUDA
+@given(batch=st.integers(1, 3), length=st.integers(1, 120), prefix=st.integers(0, 24), d_model=st.integers(8, 48),
+       chunk_size=st.sampled_from([16, 32, 64]), seed=seeds)
+def test_mixer_triton_cuda_matches_reference(name, batch, length, prefix, d_model, chunk_size, seed):
+    """The whole layer, as a model calls it: the compiled Triton path on CUDA (float32) against the same
+    weights on the CPU in float64 with the reference ops, for the output after a prefix's state, the final
+    state, and the gradients of the input and of every parameter; then step by step on CUDA == forward."""
+    torch.manual_seed(seed % 1000)
+    config = dict(MIXERS[name].contract_config)
+    if name == "mamba2":  # the compiled kernels take power-of-two chunks of at least 16
+        config.update(chunk_size=chunk_size)
+        d_model = max(8, d_model - d_model % 4)  # heads of headdim 4 in 2 groups
+    ref = build_mixer(name, d_model, **config).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+            p.copy_(p.float().double())  # the values float32 holds, so both sides start equal
+    ref.backend = "reference"
+    fast = build_mixer(name, d_model, **config).float().to(GPU)
+    fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    fast.backend = "triton"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, prefix + length, d_model, generator=g, dtype=torch.float64).float().double()
+
+    def run(mixer, x, device, dtype):
+        x = x.to(device, dtype).requires_grad_()
+        state = mixer.init_state(batch, dtype=dtype, device=device)
+        if prefix:
+            _, state = mixer(x[:, :prefix], state, return_state=True)
+        y, final = mixer(x[:, prefix:], state, return_state=True)
+        outs = [y] + [final[k] for k in sorted(final)]
+        weights = torch.Generator().manual_seed(seed + 1)
+        loss = sum((o.double() * torch.randn(o.shape, generator=weights, dtype=torch.float64).to(device)).sum()
+                   for o in outs)
+        params = [p for _, p in sorted(mixer.named_parameters())]
+        return outs + list(torch.autograd.grad(loss, [x] + params, allow_unused=True))
+
+    got = run(fast, x, GPU, torch.float32)
+    want = [t.detach() if t is not None else None for t in run(ref, x, "cpu", torch.float64)]
+    _assert_close_to_max(got, want, CUDA_TOL, f"{name}[triton, cuda] batch={batch} length={length} "
+                         f"prefix={prefix} d_model={d_model} seed={seed}")
+    assert fast.last_backend == "triton", fast.last_backends
+    with torch.no_grad():  # the recurrent step on CUDA against the forward it must equal
+        state = fast.init_state(batch, dtype=torch.float32, device=GPU)
+        xc = x.float().to(GPU)
+        y, final = fast(xc, state, return_state=True)
+        steps = []
+        for t in range(xc.shape[1]):
+            y_t, state = fast.step(xc[:, t], state)
+            steps.append(y_t)
+    assert_close_scaled(torch.stack(steps, 1), y, 1e-4, f"{name} step vs forward on cuda")
+    for key in final:
+        assert_close_scaled(state[key], final[key], 1e-4, f"{name} state[{key}] step vs forward on cuda")
 
 
 # Whole module: subprocesses, exports or many drawn cases (tens of seconds); `make test` and CI run it,
