@@ -8,6 +8,8 @@ checkpoint write (1-based, counting every checkpoint the run writes, ``final`` i
 * ``trainer_state``: weights whole, trainer_state.pt half written;
 * ``rename``: every file written and flushed, before the temporary directory is renamed into place;
 * ``prune``: the new checkpoint in place, in the middle of deleting the oldest one (keep_last);
+* ``swap``: a directory that exists being replaced (``final/`` written again by a resumed run): the old one
+  renamed aside, the new one not yet renamed in;
 * ``none``: no kill (the uninterrupted and the resumed runs under torchrun go through the same driver).
 
 Under torchrun every rank runs the driver, but only rank 0 writes checkpoints, so only rank 0 is killed.
@@ -60,7 +62,10 @@ def main() -> int:
     def replace(src, dst):
         if point == "rename" and writes["n"] == target and ".tmp-" in Path(src).name:
             _kill()
-        return real_replace(src, dst)
+        done = real_replace(src, dst)
+        if point == "swap" and writes["n"] == target and ".old-" in Path(dst).name:
+            _kill()  # the old directory is aside, the new one still under its temporary name
+        return done
 
     def rmtree(path, *args, **kwargs):
         name = Path(path).name  # a pruned checkpoint: step-* (deleted in place) or its hidden new name

@@ -96,6 +96,32 @@ def test_sigkill_during_checkpoint_write_then_exact_resume(point, n, tmp_path, s
     assert newest == (n if point == "prune" else n - 1) or (n == STEPS and newest == STEPS - 1)
 
 
+def test_sigkill_while_final_is_replaced_then_recovered(tmp_path, straight):
+    """A finished run resumed (``ssmkit train --resume``) writes ``final/`` again; killed between the two
+    renames of that replacement (the old ``final/`` aside under a hidden name, the new one not in place), the
+    next reader puts the old one back: ``from_pretrained`` and a further resume see the finished run whole."""
+    result, straight_dir = straight
+    out = tmp_path / "swap"
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = _train_args(out, 2)
+    first = subprocess.run([sys.executable, str(DRIVER), "none", "0", "--", *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # the resumed run trains no step and writes final/ again: its first checkpoint write is that one
+    killed = subprocess.run([sys.executable, str(DRIVER), "swap", "1", "--", *args, "--resume"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, f"not killed (rc {killed.returncode}): {killed.stderr[-2000:]}"
+    assert not (out / "final").exists() and len(list(out.glob(".final.old-*"))) == 1  # the state being tested
+    assert len(list(out.glob(".final.tmp-*"))) == 1
+    model = SSMModel.from_pretrained(out / "final")  # puts the moved-aside copy back
+    assert (out / "final").is_dir() and not list(out.glob(".final.old-*"))
+    want = SSMModel.from_pretrained(straight_dir / "final")
+    for (name, a), b in zip(model.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(a, b), name
+    again = train(make_run(out, *RUN_ARGS, "train.keep_last=2"), resume=True)
+    assert again.start_step == STEPS and again.losses == []
+
+
 # --------------------------------------------------------------------------------------------------
 # The same under torchrun: 2 processes (gloo), rank 0 killed while it writes a checkpoint
 # --------------------------------------------------------------------------------------------------
