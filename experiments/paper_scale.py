@@ -19,13 +19,17 @@ thread at 32-256 tokens. This script takes the paper's settings (Gu & Dao 2023, 
 
 The step count of each model is its budget divided by its measured seconds per step on the device, so
 models are compared at equal time, not equal steps; the paper trains each to convergence (steps stated in
-the JSON). Results go to ``experiments/results/paper_scale_<task>.json`` (``--out``) with the published
+the JSON). On a GPU shared with other jobs give ``--steps`` instead (seconds measured under load mean
+nothing), and for a run longer than one device session ``--checkpoint-every N --resume --runs-dir DIR``: a
+killed run continues from its newest checkpoint when the same command is given again. ``--curriculum``
+trains copying at shorter lengths first (a departure from the paper, recorded in the JSON). Results go to ``experiments/results/paper_scale_<task>.json`` (``--out``) with the published
 numbers beside ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -36,7 +40,6 @@ import torch
 from common import RUNS_DIR, markdown_table, setup, write_results
 from ssmkit.compare import _preset_spec
 from ssmkit.tasks import make_task
-from ssmkit.tasks.synthetic import InductionHeads
 from ssmkit.train import RunConfig, TaskSpec, TrainConfig, forward_batch, model_config_for, train
 
 VOCAB = 16
@@ -52,17 +55,35 @@ PUBLISHED = {
 SSMS_NOT = ("transformer",)  # models read in one parallel pass at test time (attention); the rest recurrently
 
 
-class Curriculum(InductionHeads):
-    """Induction heads whose training batches are ``short`` tokens long before batch ``switch``."""
+class Curriculum:
+    """A task whose training batches are shorter early on: ``stages`` is a list of (length, until_batch):
+    training batch ``i`` has the first stage's length whose ``until_batch`` is above ``i``, and the task's own
+    length after the last stage. Every other call (evaluation, other splits) goes to the task unchanged."""
 
-    def __init__(self, short: int, switch: int, **kwargs):
-        super().__init__(**kwargs)
-        self.short, self.switch = short, switch
+    def __init__(self, task, stages):
+        self.task, self.stages = task, sorted(stages, key=lambda s: s[1])
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
 
     def batch(self, split, index, batch_size, length=None):
-        if split == "train" and length is None and index < self.switch:
-            length = self.short
-        return super().batch(split, index, batch_size, length)
+        if split == "train" and length is None:
+            length = next((short for short, until in self.stages if index < until), None)
+        return self.task.batch(split, index, batch_size, length)
+
+
+def parse_curriculum(text: str, steps: int):
+    """``"256:0.1,1024:0.1"`` -> [(256, 0.1 * steps), (1024, 0.2 * steps)]: each length for its fraction."""
+    stages, until = [], 0.0
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            length, fraction = part.split(":")
+            length, fraction = int(length), float(fraction)
+        except ValueError:
+            raise SystemExit(f"--curriculum: expected LENGTH:FRACTION[,LENGTH:FRACTION...]; got {text!r}")
+        until += fraction
+        stages.append((length, int(until * steps)))
+    return stages
 
 
 def _sync(device: torch.device) -> None:
@@ -89,27 +110,50 @@ def seconds_per_step(spec, task, batch_size: int, device: torch.device, repeats:
     return statistics.median(times[2:])
 
 
-def train_model(experiment: str, name: str, task_name: str, task_kwargs: dict, task, budget: float,
-                batch_size: int, lr: float, device: str, seed: int, step_length: int, step_s=None,
-                **train_overrides):
-    """Train the ``ssmkit compare`` preset (or registered mixer) ``name`` for about ``budget`` seconds
-    (``step_s``: its measured seconds per step at ``step_length``, probed here when not given)."""
+def planned_steps(args, spec, task, device: torch.device) -> tuple:
+    """(steps, seconds per step or None): ``--steps`` when given, else ``--budget`` / the measured step time."""
+    if args.steps:
+        return args.steps, None
+    step_s = seconds_per_step(spec, task, args.batch_size, device)
+    return max(20, int(args.budget / step_s)), step_s
+
+
+def train_model(args, experiment: str, name: str, task_name: str, task_kwargs: dict, task, steps: int,
+                step_s=None, **train_overrides):
+    """Train the ``ssmkit compare`` preset (or registered mixer) ``name`` for ``steps`` steps; with
+    ``--resume`` from the newest checkpoint of its run directory (one every ``--checkpoint-every`` steps),
+    so a run longer than one session on a device continues in the next."""
     spec = _preset_spec(name)
-    if step_s is None:
-        probe_task = make_task(task_name, **dict(task_kwargs, length=step_length))
-        step_s = seconds_per_step(spec, probe_task, batch_size, torch.device(device))
-    steps = max(20, int(budget / step_s))
-    out_dir = RUNS_DIR / experiment / name
+    out_dir = Path(args.runs_dir or RUNS_DIR) / experiment / name
+    batch_size, lr, device, seed = args.batch_size, args.lr, args.device, args.seed
     run = RunConfig(task=TaskSpec(name=task_name, kwargs=dict(task_kwargs)), model=spec,
                     train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.1,
-                                      warmup_steps=max(1, steps // 10), eval_every=0, checkpoint_every=0,
+                                      warmup_steps=max(1, steps // 10), eval_every=0,
+                                      checkpoint_every=args.checkpoint_every, keep_last=1,
                                       out_dir=str(out_dir), seed=seed, device=device, progress=False,
                                       tensorboard=False, log_every=max(1, steps // 20), **train_overrides))
-    print(f"[{name}] {step_s * 1e3:.1f} ms/step at L={step_length} -> {steps} steps of batch {batch_size}", flush=True)
-    result = train(run, task=task)
-    print(f"[{name}] {result.num_parameters:,} parameters, trained {result.train_seconds:.0f} s, "
-          f"final loss {result.losses[-1]:.4f}", flush=True)
-    return result, steps, run
+    timing = f"{step_s * 1e3:.1f} ms/step -> " if step_s else ""
+    print(f"[{name}] {timing}{steps} steps of batch {batch_size}", flush=True)
+    result = train(run, resume="auto" if args.resume else False, task=task)
+    summary = run_summary(out_dir)
+    print(f"[{name}] {result.num_parameters:,} parameters, trained {summary['train_seconds']:.0f} s in "
+          f"{summary['segments']} segment(s), last logged loss {summary['final_train_loss']:.4f}", flush=True)
+    return result, steps, run, summary
+
+
+def run_summary(out_dir: Path) -> dict:
+    """Training seconds summed over every segment of a (possibly resumed) run and its last logged loss,
+    read from the run's metrics.jsonl."""
+    seconds, segments, loss = 0.0, 0, float("nan")
+    with open(out_dir / "metrics.jsonl") as f:
+        for line in f:
+            event = json.loads(line)
+            if event.get("event") == "end":
+                seconds += event.get("train_seconds", 0.0)
+                segments += event.get("train_seconds", 0.0) > 0
+            elif "loss" in event and event.get("event") in (None, "train"):
+                loss = event["loss"]
+    return {"train_seconds": round(seconds, 1), "segments": segments, "final_train_loss": loss}
 
 
 @torch.no_grad()
@@ -146,13 +190,12 @@ def run_induction(args, device: torch.device) -> dict:
     for name in args.models:
         print(f"\n== {name} ==", flush=True)
         plain = make_task("induction_heads", **task_kwargs)
-        # the curriculum's switch depends on the planned steps: probe the step time once, here
-        step_s = seconds_per_step(_preset_spec(name), plain, args.batch_size, device)
-        switch = int(args.warmup_fraction * max(20, int(args.budget / step_s)))
-        task = Curriculum(args.short_length, switch, **task_kwargs)
-        result, steps, run = train_model("paper_scale_induction", name, "induction_heads", task_kwargs, task,
-                                         args.budget, args.batch_size, args.lr, args.device, args.seed,
-                                         args.length, step_s=step_s, eval_batches=8)
+        # the curriculum's switch depends on the planned steps
+        steps, step_s = planned_steps(args, _preset_spec(name), plain, device)
+        switch = int(args.warmup_fraction * steps)
+        task = Curriculum(plain, [(args.short_length, switch)])
+        result, steps, run, summary = train_model(args, "paper_scale_induction", name, "induction_heads", task_kwargs, task,
+                                         steps, step_s=step_s, eval_batches=8)
         model = result.model.eval()
         at_train = result.final_metrics.get("val_accuracy")
         check = recurrence_check(model, task, 256) if name not in SSMS_NOT else None
@@ -180,7 +223,9 @@ def run_induction(args, device: torch.device) -> dict:
                          "mode": "recurrent (chunked prefill)" if recurrent else "parallel"})
             print(f"  [{name}] L={length:>8}: accuracy {accuracy:.3f} on {n} examples ({seconds:.1f} s)", flush=True)
         results[name] = {"params": result.num_parameters, "steps": steps, "short_steps": switch,
-                         "train_seconds": round(result.train_seconds, 1), "final_train_loss": result.losses[-1],
+                         "ms_per_step": round(step_s * 1e3, 2) if step_s else None,
+                         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+                         **summary,
                          "accuracy_at_train_length": at_train, "test": rows, "stopped": note,
                          "recurrence_check_max_abs_diff": check, "config": run.to_dict()}
     headers = ["model", "params", "steps", f"acc@{args.length}"] + [f"2^{int(math.log2(L))}" for L in lengths]
@@ -197,13 +242,18 @@ def run_copying(args, device: torch.device) -> dict:
     results = {}
     for name in args.models:
         print(f"\n== {name} ==", flush=True)
-        task = make_task("selective_copying", **task_kwargs)
-        result, steps, run = train_model("paper_scale_copying", name, "selective_copying", task_kwargs, task,
-                                         args.budget, args.batch_size, args.lr, args.device, args.seed,
-                                         args.length, eval_batches=16, eval_split="test")
+        plain = make_task("selective_copying", **task_kwargs)
+        steps, step_s = planned_steps(args, _preset_spec(name), plain, device)
+        stages = parse_curriculum(args.curriculum, steps) if args.curriculum else []
+        task = Curriculum(plain, stages) if stages else plain
+        result, steps, run, summary = train_model(args, "paper_scale_copying", name, "selective_copying", task_kwargs, task,
+                                         steps, step_s=step_s, eval_batches=16, eval_split="test")
         metrics = result.final_metrics
         results[name] = {"params": result.num_parameters, "steps": steps,
-                         "train_seconds": round(result.train_seconds, 1), "final_train_loss": result.losses[-1],
+                         "curriculum": [{"length": length, "until_step": until} for length, until in stages],
+                         "ms_per_step": round(step_s * 1e3, 2) if step_s else None,
+                         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+                         **summary,
                          "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
                          "config": run.to_dict()}
         print(f"[{name}] test accuracy {metrics['test_accuracy']:.4f}", flush=True)
@@ -222,6 +272,15 @@ def main(argv=None) -> None:
                              "s4d mamba2 transformer)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of training per model")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fixed steps per model instead of --budget (for a GPU shared with other jobs)")
+    parser.add_argument("--curriculum", default="",
+                        help="copying: shorter training lengths first, LENGTH:FRACTION,... of the steps "
+                             "(e.g. 256:0.1,1024:0.1); the rest at --length")
+    parser.add_argument("--runs-dir", default=None, help="where the training runs go (outputs/experiments)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: final only)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each model from the newest checkpoint in its run directory, if any")
     parser.add_argument("--length", type=int, default=None, help="training length (induction 256, copying 4096)")
     parser.add_argument("--batch-size", type=int, default=None, help="induction 32, copying 16")
     parser.add_argument("--lr", type=float, default=3e-3)
