@@ -66,7 +66,8 @@ seeds = st.integers(0, 2**31 - 1)
 def _grads(outputs, leaves, seed):
     """Gradients of a random linear functional of ``outputs`` w.r.t. each leaf (None where unused)."""
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum() for o in outputs)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
+               for o in outputs)
     present = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(loss, present, allow_unused=True))
     return [next(grads) if t is not None else None for t in leaves]
@@ -441,14 +442,8 @@ def _cuda_run(fn, inputs, layouts, seed):
     for k, v in inputs.items():
         leaves[k], views[k] = _in_layout(v, layouts.get(k, "contiguous"))
     outputs = fn(**views)
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
-               for o in outputs)
-    present = [k for k, v in leaves.items() if v is not None]
-    got = dict(zip(present, torch.autograd.grad(loss, [leaves[k] for k in present], allow_unused=True)))
     grads = []
-    for k, v in inputs.items():
-        grad = got.get(k)
+    for (k, v), grad in zip(inputs.items(), _grads(list(outputs), list(leaves.values()), seed)):
         if grad is not None:
             layout = layouts.get(k, "contiguous")
             if layout == "transposed" and v.dim() >= 3:
@@ -459,7 +454,7 @@ def _cuda_run(fn, inputs, layouts, seed):
     return list(outputs) + grads
 
 
-def _cpu_run(fn, inputs, seed, outputs_like=None):
+def _cpu_run(fn, inputs, seed):
     leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
     outputs = fn(**leaves)
     return list(outputs) + _grads(list(outputs), list(leaves.values()), seed)
@@ -564,11 +559,7 @@ def test_mixer_triton_cuda_matches_reference(name, batch, length, prefix, d_mode
             _, state = mixer(x[:, :prefix], state, return_state=True)
         y, final = mixer(x[:, prefix:], state, return_state=True)
         outs = [y] + [final[k] for k in sorted(final)]
-        weights = torch.Generator().manual_seed(seed + 1)
-        loss = sum((o.double() * torch.randn(o.shape, generator=weights, dtype=torch.float64).to(device)).sum()
-                   for o in outs)
-        params = [p for _, p in sorted(mixer.named_parameters())]
-        return outs + list(torch.autograd.grad(loss, [x] + params, allow_unused=True))
+        return outs + _grads(outs, [x] + [p for _, p in sorted(mixer.named_parameters())], seed + 1)
 
     got = run(fast, x, GPU, torch.float32)
     want = [t.detach() if t is not None else None for t in run(ref, x, "cpu", torch.float64)]
