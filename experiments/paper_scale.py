@@ -13,7 +13,11 @@ thread at 32-256 tokens. This script takes the paper's settings (Gu & Dao 2023, 
   for the key at test lengths 2^6 .. 2^``--max-log2`` (20 by default, 4096x the training length). The SSMs
   read each test sequence in their recurrent form (chunked ``prefill`` carrying the state: memory does not
   grow with the length); attention reads it in one parallel pass and stops when a length is predicted to take
-  more than ``--attention-limit`` seconds.
+  more than ``--attention-limit`` seconds. Then accuracy against the distance from the body's trigger to the
+  query at one length (``--distance-length``): it separates forgetting (fails beyond a distance) from a long
+  prefix disturbing the state. Weight decay is off by default here: with AdamW's 0.1 on the projection
+  matrices Mamba forgets the key beyond a few training distances (and training on after the task is solved
+  shrinks that horizon, with or without decay; experiments/README.md).
 * ``copying``: selective copying at ``--length`` tokens (4096 as in the paper) with 16 data tokens, every model
   trained for ``--budget`` seconds and scored on 16 batches of the test split (accuracy over the copied tokens).
 
@@ -52,6 +56,7 @@ PUBLISHED = {
                                      "Mamba with S4": 56.4, "Mamba with Hyena": 28.4, "H3 with S6": 99.7,
                                      "Mamba (S6)": 99.8}},
 }
+DISTANCES = (16, 64, 128, 256, 384, 512, 1024, 2048, 4000)  # trigger-to-query distances of the induction sweep
 SSMS_NOT = ("transformer",)  # models read in one parallel pass at test time (attention); the rest recurrently
 
 
@@ -127,7 +132,7 @@ def train_model(args, experiment: str, name: str, task_name: str, task_kwargs: d
     out_dir = Path(args.runs_dir or RUNS_DIR) / experiment / name
     batch_size, lr, device, seed = args.batch_size, args.lr, args.device, args.seed
     run = RunConfig(task=TaskSpec(name=task_name, kwargs=dict(task_kwargs)), model=spec,
-                    train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.1,
+                    train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=args.weight_decay,
                                       warmup_steps=max(1, steps // 10), eval_every=0,
                                       checkpoint_every=args.checkpoint_every, keep_last=1,
                                       out_dir=str(out_dir), seed=seed, device=device, progress=False,
@@ -183,6 +188,29 @@ def recurrence_check(model, task, length: int) -> float:
     return max(float((parallel - chunked).abs().max()), float((parallel - logits.float()).abs().max()))
 
 
+@torch.no_grad()
+def distance_sweep(model, task, length: int, distances, examples: int, recurrent: bool) -> list:
+    """Accuracy vs the distance from the body's trigger to the final one, at a fixed ``length``: the test
+    split's sequences with their trigger moved to ``length - 1 - d`` (its old place refilled with the token
+    that now sits at the new one). A model that forgets the key after a number of steps fails from that
+    distance on whatever the length; one that a long prefix disturbs fails at short distances too."""
+    rows = []
+    for d in distances:
+        if not 1 <= d <= length - 3:
+            continue
+        batch = task.batch("test", 0, examples, length)
+        x = batch.inputs.clone()
+        old = (x[:, :-1] == task.trigger).int().argmax(1)
+        new = length - 1 - d
+        rows_idx = torch.arange(x.shape[0])
+        x[rows_idx, old] = x[rows_idx, new]
+        x[:, new] = task.trigger
+        key = x[:, new + 1]
+        logits = last_logits(model, x, recurrent, min(length, 2 ** 16), rows=max(1, min(examples, 2 ** 21 // length)))
+        rows.append({"distance": d, "accuracy": float((logits[:, :VOCAB].argmax(-1) == key).float().mean())})
+    return rows
+
+
 def run_induction(args, device: torch.device) -> dict:
     lengths = [2 ** k for k in range(6, args.max_log2 + 1)]
     task_kwargs = {"vocab_size": VOCAB, "length": args.length, "seed": args.seed}
@@ -228,6 +256,12 @@ def run_induction(args, device: torch.device) -> dict:
                          **summary,
                          "accuracy_at_train_length": at_train, "test": rows, "stopped": note,
                          "recurrence_check_max_abs_diff": check, "config": run.to_dict()}
+        if args.distance_length:
+            sweep = distance_sweep(model, task, args.distance_length, DISTANCES, min(args.examples, 64),
+                                   name not in SSMS_NOT)
+            results[name]["distance_sweep"] = {"length": args.distance_length, "rows": sweep}
+            print(f"  [{name}] at L={args.distance_length}, accuracy by trigger-to-query distance: "
+                  + ", ".join(f"{r['distance']}: {r['accuracy']:.2f}" for r in sweep), flush=True)
     headers = ["model", "params", "steps", f"acc@{args.length}"] + [f"2^{int(math.log2(L))}" for L in lengths]
     table = []
     for name, r in results.items():
@@ -284,12 +318,17 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=None, help="training length (induction 256, copying 4096)")
     parser.add_argument("--batch-size", type=int, default=None, help="induction 32, copying 16")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="AdamW weight decay of the matrices (never on A, D or the dt bias; ssmkit.train.optim): "
+                             "induction 0 (with 0.1 Mamba forgets the key sooner), copying 0.1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--short-length", type=int, default=64, help="induction: curriculum's first length")
     parser.add_argument("--warmup-fraction", type=float, default=0.2,
                         help="induction: fraction of the steps trained at --short-length")
     parser.add_argument("--max-log2", type=int, default=20)
     parser.add_argument("--examples", type=int, default=256, help="induction: examples per test length (at most)")
+    parser.add_argument("--distance-length", type=int, default=4096,
+                        help="induction: length of the trigger-to-query distance sweep (0: none)")
     parser.add_argument("--chunk", type=int, default=2 ** 16, help="induction: prefill chunk at test time")
     parser.add_argument("--tokens-at-once", type=int, default=2 ** 21,
                         help="induction: rows read together at test time x chunk")
@@ -304,8 +343,11 @@ def main(argv=None) -> None:
                                   else ["mamba", "s4d", "mamba2", "transformer"])
     args.length = args.length or (256 if induction else 4096)
     args.batch_size = args.batch_size or (32 if induction else 16)
+    if args.weight_decay is None:
+        args.weight_decay = 0.0 if induction else 0.1
     if args.quick:
         args.budget, args.max_log2, args.examples = 3.0, 9, 16
+        args.distance_length = min(args.distance_length, 512)
         args.length = min(args.length, 64 if induction else 128)
         args.short_length = 32
     if args.device == "cuda" and not torch.cuda.is_available():
