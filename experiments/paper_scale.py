@@ -26,8 +26,8 @@ models are compared at equal time, not equal steps; the paper trains each to con
 the JSON). On a GPU shared with other jobs give ``--steps`` instead (seconds measured under load mean
 nothing), and for a run longer than one device session ``--checkpoint-every N --resume --runs-dir DIR``: a
 killed run continues from its newest checkpoint when the same command is given again. ``--curriculum``
-trains copying at shorter lengths first (a departure from the paper, recorded in the JSON). Results go to ``experiments/results/paper_scale_<task>.json`` (``--out``) with the published
-numbers beside ours.
+trains copying at shorter lengths first (a departure from the paper, recorded in the JSON). Results go to
+``experiments/results/paper_scale_<task>.json`` (``--out``) with the published numbers beside ours.
 """
 
 from __future__ import annotations
@@ -222,8 +222,8 @@ def run_induction(args, device: torch.device) -> dict:
         steps, step_s = planned_steps(args, _preset_spec(name), plain, device)
         switch = int(args.warmup_fraction * steps)
         task = Curriculum(plain, [(args.short_length, switch)])
-        result, steps, run, summary = train_model(args, "paper_scale_induction", name, "induction_heads", task_kwargs, task,
-                                         steps, step_s=step_s, eval_batches=8)
+        result, steps, run, summary = train_model(args, "paper_scale_induction", name, "induction_heads",
+                                                  task_kwargs, task, steps, step_s=step_s, eval_batches=8)
         model = result.model.eval()
         at_train = result.final_metrics.get("val_accuracy")
         check = recurrence_check(model, task, 256) if name not in SSMS_NOT else None
@@ -280,8 +280,9 @@ def run_copying(args, device: torch.device) -> dict:
         steps, step_s = planned_steps(args, _preset_spec(name), plain, device)
         stages = parse_curriculum(args.curriculum, steps) if args.curriculum else []
         task = Curriculum(plain, stages) if stages else plain
-        result, steps, run, summary = train_model(args, "paper_scale_copying", name, "selective_copying", task_kwargs, task,
-                                         steps, step_s=step_s, eval_batches=16, eval_split="test")
+        result, steps, run, summary = train_model(args, "paper_scale_copying", name, "selective_copying",
+                                                  task_kwargs, task, steps, step_s=step_s, eval_batches=16,
+                                                  eval_split="test")
         metrics = result.final_metrics
         results[name] = {"params": result.num_parameters, "steps": steps,
                          "curriculum": [{"length": length, "until_step": until} for length, until in stages],
