@@ -49,10 +49,15 @@ def _train_args(out_dir, keep_last):
                         f"train.out_dir={out_dir}", f"train.keep_last={keep_last}", *RUN_ARGS]
 
 
-def _run_killed(point, n, out_dir, keep_last=2):
+def _drive(point, n, out_dir, keep_last=2, *extra):
+    """``ssmkit train`` through the crash driver in one subprocess (``extra``: more CLI arguments)."""
     env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(DRIVER), point, str(n), "--", *_train_args(out_dir, keep_last)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(DRIVER), point, str(n), "--", *_train_args(out_dir, keep_last),
+                           *extra], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _run_killed(point, n, out_dir, keep_last=2, *extra):
+    proc = _drive(point, n, out_dir, keep_last, *extra)
     assert proc.returncode == -signal.SIGKILL, \
         f"not killed at {point}:{n} (rc {proc.returncode}): {proc.stderr[-2000:]}"
 
@@ -102,15 +107,10 @@ def test_sigkill_while_final_is_replaced_then_recovered(tmp_path, straight):
     next reader puts the old one back: ``from_pretrained`` and a further resume see the finished run whole."""
     result, straight_dir = straight
     out = tmp_path / "swap"
-    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    args = _train_args(out, 2)
-    first = subprocess.run([sys.executable, str(DRIVER), "none", "0", "--", *args], env=env, capture_output=True,
-                           text=True, timeout=300)
+    first = _drive("none", 0, out)
     assert first.returncode == 0, first.stderr[-2000:]
     # the resumed run trains no step and writes final/ again: its first checkpoint write is that one
-    killed = subprocess.run([sys.executable, str(DRIVER), "swap", "1", "--", *args, "--resume"], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, f"not killed (rc {killed.returncode}): {killed.stderr[-2000:]}"
+    _run_killed("swap", 1, out, 2, "--resume")
     assert not (out / "final").exists() and len(list(out.glob(".final.old-*"))) == 1  # the state being tested
     assert len(list(out.glob(".final.tmp-*"))) == 1
     model = SSMModel.from_pretrained(out / "final")  # puts the moved-aside copy back
