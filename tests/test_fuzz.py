@@ -460,12 +460,12 @@ def _cpu_run(fn, inputs, seed):
     return list(outputs) + _grads(list(outputs), list(leaves.values()), seed)
 
 
-layouts = st.sampled_from(["contiguous", "transposed", "sliced"])
+any_layout = st.sampled_from(["contiguous", "transposed", "sliced"])  # a drawn layout of one input
 
 
 @needs_cuda
 @FUZZ_CUDA
-@given(case=scan_cases(max_dim=70, max_length=300), u_layout=layouts, bc_layout=layouts, d_state=st.integers(1, 20))
+@given(case=scan_cases(max_dim=70, max_length=300), u_layout=any_layout, bc_layout=any_layout, d_state=st.integers(1, 20))
 def test_selective_scan_triton_cuda_matches_reference(case, u_layout, bc_layout, d_state):
     case = dict(case, d_state=d_state)
     inputs = _rounded(_scan_inputs(case, torch.float64))
