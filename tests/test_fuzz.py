@@ -465,7 +465,8 @@ any_layout = st.sampled_from(["contiguous", "transposed", "sliced"])  # a drawn 
 
 @needs_cuda
 @FUZZ_CUDA
-@given(case=scan_cases(max_dim=70, max_length=300), u_layout=any_layout, bc_layout=any_layout, d_state=st.integers(1, 20))
+@given(case=scan_cases(max_dim=70, max_length=300), u_layout=any_layout, bc_layout=any_layout,
+       d_state=st.integers(1, 20))
 def test_selective_scan_triton_cuda_matches_reference(case, u_layout, bc_layout, d_state):
     case = dict(case, d_state=d_state)
     inputs = _rounded(_scan_inputs(case, torch.float64))
